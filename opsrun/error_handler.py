@@ -1,0 +1,44 @@
+"""Turn every way a command can end into one clear message and an exit code."""
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable
+
+from opsrun import exit_codes
+from opsrun.errors import OpsrunError
+
+
+def call(fn: Callable[[], int], *, debug: bool = False) -> int:
+    """Run a command function; expected errors become one line on stderr and their exit code."""
+    try:
+        return fn()
+    except OpsrunError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"opsrun: {e}" if "\n" not in str(e) else str(e), file=sys.stderr)
+        return int(e.exit_code)
+    except KeyboardInterrupt:
+        print("opsrun: interrupted", file=sys.stderr)
+        return int(exit_codes.INTERRUPTED)
+    except BrokenPipeError:
+        # `opsrun audit show | head` closes the pipe early; that is not an error.
+        _silence_stdout()
+        return int(exit_codes.OK)
+    except Exception as e:  # noqa: BLE001 - the last line of defence
+        if debug:
+            traceback.print_exc()
+        print(f"opsrun: internal error: {type(e).__name__}: {e}\n"
+              "This is a bug in opsrun; run again with --debug for the traceback and report it.",
+              file=sys.stderr)
+        return 70  # EX_SOFTWARE
+
+
+def _silence_stdout() -> None:
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
