@@ -1,9 +1,6 @@
 """opsrun: operations runbooks that fire on events."""
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("opsrun")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
+# The one place the version is written; pyproject.toml reads it from here. A literal, not
+# importlib.metadata, which alone would cost `opsrun --help` about 40 ms.
+__version__ = "0.1.0"

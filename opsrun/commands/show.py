@@ -1,0 +1,93 @@
+"""opsrun show: a runbook as a readable plan."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from opsrun import describe, output
+from opsrun.durations import format_duration
+from opsrun.runbook import Runbook, Step, find_runbook
+
+
+def main(ref: str, folder: Path, *, as_json: bool = False) -> int:
+    """Print the plan of one runbook, by name or path."""
+    rb = find_runbook(ref, folder)
+    if as_json:
+        output.print_json(as_dict(rb))
+    else:
+        print(output.safe(render(rb)))
+    return 0
+
+
+def render(rb: Runbook) -> str:
+    """The whole plan as text."""
+    lines = [output.heading(rb.name) + f"  ({rb.path}, sha256 {rb.sha256[:12]})"]
+    if rb.description:
+        lines.append(f"  {rb.description.strip()}")
+    lines += ["", output.heading("Triggers")]
+    lines += [f"  {describe.trigger_long(t)}" for t in rb.triggers] or \
+        ["  none: runs only by hand (opsrun run)"]
+    if rb.params:
+        lines += ["", output.heading("Params")]
+        for p in rb.params.values():
+            bits = [p.type]
+            if p.default is not None:
+                bits.append(f"default {json.dumps(p.default)}")
+            if p.required:
+                bits.append("required")
+            if p.pattern:
+                bits.append(f"pattern {p.pattern}")
+            if p.choices:
+                bits.append(f"choices {', '.join(p.choices)}")
+            lines.append(f"  {p.name}  " + ", ".join(bits)
+                         + (f"  — {p.description}" if p.description else ""))
+    if rb.env:
+        lines += ["", output.heading("Env")] + [f"  {k}={v}" for k, v in rb.env.items()]
+    lines += ["", output.heading("Run")]
+    lines.append(f"  concurrency: policy {rb.concurrency.policy}"
+                 + (f", key {rb.concurrency.key}" if rb.concurrency.key else ", one key for all runs"))
+    lines.append("  timeout: " + (format_duration(rb.timeout_s) if rb.timeout_s else "none"))
+    for title, steps in (("Steps", rb.steps), ("On failure", rb.on_failure),
+                         ("On denied", rb.on_denied)):
+        if steps:
+            lines += ["", output.heading(title)]
+            for step in steps:
+                lines += _step_lines(step)
+    return "\n".join(lines)
+
+
+def _step_lines(step: Step) -> list[str]:
+    head = f"  {step.index + 1}. {step.title}"
+    if step.explicit_id and step.title != step.id:
+        head += f"  [{step.id}]"
+    out = [head]
+    body = step.run if step.kind == "run" else step.confirm
+    label = "run:" if step.kind == "run" else "confirm:"
+    text = (body or "").rstrip("\n").splitlines() or [""]
+    out.append(f"       {label} {text[0]}")
+    out += [f"       {' ' * len(label)} {line}" for line in text[1:]]
+    out += [f"       {fact}" for fact in describe.step_facts(step)]
+    return out
+
+
+def as_dict(rb: Runbook) -> dict[str, object]:
+    """The runbook as JSON-ready data."""
+    def step(s: Step) -> dict[str, object]:
+        return {"id": s.id, "name": s.name, "kind": s.kind, "run": s.run, "confirm": s.confirm,
+                "if": s.condition, "env": dict(s.env), "timeout_s": s.timeout_s,
+                "retry": vars(s.retry), "continue_on_error": s.continue_on_error,
+                "hosts": list(s.hosts), "parallel": s.parallel, "workdir": s.workdir,
+                "shell": s.shell, "approvers": {"users": list(s.approvers.users),
+                                                "groups": list(s.approvers.groups),
+                                                "not_starter": s.approvers.not_starter},
+                "on_timeout": s.on_timeout}
+
+    return {"version": 1, "name": rb.name, "file": str(rb.path), "sha256": rb.sha256,
+            "description": rb.description,
+            "triggers": [describe.trigger_short(t) for t in rb.triggers],
+            "params": {n: vars(p) | {"choices": list(p.choices)} for n, p in rb.params.items()},
+            "env": dict(rb.env),
+            "concurrency": vars(rb.concurrency), "timeout_s": rb.timeout_s,
+            "steps": [step(s) for s in rb.steps],
+            "on_failure": [step(s) for s in rb.on_failure],
+            "on_denied": [step(s) for s in rb.on_denied]}

@@ -1,0 +1,50 @@
+"""opsrun validate: check runbooks and report every problem with file:line:col."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from opsrun import output
+from opsrun.errors import Problem
+from opsrun.runbook import load_runbooks
+
+
+def main(paths: list[Path], *, as_json: bool = False, fmt: str = "text") -> int:
+    """Validate files and folders; exit 2 if anything is wrong."""
+    runbooks, problems = load_runbooks(paths)
+    if as_json:
+        output.print_json({
+            "version": 1,
+            "ok": not problems,
+            "runbooks": [{"name": rb.name, "file": str(rb.path), "sha256": rb.sha256}
+                         for rb in runbooks],
+            "problems": [{"file": p.file, "line": p.line, "col": p.col, "message": p.message}
+                         for p in problems],
+        })
+    elif fmt == "github":
+        for p in problems:
+            print(_github(p))
+    else:
+        for p in problems:
+            print(output.error_line(output.safe(str(p))))
+        if problems:
+            files = len({p.file for p in problems})
+            print(f"{len(problems)} problem{'s' * (len(problems) != 1)} in {files} "
+                  f"file{'s' * (files != 1)}; {len(runbooks)} runbook"
+                  f"{'s' * (len(runbooks) != 1)} valid")
+        elif not runbooks:
+            print("no runbooks found in " + ", ".join(str(p) for p in paths))
+        else:
+            print(f"{len(runbooks)} runbook{'s' * (len(runbooks) != 1)} valid")
+    return 2 if problems else 0
+
+
+def _github(p: Problem) -> str:
+    """A GitHub Actions workflow command that annotates the line in a pull request."""
+    def esc(text: str, prop: bool = False) -> str:
+        text = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+        return text.replace(":", "%3A").replace(",", "%2C") if prop else text
+
+    loc = f"file={esc(p.file, True)}"
+    if p.line:
+        loc += f",line={p.line},col={p.col}"
+    return f"::error {loc}::{esc(p.message)}"

@@ -1,0 +1,90 @@
+"""Short human descriptions of triggers and steps, shared by list, show and --dry-run."""
+from __future__ import annotations
+
+import json
+
+from opsrun.durations import format_duration
+from opsrun.runbook import EventTrigger, FileTrigger, LogTrigger, Runbook, ScheduleTrigger, Step, Trigger
+
+
+def trigger_short(t: Trigger) -> str:
+    """One word-ish form for tables: `log:/var/log/x`, `schedule:*/5 * * * *`."""
+    if isinstance(t, FileTrigger):
+        return "file:" + ",".join(t.paths)
+    if isinstance(t, ScheduleTrigger):
+        return f"schedule:{t.cron}" + ("" if t.timezone == "UTC" else f" ({t.timezone})")
+    if isinstance(t, LogTrigger):
+        return f"log:{t.path}"
+    conds = ",".join(f"{c.field}" + ("=" + _v(c.value) if c.op == "eq" else f" {c.op} {_v(c.value)}")
+                     for c in t.where.conditions)
+    return "event" + (f":{conds}" if conds else "")
+
+
+def trigger_long(t: Trigger) -> str:
+    """A full sentence-like line for `opsrun show`."""
+    if isinstance(t, FileTrigger):
+        text = f"file      {', '.join(t.paths)}  on {', '.join(t.events)}"
+        text += f"  debounce {format_duration(t.debounce_s)}"
+        if t.ignore:
+            text += f"  ignore {', '.join(t.ignore)}"
+        return text
+    if isinstance(t, ScheduleTrigger):
+        text = f"schedule  {t.cron}  ({t.timezone})"
+        if t.catch_up != "none":
+            text += f"  catch_up {t.catch_up}"
+        if t.jitter_s:
+            text += f"  jitter {format_duration(t.jitter_s)}"
+        return text
+    if isinstance(t, LogTrigger):
+        text = f"log       {t.path}  from {t.start_at}"
+        if t.match is not None:
+            text += f"  match {t.match}"
+            groups = list(t.pattern.groupindex) if t.pattern else []
+            if groups:
+                text += f"  (fields: {', '.join(groups)})"
+        return text
+    return "event     " + (where_text(t) or "every event")
+
+
+def where_text(t: EventTrigger) -> str:
+    parts = []
+    for c in t.where.conditions:
+        parts.append(f"{c.field} = {_v(c.value)}" if c.op == "eq" else f"{c.field} {c.op} {_v(c.value)}")
+    return ", ".join(parts)
+
+
+def _v(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def step_facts(step: Step) -> list[str]:
+    """Conditions and settings of a step, each a short phrase."""
+    facts = []
+    if step.condition is not None:
+        facts.append(f"if: {step.condition}")
+    if step.hosts:
+        facts.append(f"on hosts: {', '.join(step.hosts)}" + (f" ({step.parallel} at once)"
+                                                             if step.parallel > 1 else ""))
+    if step.workdir:
+        facts.append(f"in {step.workdir}")
+    if step.shell != "bash":
+        facts.append(f"shell {step.shell}")
+    if step.retry.attempts > 1:
+        r = step.retry
+        facts.append(f"retry {r.attempts} times, {format_duration(r.delay_s)} apart"
+                     + (f", backoff ×{r.backoff:g}" if r.backoff != 1 else ""))
+    if step.timeout_s is not None:
+        facts.append(f"timeout {format_duration(step.timeout_s)}")
+    if step.continue_on_error:
+        facts.append("continue on error")
+    if step.kind == "confirm":
+        a = step.approvers
+        who = ", ".join(list(a.users) + [f"group:{g}" for g in a.groups]) or "anyone"
+        facts.append(f"approvers: {who}" + (" (not the user who started the run)"
+                                            if a.not_starter else ""))
+        facts.append(f"on timeout: {step.on_timeout}")
+    return facts
+
+
+def runbook_triggers_short(rb: Runbook) -> str:
+    return "; ".join(trigger_short(t) for t in rb.triggers) or "manual"

@@ -1,0 +1,591 @@
+"""Runbooks: YAML files → validated, immutable Runbook objects, or every problem found.
+
+`load_runbook(path)` and `load_runbooks(folder)` are the only ways in. Structure and types
+are checked by `schema.RUNBOOK`; what needs the whole runbook (step ids, the names that
+expressions read, shell quoting contexts) is checked here.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from opsrun import expressions, schema, shell_words
+from opsrun.criteria import Criteria, parse_where
+from opsrun.errors import Problem, RunbookInvalid, UsageError
+from opsrun.params import Param
+from opsrun.schema_checks import INVALID, PathT, Problems, show_path
+from opsrun.yaml_load import Document, YamlError, load_file
+
+INVENTORY_NAMES = ("inventory.yaml", "inventory.yml")
+COMMON_EVENT_FIELDS = ("source", "id", "time")
+RUN_FIELDS = ("id", "runbook", "sha256", "started_by", "dry_run")
+FAILURE_RUN_FIELDS = ("failed_step",)
+
+
+@dataclass(frozen=True)
+class FileTrigger:
+    paths: tuple[str, ...]
+    events: tuple[str, ...]
+    debounce_s: float
+    ignore: tuple[str, ...]
+    kind: str = "file"
+    fields: tuple[str, ...] = ("path", "change")
+
+
+@dataclass(frozen=True)
+class ScheduleTrigger:
+    cron: str
+    timezone: str
+    catch_up: str
+    jitter_s: float
+    kind: str = "schedule"
+    fields: tuple[str, ...] = ("scheduled_for", "missed")
+
+
+@dataclass(frozen=True)
+class LogTrigger:
+    path: str
+    match: str | None
+    start_at: str  # "end" | "start"
+    kind: str = "log"
+    fields: tuple[str, ...] = ("path", "line", "lineno")
+
+    @property
+    def pattern(self) -> re.Pattern[str] | None:
+        return _compiled(self.match) if self.match is not None else None
+
+
+@dataclass(frozen=True)
+class EventTrigger:
+    where: Criteria
+    kind: str = "event"
+    fields: tuple[str, ...] = ()
+
+
+Trigger = Union[FileTrigger, ScheduleTrigger, LogTrigger, EventTrigger]
+
+
+@dataclass(frozen=True)
+class Retry:
+    attempts: int = 1
+    delay_s: float = 1.0
+    backoff: float = 1.0
+
+
+@dataclass(frozen=True)
+class Approvers:
+    users: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    not_starter: bool = False
+
+    @property
+    def anyone(self) -> bool:
+        return not self.users and not self.groups
+
+
+@dataclass(frozen=True)
+class Step:
+    id: str
+    kind: str  # "run" | "confirm"
+    index: int
+    name: str = ""
+    run: str | None = None
+    confirm: str | None = None
+    condition: str | bool | None = None  # `if:`
+    env: Mapping[str, str] = field(default_factory=dict)
+    timeout_s: float | None = None
+    retry: Retry = Retry()
+    continue_on_error: bool = False
+    hosts: tuple[str, ...] = ()
+    parallel: int = 1
+    workdir: str | None = None
+    shell: str = "bash"
+    approvers: Approvers = Approvers()
+    on_timeout: str = "deny"
+    explicit_id: bool = True
+    plan: shell_words.ShellPlan | None = None
+
+    @property
+    def title(self) -> str:
+        """What to call the step on screen."""
+        if self.name:
+            return self.name
+        if self.explicit_id:
+            return self.id
+        text = self.run if self.run is not None else (self.confirm or "")
+        first = text.strip().splitlines()[0] if text.strip() else ""
+        return first if len(first) <= 60 else first[:57] + "..."
+
+
+@dataclass(frozen=True)
+class Concurrency:
+    key: str = ""
+    policy: str = "queue"
+
+
+@dataclass(frozen=True)
+class Runbook:
+    name: str
+    path: Path
+    sha256: str
+    steps: tuple[Step, ...]
+    description: str = ""
+    triggers: tuple[Trigger, ...] = ()
+    params: Mapping[str, Param] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+    concurrency: Concurrency = Concurrency()
+    timeout_s: float | None = None
+    on_failure: tuple[Step, ...] = ()
+    on_denied: tuple[Step, ...] = ()
+
+    def all_steps(self) -> Iterable[Step]:
+        yield from self.steps
+        yield from self.on_failure
+        yield from self.on_denied
+
+    def event_fields(self) -> set[str] | None:
+        """Fields its events can carry, or None when any field may come (event triggers, manual)."""
+        return _event_fields(self.triggers)
+
+
+_regex_cache: dict[str, re.Pattern[str]] = {}
+
+
+def _compiled(pattern: str) -> re.Pattern[str]:
+    if pattern not in _regex_cache:
+        _regex_cache[pattern] = re.compile(pattern)
+    return _regex_cache[pattern]
+
+
+def _event_fields(triggers: Iterable[Trigger]) -> set[str] | None:
+    triggers = list(triggers)
+    if not triggers or any(t.kind == "event" for t in triggers):
+        return None
+    known = set(COMMON_EVENT_FIELDS)
+    for t in triggers:
+        known.update(t.fields)
+        if isinstance(t, LogTrigger) and t.pattern is not None:
+            known.update(t.pattern.groupindex)
+    return known
+
+
+# ── loading ─────────────────────────────────────────────────────────────────
+
+def load_runbook(path: Path) -> Runbook:
+    """Load and validate one runbook file; raise RunbookInvalid with every problem."""
+    runbook, problems = _load(path)
+    if problems or runbook is None:
+        raise RunbookInvalid(problems)
+    return runbook
+
+
+def runbook_files(folder: Path) -> list[Path]:
+    """The runbook files under a folder: *.yaml and *.yml, hidden ones and inventories skipped."""
+    found = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if p.suffix in (".yaml", ".yml") and p.is_file() and p.name not in INVENTORY_NAMES:
+            found.append(p)
+    return found
+
+
+def load_runbooks(paths: Iterable[Path]) -> tuple[list[Runbook], list[Problem]]:
+    """Load files and folders; return the valid runbooks and all problems, names deduplicated."""
+    files: list[Path] = []
+    problems: list[Problem] = []
+    for p in paths:
+        if p.is_dir():
+            files.extend(runbook_files(p))
+        elif p.is_file():
+            files.append(p)
+        else:
+            problems.append(Problem(str(p), 0, 0, "no such file or folder"))
+    runbooks: list[Runbook] = []
+    seen: dict[str, Runbook] = {}
+    for f in files:
+        rb, probs = _load(f)
+        problems.extend(probs)
+        if rb is None:
+            continue
+        if rb.name in seen:
+            problems.append(Problem(str(f), *_name_mark(f), (
+                f"the runbook name {rb.name!r} is already used by {seen[rb.name].path}; "
+                "names must be unique (set `name:` to tell them apart)")))
+            continue
+        seen[rb.name] = rb
+        runbooks.append(rb)
+    return runbooks, problems
+
+
+def _name_mark(path: Path) -> tuple[int, int]:
+    try:
+        text = path.read_text("utf-8", "replace")
+    except OSError:
+        return (1, 1)
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.startswith("name:"):
+            return (i, 1)
+    return (1, 1)
+
+
+def find_runbook(ref: str, folder: Path) -> Runbook:
+    """A runbook by file path, or by name within the runbooks folder."""
+    p = Path(ref)
+    if p.suffix in (".yaml", ".yml") or "/" in ref:
+        if not p.is_file():
+            raise UsageError(f"no runbook file {ref!r}")
+        return load_runbook(p)
+    if not folder.is_dir():
+        raise UsageError(f"no runbook named {ref!r}: the runbooks folder {folder} does not "
+                         "exist (give a path, or --runbooks DIR)")
+    candidates = [f for f in runbook_files(folder) if f.stem == ref]
+    for f in candidates:
+        return load_runbook(f)
+    runbooks, _ = load_runbooks([folder])
+    for rb in runbooks:
+        if rb.name == ref:
+            return rb
+    from opsrun.suggest import did_you_mean
+
+    names = [rb.name for rb in runbooks]
+    raise UsageError(f"no runbook named {ref!r} in {folder}{did_you_mean(ref, names)}; "
+                     "`opsrun list` shows them all")
+
+
+def _load(path: Path) -> tuple[Runbook | None, list[Problem]]:
+    try:
+        doc = load_file(path)
+        raw = path.read_bytes()
+    except YamlError as e:
+        return None, [Problem(str(path), e.line, e.col, e.message)]
+    except OSError as e:
+        return None, [Problem(str(path), 0, 0, f"cannot read the file: {e.strerror}")]
+    problems = Problems()
+    if not isinstance(doc.data, Mapping):
+        kind = "a list" if isinstance(doc.data, list) else "a single value"
+        return None, [Problem(str(path), 1, 1, f"the top level must be a mapping of keys "
+                              f"(name:, on:, steps:, …); found {kind}")]
+    data = schema.RUNBOOK.check(doc.data, (), problems)
+    # Checks across the runbook run even when parts are wrong, on the parts that are right,
+    # so one pass reports everything.
+    _check_whole(data if data is not INVALID else _partial_view(doc.data), problems)
+    if problems:
+        return None, _to_problems(problems, doc, path)
+    return _build(data, path, hashlib.sha256(raw).hexdigest()), []
+
+
+def _to_problems(problems: Problems, doc: Document, path: Path) -> list[Problem]:
+    out = []
+    for p, message, at_key, offset in problems.items:
+        if offset >= 0:
+            line, col = doc.mark_in_value(p, offset)
+        else:
+            line, col = doc.mark(p, key=at_key)
+        out.append(Problem(str(path), line, col, message))
+    return sorted(set(out), key=lambda pr: (pr.line, pr.col, pr.message))
+
+
+# ── checks that need the whole runbook ─────────────────────────────────────
+
+@dataclass
+class _Scope:
+    params: set[str]
+    env: set[str]
+    steps_before: set[str]
+    all_steps: set[str]
+    event_fields: set[str] | None
+    run_fields: tuple[str, ...] = RUN_FIELDS
+    allow: tuple[str, ...] = expressions.ROOT_NAMES
+
+
+def _check_whole(data: dict[str, Any], problems: Problems) -> None:
+    triggers = _build_triggers(data["on"])
+    step_lists = [("steps", data["steps"]), ("on_failure", data["on_failure"]),
+                  ("on_denied", data["on_denied"])]
+    all_ids = _check_ids(step_lists, problems)
+    top_env = set(data["env"])
+    fields = _event_fields(triggers)
+    base = _Scope(set(data["params"]), top_env, set(), all_ids, fields)
+    for name, value in data["env"].items():
+        _check_env_name(("env", name), name, problems)
+        _check_template(value, ("env", name), _replace(base, allow=("event", "params", "run",
+                                                                   "secrets")), problems)
+    if data["concurrency"] is not None:
+        _check_template(data["concurrency"]["key"], ("concurrency", "key"),
+                        _replace(base, allow=("event", "params")), problems)
+    main_ids: set[str] = set()
+    for list_name, steps in step_lists:
+        before = set(main_ids) if list_name != "steps" else set()
+        run_fields = RUN_FIELDS + (FAILURE_RUN_FIELDS if list_name != "steps" else ())
+        for i, step in enumerate(steps):
+            sid = step["id"]
+            scope = _replace(base, steps_before=set(before), run_fields=run_fields)
+            _check_step(step, (list_name, i), scope, problems)
+            if sid:
+                before.add(sid)
+                if list_name == "steps":
+                    main_ids.add(sid)
+
+
+def _partial_view(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The valid parts of a runbook that has problems, for the checks across it."""
+    def valid(check: Any, value: Any, default: Any) -> Any:
+        out = check.check(value, (), Problems()) if value is not None else default
+        return default if out is INVALID else out
+
+    def steps(key: str) -> list[dict[str, Any]]:
+        items = raw.get(key)
+        result = []
+        for item in items if isinstance(items, list) else []:
+            step = valid(schema.STEP, item, None)
+            if step is None:
+                step = _stub_step(item if isinstance(item, Mapping) else {})
+            result.append(step)
+        return result
+
+    triggers = raw.get("on")
+    trigger_list = triggers if isinstance(triggers, list) else []
+    return {
+        "on": [t for t in (valid(schema.Trigger(), t, None) for t in trigger_list) if t],
+        "params": {k: None for k in (raw.get("params") or {})}
+        if isinstance(raw.get("params"), Mapping) else {},
+        "env": valid(schema.ENV, raw.get("env"), {}),
+        "concurrency": valid(schema.CONCURRENCY, raw.get("concurrency"), None),
+        "steps": steps("steps"), "on_failure": steps("on_failure"),
+        "on_denied": steps("on_denied"),
+    }
+
+
+def _stub_step(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of an invalid step that expressions can still be checked in."""
+    def text(key: str) -> str | None:
+        value = raw.get(key)
+        return value if isinstance(value, str) else None
+
+    sid = text("id")
+    env = schema.ENV.check(raw.get("env"), (), Problems()) if raw.get("env") else {}
+    return {"id": sid if sid and re.fullmatch(schema.IDENT_RE, sid) else None,
+            "run": text("run"), "confirm": text("confirm"), "workdir": text("workdir"),
+            "shell": text("shell"), "if": raw.get("if") if isinstance(raw.get("if"), str)
+            else None, "env": env if env is not INVALID else {}}
+
+
+def _replace(scope: _Scope, **changes: Any) -> _Scope:
+    from dataclasses import replace
+
+    return replace(scope, **changes)
+
+
+def _check_ids(step_lists: list[tuple[str, list[dict[str, Any]]]],
+               problems: Problems) -> set[str]:
+    seen: dict[str, PathT] = {}
+    for list_name, steps in step_lists:
+        for i, step in enumerate(steps):
+            sid = step["id"]
+            if sid is None:
+                continue
+            if sid in seen:
+                problems.add((list_name, i, "id"), f"{list_name}[{i}].id: the step id {sid!r} "
+                             f"is already used by {show_path(seen[sid])}; ids must be unique")
+            else:
+                seen[sid] = (list_name, i)
+    return set(seen)
+
+
+def _check_env_name(path: PathT, name: str, problems: Problems) -> None:
+    if name.upper().startswith("OPSRUN_"):
+        problems.add(path, f"{show_path(path)}: names starting with OPSRUN_ are set by "
+                           "opsrun itself; choose another name", at_key=True)
+
+
+def _check_step(step: dict[str, Any], path: PathT, scope: _Scope, problems: Problems) -> None:
+    step_scope = _replace(scope, env=scope.env | set(step["env"]))
+    for name, value in step["env"].items():
+        _check_env_name((*path, "env", name), name, problems)
+        _check_template(value, (*path, "env", name), scope, problems)
+    if isinstance(step["if"], str):
+        for ref in _refs(step["if"], (*path, "if"), 0, problems):
+            _check_ref(ref, (*path, "if"), 0, step_scope, problems)
+    for key in ("confirm", "workdir"):
+        if step[key] is not None:
+            _check_template(step[key], (*path, key), step_scope, problems)
+    if step["run"] is not None:
+        _check_run(step, path, step_scope, problems)
+
+
+def _check_run(step: dict[str, Any], path: PathT, scope: _Scope, problems: Problems) -> None:
+    text = step["run"]
+    _check_template(text, (*path, "run"), scope, problems)
+    shell = step["shell"] or "bash"
+    if not expressions.has_expressions(text):
+        return
+    if not shell_words.is_posix_shell(shell):
+        problems.add((*path, "shell"), f"{show_path(path)}: `${{{{ … }}}}` in `run:` needs a "
+                     f"POSIX shell to quote values safely, and {shell!r} is not one; pass "
+                     "values through `env:` and read them from the environment", at_key=True)
+        return
+    try:
+        shell_words.plan(text)
+    except shell_words.ShellContextError as e:
+        problems.add((*path, "run"), f"{show_path((*path, 'run'))}: {e.message}",
+                     offset=e.offset)
+
+
+def _check_template(text: str, path: PathT, scope: _Scope, problems: Problems) -> None:
+    try:
+        parts = expressions.split(text)
+    except expressions.ExpressionSyntaxError as e:
+        problems.add(path, f"{show_path(path)}: {e.message}", offset=e.offset)
+        return
+    for part in parts:
+        if isinstance(part, expressions.Expr):
+            for ref in _refs(part.source, path, part.offset, problems):
+                _check_ref(ref, path, part.offset, scope, problems)
+
+
+def _refs(source: str, path: PathT, offset: int,
+          problems: Problems) -> list[expressions.Ref]:
+    try:
+        return expressions.check(source)
+    except expressions.ExpressionSyntaxError as e:
+        problems.add(path, f"{show_path(path)}: {e.message}", offset=offset)
+        return []
+
+
+def _check_ref(ref: expressions.Ref, path: PathT, offset: int, scope: _Scope,
+               problems: Problems) -> None:
+    from opsrun.suggest import did_you_mean
+
+    where = show_path(path)
+    if ref.root not in scope.allow:
+        if ref.root in expressions.ROOT_NAMES:
+            msg = f"`{ref.root}` cannot be used here; this field can read {', '.join(scope.allow)}"
+        else:
+            msg = (f"unknown name {ref.root!r}{did_you_mean(ref.root, scope.allow)}; "
+                   f"expressions can read {', '.join(scope.allow)}")
+        problems.add(path, f"{where}: {msg}", offset=offset)
+        return
+    if ref.key is None:
+        return
+    known: Iterable[str] | None = {
+        "params": scope.params, "env": scope.env, "run": scope.run_fields,
+        "event": scope.event_fields,
+    }.get(ref.root)
+    if ref.root == "steps":
+        if ref.key not in scope.all_steps:
+            problems.add(path, f"{where}: there is no step with id {ref.key!r}"
+                         f"{did_you_mean(ref.key, scope.all_steps)}", offset=offset)
+        elif ref.key not in scope.steps_before:
+            problems.add(path, f"{where}: step {ref.key!r} has not run yet at this point; an "
+                         "expression can only read steps that come before it", offset=offset)
+        return
+    if known is not None and ref.key not in known:
+        what = {"params": "param", "env": "env variable", "run": "run field",
+                "event": "event field"}[ref.root]
+        names = sorted(known)
+        hint = did_you_mean(ref.key, names)
+        listing = ", ".join(names) if names else "none"
+        extra = " (the triggers of this runbook provide these)" if ref.root == "event" else ""
+        problems.add(path, f"{where}: unknown {what} {ref.key!r}{hint}; known: "
+                           f"{listing}{extra}", offset=offset)
+
+
+# ── building the immutable model ───────────────────────────────────────────
+
+def _build(data: dict[str, Any], path: Path, sha256: str) -> Runbook:
+    params = {name: Param(name=name, type=p["type"], description=p["description"],
+                          default=p["default"], required=p["required"], pattern=p["pattern"],
+                          choices=tuple(p["choices"]))
+              for name, p in data["params"].items()}
+    conc = data["concurrency"] or {"key": "", "policy": "queue"}
+    return Runbook(
+        name=data["name"] or path.stem,
+        path=path,
+        sha256=sha256,
+        description=data["description"],
+        triggers=_build_triggers(data["on"]),
+        params=params,
+        env=dict(data["env"]),
+        concurrency=Concurrency(conc["key"], conc["policy"]),
+        timeout_s=data["timeout"],
+        steps=_build_steps(data["steps"], "step"),
+        on_failure=_build_steps(data["on_failure"], "on_failure"),
+        on_denied=_build_steps(data["on_denied"], "on_denied"),
+    )
+
+
+def _build_triggers(raw: list[dict[str, Any]]) -> tuple[Trigger, ...]:
+    out: list[Trigger] = []
+    for item in raw:
+        (kind, t), = item.items()
+        if kind == "file":
+            out.append(FileTrigger(tuple(t["paths"]), tuple(t["events"]), t["debounce"],
+                                   tuple(t["ignore"])))
+        elif kind == "schedule":
+            out.append(ScheduleTrigger(t["cron"], t["timezone"], t["catch_up"], t["jitter"]))
+        elif kind == "log":
+            out.append(LogTrigger(t["path"], t["match"], t["from"]))
+        else:
+            out.append(EventTrigger(parse_where(t["where"] or {})))
+    return tuple(out)
+
+
+def _build_steps(raw: list[dict[str, Any]], prefix: str) -> tuple[Step, ...]:
+    return tuple(_build_step(s, i, prefix) for i, s in enumerate(raw))
+
+
+def _build_step(s: dict[str, Any], index: int, prefix: str) -> Step:
+    kind = "run" if s["run"] is not None else "confirm"
+    retry = s["retry"]
+    if isinstance(retry, int):
+        retry_obj = Retry(attempts=retry)
+    elif retry:
+        retry_obj = Retry(retry["attempts"], retry["delay"], retry["backoff"])
+    else:
+        retry_obj = Retry()
+    approvers = s["approvers"]
+    if isinstance(approvers, str):
+        approvers = [approvers]
+    if isinstance(approvers, list):
+        users = tuple(a for a in approvers if not a.startswith("group:"))
+        groups = tuple(a[len("group:"):] for a in approvers if a.startswith("group:"))
+        appr = Approvers(users, groups, False)
+    elif approvers:
+        users = tuple(a for a in approvers["users"] if not a.startswith("group:"))
+        groups = tuple(approvers["groups"]) + tuple(
+            a[len("group:"):] for a in approvers["users"] if a.startswith("group:"))
+        appr = Approvers(users, groups, approvers["not_starter"])
+    else:
+        appr = Approvers()
+    shell = s["shell"] or "bash"
+    plan = None
+    if kind == "run" and shell_words.is_posix_shell(shell):
+        plan = shell_words.plan(s["run"])
+    hosts = tuple(s["hosts"]) or ((s["host"],) if s["host"] else ())
+    return Step(
+        id=s["id"] or f"{prefix}-{index + 1}",
+        kind=kind,
+        index=index,
+        name=s["name"] or "",
+        run=s["run"],
+        confirm=s["confirm"],
+        condition=s["if"],
+        env=dict(s["env"]),
+        timeout_s=s["timeout"],
+        retry=retry_obj,
+        continue_on_error=s["continue_on_error"],
+        hosts=hosts,
+        parallel=s["parallel"] or 1,
+        workdir=s["workdir"],
+        shell=shell,
+        approvers=appr,
+        on_timeout=s["on_timeout"] or "deny",
+        explicit_id=s["id"] is not None,
+        plan=plan,
+    )

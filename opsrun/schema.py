@@ -1,0 +1,410 @@
+"""The runbook format (DESIGN section 2) as data: validation and the JSON Schema both come from here."""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from opsrun import criteria as criteria_mod
+from opsrun import expressions
+from opsrun.schema_checks import (
+    INVALID, Alternatives, Anything, Boolean, Check, Custom, Duration, Enum, Field, Integer,
+    ListOf, MapOf, Number, Object, PathT, Problems, Text, show_path,
+)
+
+NAME_RE = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+IDENT_RE = r"[A-Za-z][A-Za-z0-9_]*"
+ENV_RE = r"[A-Za-z_][A-Za-z0-9_]*"
+SCHEMA_ID = "https://opsrun.dev/schema/runbook.schema.json"
+
+
+# ── single values ───────────────────────────────────────────────────────────
+
+def _check_expression(text: str) -> str:
+    try:
+        expressions.check(text)
+    except expressions.ExpressionSyntaxError as e:
+        raise ValueError(e.message) from None
+    return text
+
+
+def _check_template(text: str) -> str:
+    try:
+        for part in expressions.split(text):
+            if isinstance(part, expressions.Expr):
+                expressions.check(part.source)
+    except expressions.ExpressionSyntaxError as e:
+        raise ValueError(e.message) from None
+    return text
+
+
+def _check_regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise ValueError(f"bad regular expression {text!r}: {e}") from None
+    return text
+
+
+def _check_cron(text: str) -> str:
+    fields = text.split()
+    if not text.startswith("@") and len(fields) not in (5, 6):
+        raise ValueError(f"{text!r} has {len(fields)} fields; a cron expression has 5 "
+                         "(minute hour day month weekday), or 6 with seconds first")
+    from croniter import croniter
+
+    try:
+        croniter(text, second_at_beginning=True)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{text!r} is not a valid cron expression: {e}") from None
+    return text
+
+
+def _check_timezone(text: str) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {text!r}; use an IANA name like UTC, "
+                         "Europe/Berlin or America/New_York") from None
+    return text
+
+
+def _check_glob(text: str) -> str:
+    if "\x00" in text:
+        raise ValueError("a path cannot contain a NUL byte")
+    return text
+
+
+EXPRESSION = Custom(_check_expression, expects="an expression",
+                    description="An expression, like steps.check.exit_code != 0")
+TEMPLATE = Custom(_check_template, expects="a text",
+                  description="Text; ${{ … }} inserts the value of an expression")
+REGEX = Custom(_check_regex, expects="a regular expression",
+               description="A Python regular expression; named groups (?P<name>…) "
+                           "become event fields")
+GLOB = Custom(_check_glob, expects="a path or glob")
+
+
+class Criteria(Check):
+    """`where:` — dotted field paths, each a value (equality) or an operator map."""
+
+    expects = "a mapping of field paths to values or operators"
+    description = ("Conditions on the event: field path → value (equal) or "
+                   "{operator: value}; operators: " + ", ".join(criteria_mod.OPERATORS))
+
+    def check(self, value: Any, path: PathT, problems: Problems) -> Any:
+        if not isinstance(value, Mapping):
+            return self.wrong_type(value, path, problems)
+        ok = True
+        for key, spec in value.items():
+            try:
+                criteria_mod.parse_where({key: spec})
+            except criteria_mod.CriteriaError as e:
+                problems.add((*path, *e.key), f"{show_path((*path, key))}: {e.message}",
+                             at_key=len(e.key) == 2)
+                ok = False
+        return dict(value) if ok else INVALID
+
+    def schema(self) -> dict[str, Any]:
+        ops: dict[str, Any] = {op: {} for op in criteria_mod.OPERATORS}
+        ops.update({"in": {"type": "array"}, "not_in": {"type": "array"},
+                    "regex": {"type": "string"}, "glob": {"type": "string"},
+                    "exists": {"type": "boolean"}})
+        operator_map = {"type": "object", "properties": ops, "additionalProperties": False,
+                        "minProperties": 1}
+        return self._with_description({
+            "type": "object",
+            "additionalProperties": {"anyOf": [operator_map,
+                                               {"type": ["string", "number", "boolean",
+                                                         "null", "array"]}]},
+        })
+
+
+ENV = MapOf(Text(scalars=True, nonempty=False), key_pattern=ENV_RE,
+            key_hint="environment variable names are letters, digits and _, "
+                     "not starting with a digit",
+            description="Environment variables for the steps; values may use ${{ … }}")
+
+
+# ── triggers ────────────────────────────────────────────────────────────────
+
+FILE_EVENTS = ("added", "modified", "deleted")
+
+FILE_TRIGGER = Object("a file trigger", {
+    "paths": Field(ListOf(GLOB, min_items=1, single_ok=True,
+                          description="Files or globs to watch (** matches folders)"),
+                   required=True),
+    "events": Field(ListOf(Enum(*FILE_EVENTS), min_items=1, single_ok=True,
+                           description="Which changes fire: added, modified, deleted"),
+                    default=list(FILE_EVENTS)),
+    "debounce": Field(Duration(description="Quiet time before firing (default 50ms)"),
+                      default=0.05),
+    "ignore": Field(ListOf(GLOB, single_ok=True, description="Globs of paths to ignore"),
+                    default=[]),
+}, description="Fire when files change.")
+
+SCHEDULE_TRIGGER = Object("a schedule trigger", {
+    "cron": Field(Custom(_check_cron, expects="a cron expression",
+                         description="5 fields (minute hour day month weekday), "
+                                     "6 with seconds first, or @daily/@hourly/…"),
+                  required=True),
+    "timezone": Field(Custom(_check_timezone, expects="a time zone",
+                             description="IANA time zone (default UTC)"), default="UTC"),
+    "catch_up": Field(Enum("none", "last", description="After downtime: none, or run the "
+                                                      "last missed fire once"),
+                      default="none"),
+    "jitter": Field(Duration(description="Random delay up to this long"), default=0.0),
+}, description="Fire on a cron schedule.")
+
+LOG_TRIGGER = Object("a log trigger", {
+    "path": Field(Custom(_check_glob, expects="a path",
+                         description="The log file to follow (a glob follows each match)"),
+                  required=True),
+    "match": Field(REGEX, default=None),
+    "from": Field(Enum("end", "start", description="Start at the end (new lines only) "
+                                                   "or the start of the file"),
+                  default="end"),
+}, description="Fire on each new log line that matches.")
+
+EVENT_TRIGGER = Object("an event trigger", {
+    "where": Field(Criteria(), default={}),
+}, description="Fire on JSON events (opsrun emit, dispatch, watch --stdin).")
+
+TRIGGER_KINDS: dict[str, Object] = {
+    "file": FILE_TRIGGER, "schedule": SCHEDULE_TRIGGER, "log": LOG_TRIGGER,
+    "event": EVENT_TRIGGER,
+}
+
+
+class Trigger(Check):
+    """One trigger: a mapping with exactly one key naming its kind."""
+
+    expects = "a trigger like {log: {…}}"
+
+    def check(self, value: Any, path: PathT, problems: Problems) -> Any:
+        if not isinstance(value, Mapping):
+            return self.wrong_type(value, path, problems)
+        if len(value) != 1:
+            problems.add(path, f"{show_path(path)}: a trigger has exactly one kind "
+                               f"({', '.join(TRIGGER_KINDS)}); found {len(value)} keys — "
+                               "start each trigger with its own `-`")
+            return INVALID
+        (kind, spec), = value.items()
+        if kind not in TRIGGER_KINDS:
+            from opsrun.suggest import did_you_mean
+
+            problems.add((*path, kind), f"{show_path(path)}: unknown trigger {kind!r}"
+                         f"{did_you_mean(kind, TRIGGER_KINDS)}; triggers are "
+                         f"{', '.join(TRIGGER_KINDS)}", at_key=True)
+            return INVALID
+        if spec is None and kind == "event":
+            spec = {}
+        cleaned = TRIGGER_KINDS[kind].check(spec, (*path, kind), problems)
+        return INVALID if cleaned is INVALID else {kind: cleaned}
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "object", "minProperties": 1, "maxProperties": 1,
+                "properties": {k: v.schema() for k, v in TRIGGER_KINDS.items()},
+                "additionalProperties": False}
+
+
+class Triggers(Check):
+    """`on:` — a list of triggers, or a mapping of kind → trigger (one of each kind)."""
+
+    expects = "a list of triggers"
+    description = "What starts this runbook; none means it only runs by hand"
+
+    def check(self, value: Any, path: PathT, problems: Problems) -> Any:
+        if value is None:
+            return []
+        if isinstance(value, Mapping):
+            value = [{k: v} for k, v in value.items()]
+            items = [Trigger().check(v, path, problems) for v in value]
+        elif isinstance(value, list):
+            items = [Trigger().check(v, (*path, i), problems) for i, v in enumerate(value)]
+        else:
+            return self.wrong_type(value, path, problems)
+        return INVALID if any(v is INVALID for v in items) else items
+
+    def schema(self) -> dict[str, Any]:
+        one = Trigger().schema()
+        return self._with_description({"anyOf": [
+            {"type": "array", "items": one},
+            {"type": "object", "properties": one["properties"], "additionalProperties": False},
+            {"type": "null"},
+        ]})
+
+
+# ── params ──────────────────────────────────────────────────────────────────
+
+PARAM_TYPES = ("string", "int", "float", "bool", "choice")
+
+
+def _param_rules(p: dict[str, Any], path: PathT, problems: Problems) -> None:
+    kind = p["type"]
+    where = show_path(path)
+    if kind == "choice" and not p["choices"]:
+        problems.add(path, f"{where}: a choice param needs `choices: [a, b, …]`")
+        return
+    if kind != "choice" and p["choices"]:
+        problems.add((*path, "choices"), f"{where}: `choices` is only for type: choice",
+                     at_key=True)
+    if p["pattern"] is not None and kind != "string":
+        problems.add((*path, "pattern"), f"{where}: `pattern` is only for type: string",
+                     at_key=True)
+    if p["required"] and p["default"] is not None:
+        problems.add((*path, "required"), f"{where}: a param with a default is never "
+                     "missing; drop `required: true` or the default", at_key=True)
+    if p["default"] is not None:
+        from opsrun.params import ParamError, coerce_value
+
+        try:
+            coerce_value(p, p["default"])
+        except ParamError as e:
+            problems.add((*path, "default"), f"{where}.default: {e}")
+
+
+PARAM = Object("a param", {
+    "type": Field(Enum(*PARAM_TYPES, description="string, int, float, bool or choice"),
+                  default="string"),
+    "description": Field(Text(), default=""),
+    "default": Field(Anything(description="Value when none is given")),
+    "required": Field(Boolean(description="Must be given with -p"), default=False),
+    "pattern": Field(REGEX),
+    "choices": Field(ListOf(Text(scalars=True), min_items=1), default=[]),
+}, rules=_param_rules, description="A typed parameter, given with -p name=value")
+
+PARAMS = MapOf(PARAM, key_pattern=IDENT_RE,
+               key_hint="param names are letters, digits and _, starting with a letter",
+               description="Typed parameters")
+
+
+# ── steps ───────────────────────────────────────────────────────────────────
+
+CONFIRM_ONLY = ("approvers", "on_timeout")
+RUN_ONLY = ("shell", "workdir", "retry", "host", "hosts", "parallel")
+
+APPROVERS = Alternatives(
+    (lambda v: isinstance(v, list), ListOf(Text(), min_items=1)),
+    (lambda v: isinstance(v, Mapping), Object("approvers", {
+        "users": Field(ListOf(Text(), single_ok=True,
+                              description="User names (or group:NAME)"), default=[]),
+        "groups": Field(ListOf(Text(), single_ok=True, description="Group names"),
+                        default=[]),
+        "not_starter": Field(Boolean(description="The user who started the run may not "
+                                                 "answer"), default=False),
+    })),
+    (lambda v: isinstance(v, str), Text()),
+    expects="a list of users and group:NAME entries, or {users, groups, not_starter}",
+    description="Who may answer; default: anyone who can reach the state folder",
+)
+
+RETRY = Alternatives(
+    (lambda v: isinstance(v, int) and not isinstance(v, bool),
+     Integer(minimum=1, maximum=100)),
+    (lambda v: isinstance(v, Mapping), Object("retry", {
+        "attempts": Field(Integer(minimum=1, maximum=100,
+                                  description="Tries in all, the first included"), default=3),
+        "delay": Field(Duration(description="Wait before the second try"), default=1.0),
+        "backoff": Field(Number(minimum=1.0, description="Multiply the delay by this "
+                                                         "after each try"), default=1.0),
+    })),
+    expects="a number of attempts or {attempts, delay, backoff}",
+    description="Try again when the step fails",
+)
+
+
+def _step_rules(s: dict[str, Any], path: PathT, problems: Problems) -> None:
+    where = show_path(path)
+    if s["uses"] is not None:
+        problems.add((*path, "uses"), f"{where}: `uses:` is reserved for a later version of "
+                     "opsrun; write the command with `run:`", at_key=True)
+        return
+    kinds = [k for k in ("run", "confirm") if s[k] is not None]
+    if not kinds:
+        problems.add(path, f"{where}: a step needs `run:` (a command) or `confirm:` "
+                           "(a question for a person)")
+        return
+    if len(kinds) == 2:
+        problems.add((*path, "confirm"), f"{where}: a step has either `run:` or `confirm:`, "
+                     "not both; split it into two steps", at_key=True)
+        return
+    wrong = CONFIRM_ONLY if kinds[0] == "run" else RUN_ONLY
+    for key in wrong:
+        if s[key] not in (None, [], False):
+            other = "confirm:" if kinds[0] == "run" else "run:"
+            problems.add((*path, key), f"{where}: `{key}` only applies to a `{other}` step",
+                         at_key=True)
+    if s["host"] is not None and s["hosts"]:
+        problems.add((*path, "host"), f"{where}: use `host:` or `hosts:`, not both",
+                     at_key=True)
+    if s["parallel"] is not None and not s["hosts"]:
+        problems.add((*path, "parallel"), f"{where}: `parallel` needs `hosts:`", at_key=True)
+
+
+STEP = Object("a step", {
+    "id": Field(Text(pattern=IDENT_RE, hint="an id is letters, digits and _, starting with a "
+                     "letter (steps.<id> must read as a name in expressions)",
+                     description="Name to refer to this step's results: steps.<id>")),
+    "name": Field(Text(description="Shown while the step runs")),
+    "run": Field(Text(description="Shell commands (bash -c); ${{ … }} values are inserted "
+                                  "as single words, never as shell syntax")),
+    "confirm": Field(Text(description="A question a person must answer yes to")),
+    "uses": Field(Anything(description="Reserved for a later version")),
+    "if": Field(Alternatives((lambda v: isinstance(v, bool), Boolean()),
+                             (lambda v: isinstance(v, str), EXPRESSION),
+                             expects="an expression or true/false",
+                             description="Run the step only when this is true")),
+    "env": Field(ENV, default={}),
+    "timeout": Field(Duration(description="Stop the step after this long", minimum_s=0.001)),
+    "retry": Field(RETRY),
+    "continue_on_error": Field(Boolean(description="A failure does not fail the run"),
+                               default=False),
+    "host": Field(Text(description="Run over SSH on this inventory host")),
+    "hosts": Field(ListOf(Text(), min_items=1, single_ok=True,
+                          description="Run over SSH on these hosts (group:NAME expands)"),
+                   default=[]),
+    "parallel": Field(Integer(minimum=1, maximum=1000,
+                              description="Hosts at once (default 1)")),
+    "workdir": Field(TEMPLATE),
+    "shell": Field(Text(description="Shell to run the commands with (default bash)")),
+    "approvers": Field(APPROVERS),
+    "on_timeout": Field(Enum("deny", "approve", description="Answer given when nobody "
+                                                            "answers in time (default deny)")),
+}, rules=_step_rules, description="One step: run: commands or confirm: a question",
+    json_extra={"oneOf": [{"required": ["run"]}, {"required": ["confirm"]}]})
+
+STEPS = ListOf(STEP, min_items=1, description="The steps, run in order")
+
+CONCURRENCY = Object("concurrency", {
+    "key": Field(TEMPLATE, default=""),
+    "policy": Field(Enum("queue", "skip", "replace", "parallel",
+                         description="What to do when a run with the same key is running"),
+                    default="queue"),
+}, description="How runs of this runbook overlap (default: queue, one at a time)")
+
+RUNBOOK = Object("the runbook", {
+    "name": Field(Text(pattern=NAME_RE, hint="a name is letters, digits, -, _ and ., "
+                       "starting with a letter or digit",
+                       description="Unique name; defaults to the file name")),
+    "description": Field(Text(), default=""),
+    "on": Field(Triggers(), default=[]),
+    "params": Field(PARAMS, default={}),
+    "env": Field(ENV, default={}),
+    "concurrency": Field(CONCURRENCY),
+    "timeout": Field(Duration(description="Stop the whole run after this long",
+                              minimum_s=0.001)),
+    "steps": Field(STEPS, required=True),
+    "on_failure": Field(ListOf(STEP, description="Steps run when the run fails"), default=[]),
+    "on_denied": Field(ListOf(STEP, description="Steps run when a confirmation is denied "
+                                                "or times out"), default=[]),
+}, description="An opsrun runbook")
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the runbook format, for editors and other tools."""
+    s = RUNBOOK.schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID,
+            "title": "opsrun runbook", **s}

@@ -1,0 +1,282 @@
+"""The only pyyaml importer: YAML text → plain data, with every node's position kept.
+
+Safety rules, all enforced here:
+- only plain data (mappings, sequences, strings, numbers, booleans, null); any other tag is refused;
+- duplicate keys are an error (PyYAML silently keeps the last one);
+- aliases are allowed, but the expanded document is bounded, so an alias bomb fails fast;
+- scalars are resolved as in YAML 1.2: only true/false are booleans, so `on:`, `yes`, `no`,
+  `NO` (Norway) stay strings, and `010` is the integer 10, not octal 8.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+MAX_FILE_BYTES = 1024 * 1024
+MAX_NODES = 100_000
+MAX_DEPTH = 64
+
+Path_ = tuple[Union[str, int], ...]
+
+
+class YamlError(Exception):
+    """A document that cannot be loaded; `line`/`col` are 1-based (0 = whole file)."""
+
+    def __init__(self, message: str, line: int = 0, col: int = 0) -> None:
+        super().__init__(message)
+        self.message = message
+        self.line = line
+        self.col = col
+
+
+@dataclass
+class Document:
+    """Loaded data plus where each value (and each mapping key) was written."""
+
+    data: Any
+    value_marks: dict[Path_, tuple[int, int]] = field(default_factory=dict)
+    key_marks: dict[Path_, tuple[int, int]] = field(default_factory=dict)
+    styles: dict[Path_, str] = field(default_factory=dict)  # scalar style: '', '"', "'", '|', '>'
+    text: str = ""
+
+    def mark(self, path: Path_, *, key: bool = False) -> tuple[int, int]:
+        """Best known (line, col) for a path: the key's position if asked, else the value's."""
+        p = tuple(path)
+        while True:
+            if key and p in self.key_marks:
+                return self.key_marks[p]
+            if p in self.value_marks:
+                return self.value_marks[p]
+            if not p:
+                return (1, 1)
+            p = p[:-1]
+
+    def mark_in_value(self, path: Path_, offset: int) -> tuple[int, int]:
+        """Position of the character at `offset` inside the text value at `path`."""
+        line, col = self.mark(path)
+        p = tuple(path)
+        if offset <= 0 or p not in self.value_marks:
+            return line, col
+        style = self.styles.get(p, "")
+        if style in ("|", ">"):
+            return self._in_block(line, offset, p)
+        return line, col + offset + (1 if style in ("'", '"') else 0)
+
+    def _in_block(self, line: int, offset: int, path: Path_) -> tuple[int, int]:
+        # A block scalar's content starts on the line after `|`; count lines from there.
+        value = _get(self.data, path)
+        if not isinstance(value, str):
+            return line, 1
+        before = value[:offset]
+        nth = before.count("\n")
+        lines = self.text.splitlines()
+        src_line = line + nth  # 0-based index of the source line holding the offset
+        if src_line >= len(lines):
+            return line + 1 + nth, 1
+        indent = len(lines[src_line]) - len(lines[src_line].lstrip(" "))
+        return src_line + 1, indent + offset - (before.rfind("\n") + 1) + 1
+
+
+_NULL = re.compile(r"^(?:~|null|Null|NULL|)$")
+_BOOL = {"true": True, "True": True, "TRUE": True, "false": False, "False": False, "FALSE": False}
+_INT = re.compile(r"^[-+]?(?:[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+)$")
+_FLOAT = re.compile(r"^[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?$")
+_INF = re.compile(r"^[-+]?\.(?:inf|Inf|INF)$")
+_NAN = re.compile(r"^\.(?:nan|NaN|NAN)$")
+
+_STR_TAG = "tag:yaml.org,2002:str"
+_ALLOWED_TAGS = {
+    _STR_TAG, "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool",
+    "tag:yaml.org,2002:null", "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq",
+    "tag:yaml.org,2002:merge", "tag:yaml.org,2002:timestamp",
+}
+
+
+def load_file(path: Path) -> Document:
+    """Read and load one YAML file, refusing files that are too big, binary or not UTF-8."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise YamlError(f"cannot read the file: {e.strerror}") from e
+    if size > MAX_FILE_BYTES:
+        raise YamlError(f"the file is {size:,} bytes; runbooks are limited to "
+                        f"{MAX_FILE_BYTES:,} bytes (1 MiB) — split it up")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise YamlError(f"cannot read the file: {e.strerror}") from e
+    return load_bytes(raw)
+
+
+def load_bytes(raw: bytes) -> Document:
+    """Load YAML from bytes (UTF-8, an optional BOM is accepted)."""
+    if len(raw) > MAX_FILE_BYTES:
+        raise YamlError(f"the document is {len(raw):,} bytes; the limit is {MAX_FILE_BYTES:,}")
+    if b"\x00" in raw:
+        raise YamlError("this is a binary file (it contains NUL bytes), not YAML text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise YamlError(f"the file is not valid UTF-8 (byte 0x{raw[e.start]:02x} "
+                        f"at offset {e.start}); save it as UTF-8", line, 1) from e
+    return load_text(text.removeprefix("\ufeff"))
+
+
+def load_text(text: str) -> Document:
+    """Load one YAML document from text."""
+    import yaml
+
+    if not text.strip() or all(_is_comment_or_blank(ln) for ln in text.splitlines()):
+        raise YamlError("the file is empty; a runbook needs at least a `steps:` list")
+    loader_cls = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        nodes = list(yaml.compose_all(text, Loader=loader_cls))
+    except yaml.MarkedYAMLError as e:
+        raise _syntax_error(e, text) from None
+    except yaml.YAMLError as e:
+        raise YamlError(f"not valid YAML: {e}") from None
+    if len(nodes) != 1 or nodes[0] is None:
+        if len(nodes) > 1:
+            mark = nodes[1].start_mark
+            raise YamlError("the file holds several YAML documents (`---`); "
+                            "put one runbook in each file", mark.line + 1, mark.column + 1)
+        raise YamlError("the file is empty; a runbook needs at least a `steps:` list")
+    doc = Document(data=None, text=text)
+    doc.data = _Builder(doc).build(nodes[0], (), 0)
+    return doc
+
+
+def _get(data: Any, path: Path_) -> Any:
+    for part in path:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _is_comment_or_blank(line: str) -> bool:
+    s = line.strip()
+    return not s or s.startswith("#") or s in ("---", "...")
+
+
+def _syntax_error(e: Any, text: str) -> YamlError:
+    mark = e.problem_mark or e.context_mark
+    line, col = (mark.line + 1, mark.column + 1) if mark else (0, 0)
+    problem = (e.problem or "").strip()
+    if mark and _tab_near(text, mark.line, mark.column):
+        return YamlError("a tab character is used for indentation; YAML allows only spaces",
+                         line, col)
+    context = f" {e.context}" if e.context else ""
+    return YamlError(f"not valid YAML: {problem}{context}".rstrip(), line, col)
+
+
+def _tab_near(text: str, line: int, col: int) -> bool:
+    lines = text.splitlines()
+    if line >= len(lines):
+        return False
+    return "\t" in lines[line][: col + 1]
+
+
+class _Builder:
+    """Walks composed nodes, building plain data and recording positions."""
+
+    def __init__(self, doc: Document) -> None:
+        self.doc = doc
+        self.count = 0
+        self._scalar_cache: dict[int, Any] = {}
+
+    def build(self, node: Any, path: Path_, depth: int) -> Any:
+        import yaml
+
+        self.count += 1
+        if self.count > MAX_NODES:
+            raise YamlError(f"the document expands to more than {MAX_NODES:,} values "
+                            "(an alias bomb?); refusing to load it",
+                            node.start_mark.line + 1, node.start_mark.column + 1)
+        if depth > MAX_DEPTH:
+            raise YamlError(f"the document is nested more than {MAX_DEPTH} levels deep "
+                            "(or an alias refers to itself)",
+                            node.start_mark.line + 1, node.start_mark.column + 1)
+        self.doc.value_marks.setdefault(path, (node.start_mark.line + 1,
+                                               node.start_mark.column + 1))
+        if node.tag not in _ALLOWED_TAGS:
+            raise YamlError(f"the tag {node.tag!r} is not allowed; runbooks hold plain data only",
+                            node.start_mark.line + 1, node.start_mark.column + 1)
+        if isinstance(node, yaml.MappingNode):
+            return self._mapping(node, path, depth)
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(child, (*path, i), depth + 1) for i, child in enumerate(node.value)]
+        self.doc.styles.setdefault(path, node.style or "")
+        return _scalar(node)
+
+    def _mapping(self, node: Any, path: Path_, depth: int) -> dict[str, Any]:
+        import yaml
+
+        result: dict[str, Any] = {}
+        merged: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            kline, kcol = key_node.start_mark.line + 1, key_node.start_mark.column + 1
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                merged.update(self._merge_source(value_node, path, depth))
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise YamlError("a mapping key must be a plain word, not a list or mapping",
+                                kline, kcol)
+            # Keys are always text: `on:` must not become the boolean True (YAML 1.1).
+            key = str(key_node.value)
+            if key in result:
+                first = self.doc.key_marks.get((*path, key), (0, 0))
+                raise YamlError(f"duplicate key {key!r} (first written at line {first[0]}); "
+                                "YAML would silently keep only the last one", kline, kcol)
+            self.doc.key_marks[(*path, key)] = (kline, kcol)
+            result[key] = self.build(value_node, (*path, key), depth + 1)
+        for key, value in merged.items():
+            result.setdefault(key, value)
+        return result
+
+    def _merge_source(self, node: Any, path: Path_, depth: int) -> dict[str, Any]:
+        import yaml
+
+        sources = node.value if isinstance(node, yaml.SequenceNode) else [node]
+        out: dict[str, Any] = {}
+        for src in sources:
+            if not isinstance(src, yaml.MappingNode):
+                raise YamlError("`<<` merges only mappings", src.start_mark.line + 1,
+                                src.start_mark.column + 1)
+            for k, v in self._mapping(src, path, depth + 1).items():
+                out.setdefault(k, v)
+        return out
+
+
+def _scalar(node: Any) -> Any:
+    value: str = node.value
+    # Quoted text, explicit !!str, and what YAML 1.1 calls a timestamp all stay text;
+    # PyYAML's 1.1 guess for other plain scalars is redone with the YAML 1.2 rules.
+    if node.style or node.tag in (_STR_TAG, "tag:yaml.org,2002:timestamp"):
+        return value
+    if _NULL.match(value):
+        return None
+    if value in _BOOL:
+        return _BOOL[value]
+    if _INT.match(value):
+        return _to_int(value)
+    if _FLOAT.match(value):
+        return float(value.replace("_", ""))
+    if _INF.match(value):
+        return -math.inf if value.startswith("-") else math.inf
+    if _NAN.match(value):
+        return math.nan
+    return value
+
+
+def _to_int(value: str) -> int:
+    text = value.replace("_", "")
+    digits = text.lstrip("+-")
+    if digits[:2].lower() in ("0x", "0o"):
+        return int(text, 0)
+    return int(text, 10)  # `010` is ten in YAML 1.2, not octal eight
