@@ -74,7 +74,8 @@ def parse_json_event(raw: bytes | str, source: str = "json") -> Event:
     except UnicodeDecodeError as e:
         raise EventRejected(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset "
                             f"{e.start})") from None
-    depth = _max_depth(text)
+    # Only a line with enough brackets can be too deep; most lines skip the scan.
+    depth = _max_depth(text) if text.count("[") + text.count("{") > MAX_DEPTH else 0
     if depth > MAX_DEPTH:
         raise EventRejected(f"nested {depth} levels deep; the limit is {MAX_DEPTH}")
     try:
