@@ -1,0 +1,655 @@
+"""The state store: `state.db` in the state folder, and the only module that speaks SQL.
+
+SQLite in WAL mode, so a CLI can read while the daemon writes. Every write is one short
+`BEGIN IMMEDIATE` transaction (taking the write lock up front avoids the deadlock two
+deferred transactions get into when both try to upgrade to writing); a busy database is
+waited for up to BUSY_TIMEOUT_MS. The schema carries its version in `PRAGMA user_version`
+and is brought forward by MIGRATIONS, applied in order, each exactly once.
+
+Durability is `synchronous=FULL`: a write that returned survives a power cut, like the
+fsynced audit log beside it. One Store may be shared by threads; a lock serialises the use
+of its single connection. Times are stored as RFC 3339 UTC text and returned as aware
+datetimes; JSON columns are returned decoded.
+"""
+from __future__ import annotations
+
+import enum
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Union
+
+from opsrun import paths
+from opsrun.errors import StateError
+
+BUSY_TIMEOUT_MS = 10_000
+MAX_OUTPUT_BYTES = 64 * 1024  # DESIGN section 2: the last 64 KiB of a step's output
+
+RUN_STATES = frozenset({"queued", "running", "waiting", "succeeded", "failed", "denied",
+                        "timed_out", "cancelled", "interrupted"})
+FINAL_RUN_STATES = frozenset({"succeeded", "failed", "denied", "timed_out", "cancelled"})
+ANSWERS = frozenset({"approved", "denied"})
+
+# Each migration is a list of statements run in one transaction. Append new migrations at
+# the end; never edit one that has shipped.
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE runs (
+            id TEXT PRIMARY KEY, runbook TEXT NOT NULL, runbook_path TEXT,
+            runbook_sha256 TEXT, state TEXT NOT NULL, event TEXT, params TEXT NOT NULL,
+            started_by TEXT, started_uid INTEGER, trigger TEXT, created_at TEXT NOT NULL,
+            started_at TEXT, finished_at TEXT, exit_code INTEGER, error TEXT,
+            current_step INTEGER)""",
+        "CREATE INDEX runs_by_runbook ON runs (runbook, id)",
+        "CREATE INDEX runs_by_state ON runs (state, id)",
+        """CREATE TABLE steps (
+            run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+            idx INTEGER NOT NULL, step_id TEXT NOT NULL, attempt INTEGER NOT NULL,
+            outcome TEXT NOT NULL, started_at TEXT, finished_at TEXT, exit_code INTEGER,
+            stdout_tail TEXT NOT NULL, stderr_tail TEXT NOT NULL, outputs TEXT NOT NULL,
+            hosts TEXT NOT NULL, PRIMARY KEY (run_id, idx, attempt))""",
+        """CREATE TABLE approvals (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+            step_id TEXT NOT NULL, question TEXT NOT NULL, approvers TEXT NOT NULL,
+            starter TEXT, asked_at TEXT NOT NULL, deadline TEXT, answer TEXT,
+            answered_by TEXT, answered_uid INTEGER, comment TEXT, how TEXT,
+            answered_at TEXT)""",
+        # At most one unanswered question per step of a run.
+        """CREATE UNIQUE INDEX approvals_pending ON approvals (run_id, step_id)
+            WHERE answer IS NULL""",
+        """CREATE TABLE log_positions (
+            key TEXT PRIMARY KEY, device INTEGER NOT NULL, inode INTEGER NOT NULL,
+            offset INTEGER NOT NULL, updated_at TEXT NOT NULL)""",
+        """CREATE TABLE schedule_marks (
+            trigger_key TEXT PRIMARY KEY, last_fire TEXT NOT NULL, updated_at TEXT NOT NULL)""",
+        """CREATE TABLE event_queue (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, event TEXT NOT NULL,
+            enqueued_at TEXT NOT NULL, source TEXT NOT NULL, leased_until REAL)""",
+        """CREATE TABLE audit_head (
+            log_path TEXT PRIMARY KEY, segment INTEGER NOT NULL, seq INTEGER NOT NULL,
+            hash TEXT NOT NULL, updated_at TEXT NOT NULL)""",
+        """CREATE TABLE audit_checkpoints (
+            log_path TEXT NOT NULL, segment INTEGER NOT NULL, size INTEGER NOT NULL,
+            sha256 TEXT NOT NULL, summary TEXT NOT NULL, verified_at TEXT NOT NULL,
+            PRIMARY KEY (log_path, segment))""",
+    ],
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class _Unset(enum.Enum):
+    UNSET = 0
+
+
+UNSET = _Unset.UNSET
+"""Marks an update_run argument that was not given (None means: set the column to NULL)."""
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run of one runbook, as stored."""
+
+    id: str
+    runbook: str
+    runbook_path: str | None
+    runbook_sha256: str | None
+    state: str
+    event: dict[str, Any] | None
+    params: dict[str, Any]
+    started_by: str | None
+    started_uid: int | None
+    trigger: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    exit_code: int | None
+    error: str | None
+    current_step: int | None
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One attempt of one step of a run; output is the bounded tail."""
+
+    run_id: str
+    index: int
+    step_id: str
+    attempt: int
+    outcome: str
+    started_at: datetime | None
+    finished_at: datetime | None
+    exit_code: int | None
+    stdout_tail: str
+    stderr_tail: str
+    outputs: dict[str, Any]
+    hosts: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ApprovalRecord:
+    """A question put to a person; `answer` is None while it waits."""
+
+    id: int
+    run_id: str
+    step_id: str
+    question: str
+    approvers: list[str]
+    starter: str | None
+    asked_at: datetime
+    deadline: datetime | None
+    answer: str | None
+    answered_by: str | None
+    answered_uid: int | None
+    comment: str | None
+    how: str | None
+    answered_at: datetime | None
+
+
+@dataclass(frozen=True)
+class LogPosition:
+    """Where a followed log file was read up to."""
+
+    key: str
+    device: int
+    inode: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class QueuedEvent:
+    """A JSON event waiting in the durable queue; `source` says who put it there."""
+
+    id: int
+    event: dict[str, Any]
+    enqueued_at: datetime
+    source: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class AuditHead:
+    """The last record the audit log acknowledged: its segment number, seq and hash."""
+
+    log_path: str
+    segment: int
+    seq: int
+    hash: str
+
+
+@dataclass(frozen=True)
+class AuditCheckpoint:
+    """A segment that was verified whole: its size and digest, and verify's summary of it."""
+
+    segment: int
+    size: int
+    sha256: str
+    summary: dict[str, Any]
+
+
+_Time = Union[datetime, None, _Unset]
+
+
+class Store:
+    """The state database of one state folder. Open with Store.open(state_dir)."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn = conn
+        self.path = path
+        self._lock = threading.RLock()
+
+    @classmethod
+    def open(cls, state_dir: Path) -> Store:
+        """Open (creating and migrating as needed) `state.db` in `state_dir`."""
+        paths.ensure_state_dir(state_dir)
+        path = state_dir / paths.STATE_DB
+        try:
+            # Create it ourselves so it starts 0600; SQLite gives -wal/-shm the same mode.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        except OSError as e:
+            raise StateError(f"cannot create the state store {path}: {e.strerror}; "
+                             "check the permissions of the state folder") from e
+        try:
+            conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000,
+                                   isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as e:
+            raise _state_error(path, "opening", e) from e
+        store = cls(conn, path)
+        try:
+            store._configure()
+            store._migrate()
+        except BaseException:
+            conn.close()
+            raise
+        return store
+
+    def close(self) -> None:
+        """Close the connection; the Store cannot be used afterwards."""
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def schema_version(self) -> int:
+        """The schema version of the open database."""
+        with self._read("reading the schema version") as c:
+            return int(c.execute("PRAGMA user_version").fetchone()[0])
+
+    # ── runs and steps ──────────────────────────────────────────────────────
+
+    def create_run(self, runbook: str, *, runbook_path: str | None = None,
+                   runbook_sha256: str | None = None, event: Mapping[str, Any] | None = None,
+                   params: Mapping[str, Any] | None = None, started_by: str | None = None,
+                   started_uid: int | None = None, trigger: str | None = None,
+                   state: str = "queued", run_id: str | None = None) -> RunRecord:
+        """Record a new run (state `queued` unless told otherwise) and return it."""
+        _check_state(state)
+        rid = run_id or new_run_id()
+        with self._write("recording a new run") as c:
+            c.execute("INSERT INTO runs (id, runbook, runbook_path, runbook_sha256, state, "
+                      "event, params, started_by, started_uid, trigger, created_at) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                      (rid, runbook, runbook_path, runbook_sha256, state,
+                       None if event is None else _json(event), _json(params or {}),
+                       started_by, started_uid, trigger, _ts(_now())))
+        run = self.get_run(rid)
+        assert run is not None
+        return run
+
+    def update_run(self, run_id: str, *, expect_state: str | Iterable[str] | None = None,
+                   state: str | _Unset = UNSET, started_at: _Time = UNSET,
+                   finished_at: _Time = UNSET, exit_code: int | None | _Unset = UNSET,
+                   error: str | None | _Unset = UNSET,
+                   current_step: int | None | _Unset = UNSET) -> bool:
+        """Change the given columns of a run; return whether the run was changed.
+
+        With `expect_state` the change applies only if the run is in (one of) those states,
+        atomically: two processes racing to resume or cancel a run cannot both win.
+        """
+        sets: dict[str, Any] = {}
+        if state is not UNSET:
+            _check_state(state)
+            sets["state"] = state
+        for column, value in (("started_at", started_at), ("finished_at", finished_at)):
+            if value is not UNSET:
+                sets[column] = _ts(value)
+        for column, plain in (("exit_code", exit_code), ("error", error),
+                              ("current_step", current_step)):
+            if plain is not UNSET:
+                sets[column] = plain
+        if not sets:
+            return self.get_run(run_id) is not None
+        sql = f"UPDATE runs SET {', '.join(f'{k} = ?' for k in sets)} WHERE id = ?"
+        args: list[Any] = [*sets.values(), run_id]
+        if expect_state is not None:
+            states = [expect_state] if isinstance(expect_state, str) else list(expect_state)
+            sql += f" AND state IN ({', '.join('?' * len(states))})"
+            args.extend(states)
+        with self._write("updating a run") as c:
+            return c.execute(sql, args).rowcount == 1
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        """The run with this id, or None."""
+        with self._read("reading a run") as c:
+            row = c.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?",
+                            (run_id,)).fetchone()
+        return None if row is None else _run(row)
+
+    def list_runs(self, *, runbook: str | None = None, state: str | Iterable[str] | None = None,
+                  limit: int = 50) -> list[RunRecord]:
+        """Runs, newest first, optionally of one runbook and/or in some states."""
+        where: list[str] = []
+        args: list[Any] = []
+        if runbook is not None:
+            where.append("runbook = ?")
+            args.append(runbook)
+        if state is not None:
+            states = [state] if isinstance(state, str) else list(state)
+            where.append(f"state IN ({', '.join('?' * len(states))})")
+            args.extend(states)
+        sql = f"SELECT {_RUN_COLUMNS} FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ?"
+        with self._read("listing runs") as c:
+            rows = c.execute(sql, [*args, limit]).fetchall()
+        return [_run(r) for r in rows]
+
+    def record_step(self, run_id: str, index: int, step_id: str, *, outcome: str,
+                    attempt: int = 1, started_at: datetime | None = None,
+                    finished_at: datetime | None = None, exit_code: int | None = None,
+                    stdout_tail: str = "", stderr_tail: str = "",
+                    outputs: Mapping[str, Any] | None = None,
+                    hosts: Mapping[str, Any] | None = None) -> StepRecord:
+        """Insert or replace one attempt of a step; output beyond 64 KiB keeps its tail."""
+        row = (run_id, index, step_id, attempt, outcome, _ts(started_at), _ts(finished_at),
+               exit_code, _tail(stdout_tail), _tail(stderr_tail), _json(outputs or {}),
+               _json(hosts or {}))
+        with self._write("recording a step") as c:
+            c.execute("INSERT OR REPLACE INTO steps (run_id, idx, step_id, attempt, outcome, "
+                      "started_at, finished_at, exit_code, stdout_tail, stderr_tail, outputs, "
+                      "hosts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+        return _step(row)
+
+    def steps_of(self, run_id: str) -> list[StepRecord]:
+        """Every recorded step attempt of a run, in order."""
+        with self._read("reading steps") as c:
+            rows = c.execute(f"SELECT {_STEP_COLUMNS} FROM steps WHERE run_id = ? "
+                             "ORDER BY idx, attempt", (run_id,)).fetchall()
+        return [_step(r) for r in rows]
+
+    # ── approvals ───────────────────────────────────────────────────────────
+
+    def create_approval(self, run_id: str, step_id: str, question: str, *,
+                        approvers: Sequence[str] = (), starter: str | None = None,
+                        deadline: datetime | None = None) -> ApprovalRecord:
+        """Ask a question for a step; if that step already has one waiting, return that one."""
+        with self._write("recording an approval request") as c:
+            c.execute("INSERT INTO approvals (run_id, step_id, question, approvers, starter, "
+                      "asked_at, deadline) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                      "ON CONFLICT (run_id, step_id) WHERE answer IS NULL DO NOTHING",
+                      (run_id, step_id, question, _json(list(approvers)), starter,
+                       _ts(_now()), _ts(deadline)))
+            row = c.execute(f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE run_id = ? "
+                            "AND step_id = ? AND answer IS NULL", (run_id, step_id)).fetchone()
+        return _approval(row)
+
+    def answer_approval(self, run_id: str, answer: str, *, answered_by: str,
+                        answered_uid: int | None, how: str, step_id: str | None = None,
+                        comment: str | None = None) -> bool:
+        """Answer the waiting question of a run; True if this answer won.
+
+        Exactly one answer wins: the update only touches a question still unanswered, so
+        of two people answering at once, one gets False and must be told it was too late.
+        """
+        if answer not in ANSWERS:
+            raise ValueError(f"answer must be one of {sorted(ANSWERS)}, not {answer!r}")
+        sql = ("UPDATE approvals SET answer = ?, answered_by = ?, answered_uid = ?, "
+               "comment = ?, how = ?, answered_at = ? WHERE run_id = ? AND answer IS NULL")
+        args: list[Any] = [answer, answered_by, answered_uid, comment, how, _ts(_now()), run_id]
+        if step_id is not None:
+            sql += " AND step_id = ?"
+            args.append(step_id)
+        with self._write("recording an answer") as c:
+            return c.execute(sql, args).rowcount >= 1
+
+    def pending_approvals(self, run_id: str | None = None) -> list[ApprovalRecord]:
+        """Questions still waiting for an answer, oldest first."""
+        sql = f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE answer IS NULL"
+        args: list[Any] = []
+        if run_id is not None:
+            sql += " AND run_id = ?"
+            args.append(run_id)
+        with self._read("listing pending approvals") as c:
+            rows = c.execute(sql + " ORDER BY id", args).fetchall()
+        return [_approval(r) for r in rows]
+
+    def approvals_of(self, run_id: str) -> list[ApprovalRecord]:
+        """Every question asked in a run, answered or not, oldest first."""
+        with self._read("reading approvals") as c:
+            rows = c.execute(f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE run_id = ? "
+                             "ORDER BY id", (run_id,)).fetchall()
+        return [_approval(r) for r in rows]
+
+    # ── log positions and schedule marks ────────────────────────────────────
+
+    def get_log_position(self, key: str) -> LogPosition | None:
+        """Where the followed log `key` was read up to, or None."""
+        with self._read("reading a log position") as c:
+            row = c.execute("SELECT key, device, inode, offset FROM log_positions "
+                            "WHERE key = ?", (key,)).fetchone()
+        return None if row is None else LogPosition(*row)
+
+    def set_log_position(self, key: str, device: int, inode: int, offset: int) -> None:
+        """Remember where the followed log `key` was read up to."""
+        with self._write("saving a log position") as c:
+            c.execute("INSERT OR REPLACE INTO log_positions VALUES (?, ?, ?, ?, ?)",
+                      (key, device, inode, offset, _ts(_now())))
+
+    def get_schedule_mark(self, trigger_key: str) -> datetime | None:
+        """When the schedule `trigger_key` last fired, or None."""
+        with self._read("reading a schedule mark") as c:
+            row = c.execute("SELECT last_fire FROM schedule_marks WHERE trigger_key = ?",
+                            (trigger_key,)).fetchone()
+        return None if row is None else _dt(row[0])
+
+    def set_schedule_mark(self, trigger_key: str, fired_at: datetime) -> None:
+        """Remember when the schedule `trigger_key` last fired."""
+        with self._write("saving a schedule mark") as c:
+            c.execute("INSERT OR REPLACE INTO schedule_marks VALUES (?, ?, ?)",
+                      (trigger_key, _ts(fired_at), _ts(_now())))
+
+    # ── the event queue (at-least-once hand-off) ────────────────────────────
+
+    def enqueue_events(self, events: Sequence[Mapping[str, Any]], *,
+                       source: Mapping[str, Any] | None = None) -> list[int]:
+        """Add events to the queue in one transaction; return their ids."""
+        now, src = _ts(_now()), _json(source or {})
+        with self._write("queueing events") as c:
+            return [int(c.execute("INSERT INTO event_queue (event, enqueued_at, source) "
+                                  "VALUES (?, ?, ?)", (_json(e), now, src)).lastrowid or 0)
+                    for e in events]
+
+    def peek_events(self, limit: int = 100) -> list[QueuedEvent]:
+        """The oldest queued events, leased or not, without taking them."""
+        with self._read("reading the event queue") as c:
+            rows = c.execute("SELECT id, event, enqueued_at, source FROM event_queue "
+                             "ORDER BY id LIMIT ?", (limit,)).fetchall()
+        return [_queued(r) for r in rows]
+
+    def take_events(self, limit: int = 100, *, lease_s: float = 60.0) -> list[QueuedEvent]:
+        """Lease the oldest events nobody holds; ack them when done.
+
+        An event that is not acked within `lease_s` (its taker died) is handed out again:
+        delivery is at least once.
+        """
+        now = time.time()
+        with self._write("taking events from the queue") as c:
+            rows = c.execute("SELECT id, event, enqueued_at, source FROM event_queue "
+                             "WHERE leased_until IS NULL OR leased_until < ? "
+                             "ORDER BY id LIMIT ?", (now, limit)).fetchall()
+            c.executemany("UPDATE event_queue SET leased_until = ? WHERE id = ?",
+                          [(now + lease_s, r[0]) for r in rows])
+        return [_queued(r) for r in rows]
+
+    def ack_events(self, ids: Iterable[int]) -> int:
+        """Remove handled events from the queue; return how many were removed."""
+        with self._write("acknowledging events") as c:
+            return sum(c.execute("DELETE FROM event_queue WHERE id = ?", (i,)).rowcount
+                       for i in ids)
+
+    def queue_length(self) -> int:
+        """How many events are in the queue, leased or not."""
+        with self._read("counting the event queue") as c:
+            return int(c.execute("SELECT count(*) FROM event_queue").fetchone()[0])
+
+    # ── audit log bookkeeping ───────────────────────────────────────────────
+
+    def get_audit_head(self, log_path: str) -> AuditHead | None:
+        """The last acknowledged record of the audit log at `log_path`, or None."""
+        with self._read("reading the audit head") as c:
+            row = c.execute("SELECT log_path, segment, seq, hash FROM audit_head "
+                            "WHERE log_path = ?", (log_path,)).fetchone()
+        return None if row is None else AuditHead(*row)
+
+    def set_audit_head(self, head: AuditHead) -> None:
+        """Move the audit head forward; an older head (lower seq) never replaces a newer."""
+        with self._write("saving the audit head") as c:
+            c.execute("INSERT INTO audit_head VALUES (?, ?, ?, ?, ?) "
+                      "ON CONFLICT (log_path) DO UPDATE SET segment = excluded.segment, "
+                      "seq = excluded.seq, hash = excluded.hash, "
+                      "updated_at = excluded.updated_at WHERE excluded.seq > audit_head.seq",
+                      (head.log_path, head.segment, head.seq, head.hash, _ts(_now())))
+
+    def audit_checkpoints(self, log_path: str) -> dict[int, AuditCheckpoint]:
+        """Closed segments of `log_path` verified before, by segment number."""
+        with self._read("reading audit checkpoints") as c:
+            rows = c.execute("SELECT segment, size, sha256, summary FROM audit_checkpoints "
+                             "WHERE log_path = ?", (log_path,)).fetchall()
+        return {r[0]: AuditCheckpoint(r[0], r[1], r[2], json.loads(r[3])) for r in rows}
+
+    def save_audit_checkpoint(self, log_path: str, checkpoint: AuditCheckpoint) -> None:
+        """Remember that a closed segment with this size and digest verified."""
+        with self._write("saving an audit checkpoint") as c:
+            c.execute("INSERT OR REPLACE INTO audit_checkpoints VALUES (?, ?, ?, ?, ?, ?)",
+                      (log_path, checkpoint.segment, checkpoint.size, checkpoint.sha256,
+                       _json(checkpoint.summary), _ts(_now())))
+
+    # ── plumbing ────────────────────────────────────────────────────────────
+
+    def _configure(self) -> None:
+        with self._errors("configuring"):
+            c = self._conn
+            c.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StateError(f"the state store {self.path} cannot use WAL mode (got "
+                                 f"{mode!r}); put the state folder on a local file system")
+            c.execute("PRAGMA synchronous = FULL")
+            c.execute("PRAGMA foreign_keys = ON")
+
+    def _migrate(self) -> None:
+        with self._errors("upgrading the schema of"):
+            c = self._conn
+            if self._user_version() == SCHEMA_VERSION:
+                return
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                # Read again under the write lock: another process may have just migrated.
+                version = self._user_version()
+                if version > SCHEMA_VERSION:
+                    raise StateError(f"the state store {self.path} has schema version "
+                                     f"{version}, newer than this opsrun knows "
+                                     f"({SCHEMA_VERSION}); upgrade opsrun")
+                for statements in MIGRATIONS[version:]:
+                    for statement in statements:
+                        c.execute(statement)
+                c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            c.execute("COMMIT")
+
+    def _user_version(self) -> int:
+        return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+
+    @contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as e:
+            raise _state_error(self.path, doing, e) from e
+
+    @contextmanager
+    def _read(self, doing: str) -> Iterator[sqlite3.Connection]:
+        with self._lock, self._errors(doing):
+            yield self._conn
+
+    @contextmanager
+    def _write(self, doing: str) -> Iterator[sqlite3.Connection]:
+        with self._lock, self._errors(doing):
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+
+def new_run_id() -> str:
+    """A new run id: a ULID (26 characters, sorts by creation time, millisecond prefix)."""
+    value = (time.time_ns() // 1_000_000) << 80 | secrets.randbits(80)
+    alphabet = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+    return "".join(alphabet[(value >> shift) & 31] for shift in range(125, -1, -5))
+
+
+def _state_error(path: Path, doing: str, e: sqlite3.Error) -> StateError:
+    hint = "check the permissions of the state folder and that the disk is not full"
+    if "locked" in str(e) or "busy" in str(e):
+        hint = (f"another opsrun held it for more than {BUSY_TIMEOUT_MS // 1000}s; "
+                "try again")
+    elif "readonly" in str(e) or "read-only" in str(e):
+        hint = "the state folder or state.db is read-only for this user"
+    return StateError(f"state store {path}: {doing} failed: {e}; {hint}")
+
+
+def _check_state(state: str) -> None:
+    if state not in RUN_STATES:
+        raise ValueError(f"unknown run state {state!r}; expected one of {sorted(RUN_STATES)}")
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _ts(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise ValueError("times given to the store must be timezone-aware")
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _dt(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+
+
+def _tail(text: str) -> str:
+    data = text.encode("utf-8", "surrogateescape")
+    if len(data) <= MAX_OUTPUT_BYTES:
+        return text
+    # Cutting may split a character; drop its orphaned continuation bytes.
+    return data[-MAX_OUTPUT_BYTES:].decode("utf-8", "ignore")
+
+
+_RUN_COLUMNS = ("id, runbook, runbook_path, runbook_sha256, state, event, params, started_by, "
+                "started_uid, trigger, created_at, started_at, finished_at, exit_code, error, "
+                "current_step")
+_STEP_COLUMNS = ("run_id, idx, step_id, attempt, outcome, started_at, finished_at, exit_code, "
+                 "stdout_tail, stderr_tail, outputs, hosts")
+_APPROVAL_COLUMNS = ("id, run_id, step_id, question, approvers, starter, asked_at, deadline, "
+                     "answer, answered_by, answered_uid, comment, how, answered_at")
+
+
+def _run(r: Sequence[Any]) -> RunRecord:
+    created = _dt(r[10])
+    assert created is not None
+    return RunRecord(r[0], r[1], r[2], r[3], r[4], None if r[5] is None else json.loads(r[5]),
+                     json.loads(r[6]), r[7], r[8], r[9], created, _dt(r[11]), _dt(r[12]),
+                     r[13], r[14], r[15])
+
+
+def _step(r: Sequence[Any]) -> StepRecord:
+    return StepRecord(r[0], r[1], r[2], r[3], r[4], _dt(r[5]), _dt(r[6]), r[7], r[8], r[9],
+                      json.loads(r[10]), json.loads(r[11]))
+
+
+def _approval(r: Sequence[Any]) -> ApprovalRecord:
+    asked = _dt(r[6])
+    assert asked is not None
+    return ApprovalRecord(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], asked, _dt(r[7]),
+                          r[8], r[9], r[10], r[11], r[12], _dt(r[13]))
+
+
+def _queued(r: Sequence[Any]) -> QueuedEvent:
+    enqueued = _dt(r[2])
+    assert enqueued is not None
+    return QueuedEvent(r[0], json.loads(r[1]), enqueued, json.loads(r[3]))
