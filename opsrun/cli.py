@@ -116,6 +116,63 @@ def _schema(ctx: typer.Context) -> None:
     _finish(ctx, schema.main)
 
 
+# ── shell completion ────────────────────────────────────────────────────────
+
+@app.command("completion")
+def _completion(
+    ctx: typer.Context,
+    shell: str = typer.Argument(..., help="bash, zsh or fish."),
+) -> None:
+    """Print a completion script for bash, zsh or fish."""
+    from opsrun import completion_scripts
+
+    if shell not in completion_scripts.GENERATORS:
+        raise typer.BadParameter("choose bash, zsh or fish", param_hint="SHELL")
+    _finish(ctx, lambda: _print(completion_scripts.GENERATORS[shell](completion_spec())))
+
+
+def _print(text: str) -> int:
+    sys.stdout.write(text)
+    return 0
+
+
+_PATH_OPTIONS = {"--runbooks": "dir", "--state-dir": "dir", "--audit-log": "file",
+                 "--inventory": "file", "--secrets-file": "file"}
+_RUNBOOK_ARGS = {"runbook", "paths"}
+
+
+def completion_spec() -> Any:
+    """Describe the commands and options of this CLI for the completion scripts."""
+    # Duck-typed: typer vendors its own click in recent versions and uses click in older ones.
+    from opsrun.completion_scripts import Cmd, Opt
+
+    def options(cmd: Any) -> tuple[Opt, ...]:
+        out = []
+        for p in cmd.params:
+            if p.param_type_name != "option" or getattr(p, "hidden", False):
+                continue
+            flags = tuple(sorted(p.opts, key=len, reverse=True))
+            kind = next((_PATH_OPTIONS[f] for f in flags if f in _PATH_OPTIONS), "")
+            choices = getattr(getattr(p, "type", None), "choices", None)
+            if choices:
+                kind = " ".join(str(c) for c in choices)
+            out.append(Opt(flags, (p.help or "").split("\n")[0], not p.is_flag, kind))
+        return tuple(out)
+
+    def convert(name: str, cmd: Any) -> Cmd:
+        args = [p.name for p in cmd.params if p.param_type_name == "argument"]
+        argument = "runbook" if any(a in _RUNBOOK_ARGS for a in args) else (
+            "words:bash zsh fish" if "shell" in args else ("file" if args else ""))
+        subs: tuple[Cmd, ...] = ()
+        if hasattr(cmd, "commands"):
+            subs = tuple(convert(n, c) for n, c in sorted(cmd.commands.items())
+                         if not getattr(c, "hidden", False))
+        help_text = (cmd.short_help or (cmd.help or "").split("\n")[0]).strip()
+        return Cmd(name, help_text, options(cmd), argument, subs)
+
+    return convert("opsrun", typer.main.get_command(app))
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of the `opsrun` console script."""
     try:

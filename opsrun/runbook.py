@@ -1,7 +1,7 @@
 """Runbooks: YAML files → validated, immutable Runbook objects, or every problem found.
 
 `load_runbook(path)` and `load_runbooks(folder)` are the only ways in. Structure and types
-are checked by `schema.RUNBOOK`; what needs the whole runbook (step ids, the names that
+are checked by `runbook_schema.RUNBOOK`; what needs the whole runbook (step ids, the names that
 expressions read, shell quoting contexts) is checked here.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from opsrun import expressions, schema, shell_words
+from opsrun import expressions, runbook_schema as schema, shell_words
 from opsrun.criteria import Criteria, parse_where
 from opsrun.errors import Problem, RunbookInvalid, UsageError
 from opsrun.params import Param

@@ -171,6 +171,10 @@ def _syntax_error(e: Any, text: str) -> YamlError:
     if mark and _tab_near(text, mark.line, mark.column):
         return YamlError("a tab character is used for indentation; YAML allows only spaces",
                          line, col)
+    if problem.startswith("mapping values are not allowed"):
+        return YamlError("a value contains ': ' (colon and space), which YAML reads as a new "
+                         "key; put the whole value in quotes, or write a command as a block "
+                         "with `run: |` and the commands on the following lines", line, col)
     context = f" {e.context}" if e.context else ""
     return YamlError(f"not valid YAML: {problem}{context}".rstrip(), line, col)
 
