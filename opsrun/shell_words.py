@@ -39,6 +39,8 @@ _FORBIDDEN = {
     "arith": "inside arithmetic $(( … )); the shell would evaluate the value as code. "
              "Assign it to a variable first and validate it",
     "quoted_heredoc": "inside a quoted here-document (<<'EOF'); use an unquoted <<EOF",
+    "escaped": "right after a backslash `\\`, which would change how the shell reads the "
+               "value; remove the backslash",
 }
 
 
@@ -57,6 +59,8 @@ class Slot:
 
     expr: Expr
     context: str
+    delimiter: str = ""  # in a here-document body: the line that ends it
+    strip_tabs: bool = False  # ... and whether it is a <<- here-document
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,8 @@ def plan(text: str) -> ShellPlan:
             if ctx in _FORBIDDEN:
                 raise ShellContextError(f"`${{{{ {part.source} }}}}` cannot be used "
                                         f"{_FORBIDDEN[ctx]}", part.offset)
-            out.append(Slot(part, ctx))
+            doc = scanner.heredoc if ctx == HEREDOC else None
+            out.append(Slot(part, ctx, doc[0] if doc else "", doc[2] if doc else False))
         else:
             scanner.feed(part)
             out.append(part)
@@ -109,7 +114,7 @@ def render(shell_plan: ShellPlan, evaluate: Callable[[Expr], Any]) -> RenderedSc
         name = f"{VAR_PREFIX}{len(env) + 1}"
         env[name] = value
         script.append(_reference(name, part.context))
-        display.append(_inline(value, part.context))
+        display.append(_inline(value, part))
     return RenderedScript("".join(script), env, "".join(display))
 
 
@@ -138,13 +143,24 @@ def _reference(name: str, context: str) -> str:
     return f"${{{name}}}"  # double quotes, here-document body, comment
 
 
-def _inline(value: str, context: str) -> str:
+def _inline(value: str, slot: Slot) -> str:
+    context = slot.context
     if context == CODE:
         return shlex.quote(value)
     if context == SQUOTE:
         return "'" + shlex.quote(value) + "'"
-    if context in (DQUOTE, HEREDOC):
+    if context == DQUOTE:
         return re.sub(r'([\\$`"])', r"\\\1", value)
+    if context == HEREDOC:
+        # In a here-document body only \ $ ` are special (a `"` stays as it is). A value line
+        # that would read as the closing delimiter, or lose its tabs to <<-, starts with `$(:)`,
+        # which expands to nothing but keeps the shell from seeing the line as written.
+        lines = re.sub(r"([\\$`])", r"\\\1", value).split("\n")
+        for i, line in enumerate(lines):
+            if (slot.delimiter and line.startswith(slot.delimiter)) or (
+                    slot.strip_tabs and line.startswith("\t")):
+                lines[i] = "$(:)" + line
+        return "\n".join(lines)
     return value.replace("\n", "\\n")
 
 
@@ -154,6 +170,10 @@ def is_posix_shell(shell: str) -> bool:
     return words[0].rsplit("/", 1)[-1] in POSIX_SHELLS
 
 
+_HEREDOC_START = re.compile(
+    r"""<<(-?)[ \t]*((?:'[^']*'|"[^"]*"|\\.|[^\s;&|<>()'"\\])+)""")
+
+
 class _Scanner:
     """A small model of how bash reads quotes, enough to know the context at any point."""
 
@@ -161,11 +181,19 @@ class _Scanner:
         self.stack: list[str] = [CODE]
         self.heredocs: list[tuple[str, bool, bool]] = []  # (delimiter, quoted, strip_tabs)
         self.heredoc: tuple[str, bool, bool] | None = None
+        self.heredoc_depth = 1  # the stack depth of the code the here-document belongs to
         self.line = ""  # current line inside a here-document body
         self.word_start = True
+        self.escaped = False  # the text fed so far ends with a backslash escaping what follows
+
+    def _in_heredoc(self) -> bool:
+        return self.heredoc is not None and len(self.stack) == self.heredoc_depth
 
     def context(self) -> str:
-        if self.heredoc is not None and self.stack == [CODE]:
+        if self.escaped:
+            return "escaped"
+        if self._in_heredoc():
+            assert self.heredoc is not None
             return "quoted_heredoc" if self.heredoc[1] else HEREDOC
         top = self.stack[-1]
         return {CODE + ")": CODE, "arith_paren": "arith"}.get(top, top)
@@ -174,9 +202,10 @@ class _Scanner:
         i = 0
         while i < len(text):
             i = self._step(text, i)
+        self.escaped = i > len(text)
 
     def _step(self, t: str, i: int) -> int:
-        if self.heredoc is not None and self.stack == [CODE]:
+        if self._in_heredoc():
             return self._heredoc_char(t, i)
         top = self.stack[-1]
         c = t[i]
@@ -261,18 +290,23 @@ class _Scanner:
         return i + 1
 
     def _heredoc_start(self, t: str, i: int) -> int:
-        m = re.compile(r"<<(-?)\s*(?:'([^']*)'|\"([^\"]*)\"|\\?([A-Za-z0-9_.-]+))").match(t, i)
+        # The delimiter is one shell word; any quoting in it (`'EOF'`, `"EOF"`, `\EOF`,
+        # `E"OF"`) makes the body literal text.
+        m = _HEREDOC_START.match(t, i)
         if not m:
             return i + 2
-        delimiter = m.group(2) if m.group(2) is not None else (m.group(3) or m.group(4) or "")
-        quoted = m.group(2) is not None or m.group(3) is not None or "\\" in m.group(0)
+        word = m.group(2)
+        quoted = any(q in word for q in "'\"\\")
+        delimiter = re.sub(r"'([^']*)'|\"([^\"]*)\"|\\(.)",
+                           lambda q: q.group(1) or q.group(2) or q.group(3) or "", word)
         self.heredocs.append((delimiter, quoted, m.group(1) == "-"))
         return m.end()
 
     def _newline(self, i: int) -> int:
         self.word_start = True
-        if self.heredocs and self.stack == [CODE]:
+        if self.heredocs and self.stack[-1] in (CODE, CODE + ")"):
             self.heredoc = self.heredocs.pop(0)
+            self.heredoc_depth = len(self.stack)
             self.line = ""
         return i + 1
 
@@ -296,9 +330,10 @@ class _Scanner:
 
     def _heredoc_expansion(self, t: str, i: int) -> int:
         saved = self.heredoc
+        depth = len(self.stack)
         self.heredoc = None
         j = self._step(t, i)
-        while j < len(t) and len(self.stack) > 1:
+        while j < len(t) and len(self.stack) > depth:
             j = self._step(t, j)
         self.heredoc = saved
         self.line += t[i + 1:j]
