@@ -56,6 +56,10 @@ class StateError(OpsrunError):
     exit_code = exit_codes.RUN_FAILED
 
 
+class AuditWriteError(StateError):
+    """An audit record could not be made durable; the action it records must not start."""
+
+
 class RunFailed(OpsrunError):
     exit_code = exit_codes.RUN_FAILED
 
