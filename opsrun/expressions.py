@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -18,6 +19,7 @@ from opsrun.errors import ExpressionError
 ROOT_NAMES = ("event", "params", "env", "steps", "run", "secrets")
 OPEN, CLOSE = "${{", "}}"
 MAX_RESULT_CHARS = 1_000_000
+MAX_INT_BITS = 4_000  # about 1,200 digits: far below what str() of an int refuses (4,300)
 
 
 class ExpressionSyntaxError(ValueError):
@@ -97,11 +99,12 @@ def has_expressions(text: str) -> bool:
 @lru_cache(maxsize=1)
 def _environment() -> Any:
     from jinja2 import StrictUndefined
-    from jinja2.sandbox import SandboxedEnvironment
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    class _Env(SandboxedEnvironment):  # type: ignore[misc]
-        # Bound `*` and `**` so that `'x' * 10**12` cannot eat the machine.
-        intercepted_binops = frozenset({"*", "**"})
+    # Immutable: `event.pop('x')` or `params.update(…)` must not change the run's context.
+    class _Env(ImmutableSandboxedEnvironment):  # type: ignore[misc]
+        # Bound `*`, `**` and `%` so that `'x' * 10**12` cannot eat the machine.
+        intercepted_binops = frozenset({"*", "**", "%"})
 
         def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
             if operator == "**":
@@ -109,12 +112,40 @@ def _environment() -> Any:
                     raise ExpressionError("exponent too large in `**` (limit 1000)")
                 if isinstance(left, (int, float)) and abs(left) > 1e100:
                     raise ExpressionError("base too large in `**`")
+                if (isinstance(left, int) and isinstance(right, int) and right > 0
+                        and abs(left) > 1 and right * math.log2(abs(left)) > MAX_INT_BITS):
+                    raise ExpressionError("the result of `**` would be too large a number")
             if operator == "*":
+                if (isinstance(left, int) and isinstance(right, int)
+                        and left.bit_length() + right.bit_length() > MAX_INT_BITS):
+                    raise ExpressionError("the result of `*` would be too large a number")
                 size = _repeat_size(left, right)
                 if size > MAX_RESULT_CHARS:
-                    raise ExpressionError(f"`*` would build a value of {size:,} items; "
+                    raise ExpressionError(f"`*` would build a value of {size:,} characters; "
                                           f"the limit is {MAX_RESULT_CHARS:,}")
+            if operator == "%" and isinstance(left, str):
+                _check_format(left, _PERCENT_WIDTH)
             return super().call_binop(context, operator, left, right)
+
+        def call(__self, __context: Any, __obj: Any, *args: Any,  # noqa: N805
+                 **kwargs: Any) -> Any:
+            # str methods that pad: `'x'.center(10**9)` would build a gigabyte.
+            if (getattr(__obj, "__name__", "") in _PADDING
+                    and isinstance(getattr(__obj, "__self__", None), str)):
+                width = args[0] if args else 8
+                if isinstance(width, int) and width * (
+                        len(__obj.__self__) if __obj.__name__ == "expandtabs" else 1
+                ) > MAX_RESULT_CHARS:
+                    raise ExpressionError(f"`{__obj.__name__}({width})` would build a value "
+                                          f"over {MAX_RESULT_CHARS:,} characters")
+            return super().call(__context, __obj, *args, **kwargs)
+
+        def wrap_str_format(self, value: Any) -> Any:
+            wrapped = super().wrap_str_format(value)
+            if wrapped is None:
+                return None
+            _check_format(value.__self__, _BRACE_WIDTH)
+            return wrapped
 
         def getattr(self, obj: Any, attribute: str) -> Any:
             # Fields win over dict methods: `event.items` is the event's field, not dict.items.
@@ -142,9 +173,30 @@ _FILTERS = (
 
 def _repeat_size(left: Any, right: Any) -> int:
     for seq, n in ((left, right), (right, left)):
-        if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
-            return len(seq) * max(n, 0)
+        if isinstance(seq, (str, list, tuple)) and isinstance(n, int) \
+                and not isinstance(n, bool):
+            # A list of long texts is as big as its texts: `[event.line] * 10**6 | join`.
+            size = len(seq) if isinstance(seq, str) else len(seq) + sum(
+                len(item) for item in seq if isinstance(item, (str, list, tuple, Mapping)))
+            return size * max(n, 0)
     return 0
+
+
+_PADDING = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
+# Widths and precisions in `'%9d' % x` and `'{:>9}'.format(x)`; `*` and nested `{}` take
+# the width from a value, which is refused.
+_PERCENT_WIDTH = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d*)(?:\.(\*|\d*))?")
+_BRACE_WIDTH = re.compile(r"\{[^{}:]*:((?:[^{}]|\{[^{}]*\})*)\}")
+
+
+def _check_format(fmt: str, pattern: re.Pattern[str]) -> None:
+    for m in pattern.finditer(fmt):
+        spec = "".join(g or "" for g in m.groups())
+        if "*" in spec or "{" in spec:
+            raise ExpressionError("a format width taken from a value (`*` or `{}`) is not "
+                                  "allowed; write the width as a number")
+        if any(int(n) > MAX_RESULT_CHARS for n in re.findall(r"\d+", spec)):
+            raise ExpressionError(f"a format width over {MAX_RESULT_CHARS:,} is not allowed")
 
 
 @lru_cache(maxsize=4096)
@@ -155,7 +207,32 @@ def _compile(source: str) -> Any:
     try:
         return _environment().compile_expression(source, undefined_to_none=False)
     except (TemplateSyntaxError, TemplateAssertionError) as e:
-        raise ExpressionSyntaxError(f"cannot parse `{source}`: {e.message}") from None
+        raise ExpressionSyntaxError(_explain_syntax(source, e.message or "")) from None
+
+
+_HINTS = (
+    (re.compile(r"^\s*\$\{\{.*\}\}\s*$", re.S),
+     "this field is already an expression: write it without `${{ }}`"),
+    (re.compile(r"(?<![=!<>])=(?!=)"), "compare with `==`, not `=`"),
+    (re.compile(r"&&|\|\|"), "write `and` / `or` instead of `&&` / `||`"),
+    (re.compile(r"!(?!=)"), "write `not x` instead of `!x`"),
+    (re.compile(r"\?"), "write `a if condition else b` instead of `condition ? a : b`"),
+)
+
+
+def _explain_syntax(source: str, message: str) -> str:
+    """Jinja's parser message in words for runbook authors, with a hint for common slips."""
+    message = (message.replace("chunk after expression",
+                               "unexpected text after a complete expression")
+               .replace("'end of template'", "end of the expression")
+               .replace("end of template", "end of the expression"))
+    if re.search(r"""unexpected char ["']["']""", message):
+        return f"cannot parse `{source}`: a text in quotes is never closed"
+    bare = re.sub(r"'[^']*'|\"[^\"]*\"", "''", source)  # hints look outside quoted texts
+    for pattern, hint in _HINTS:
+        if pattern.search(bare):
+            return f"cannot parse `{source}`: {message}; {hint}"
+    return f"cannot parse `{source}`: {message}"
 
 
 def check(source: str) -> list[Ref]:
@@ -166,7 +243,7 @@ def check(source: str) -> list[Ref]:
     try:
         tree = _environment().parse("{{ (" + source + ") }}")
     except TemplateSyntaxError as e:
-        raise ExpressionSyntaxError(f"cannot parse `{source}`: {e.message}") from None
+        raise ExpressionSyntaxError(_explain_syntax(source, e.message or "")) from None
     refs: list[Ref] = []
     seen_names: set[int] = set()
     for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
@@ -185,6 +262,15 @@ def check(source: str) -> list[Ref]:
     return refs
 
 
+@lru_cache(maxsize=4096)
+def _names(source: str) -> frozenset[str]:
+    """The top-level names an expression reads."""
+    from jinja2 import nodes
+
+    tree = _environment().parse("{{ (" + source + ") }}")
+    return frozenset(n.name for n in tree.find_all(nodes.Name) if n.ctx == "load")
+
+
 def _static_key(node: Any) -> object:
     from jinja2 import nodes
 
@@ -201,6 +287,11 @@ def evaluate(source: str, context: Mapping[str, Any]) -> Any:
     from jinja2.exceptions import SecurityError, UndefinedError
 
     fn = _compile(source)
+    for name in _names(source):
+        # Jinja answers some names itself (`self` is the template): only the context's count.
+        if name not in context:
+            raise ExpressionError(f"`${{{{ {source} }}}}`: unknown name {name!r}; expressions "
+                                  f"can read {', '.join(context) or 'nothing here'}")
     try:
         value = fn(**context)
     except UndefinedError as e:
@@ -215,6 +306,9 @@ def evaluate(source: str, context: Mapping[str, Any]) -> Any:
     except Exception as e:  # noqa: BLE001 - a sandboxed expression must never crash opsrun
         raise ExpressionError(f"`${{{{ {source} }}}}` failed: {type(e).__name__}: {e}") from None
     if isinstance(value, Undefined):
+        if getattr(value, "_undefined_exception", None) is SecurityError:
+            raise ExpressionError(f"`${{{{ {source} }}}}` is not allowed: "
+                                  f"{getattr(value, '_undefined_hint', '')}")
         raise ExpressionError(f"`${{{{ {source} }}}}` is not defined "
                               "(use `… | default('x')` for an optional value)")
     if callable(value):
