@@ -116,6 +116,99 @@ def _schema(ctx: typer.Context) -> None:
     _finish(ctx, schema.main)
 
 
+# ── audit: verify, show, tail, head ─────────────────────────────────────────
+
+audit_app = typer.Typer(
+    help="Read and verify the tamper-evident audit log.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(audit_app, name="audit")
+
+
+def _state_dir_opt() -> Any:
+    return typer.Option(None, "--state-dir", envvar="OPSRUN_STATE_DIR", show_envvar=True,
+                        help="State folder (default $STATE_DIRECTORY, else "
+                             "$XDG_STATE_HOME/opsrun).")
+
+
+def _audit_log_opt() -> Any:
+    return typer.Option(None, "--audit-log", envvar="OPSRUN_AUDIT_LOG", show_envvar=True,
+                        help="Audit log file (default: audit.jsonl in the state folder).")
+
+
+@audit_app.command("verify")
+def _audit_verify(
+    ctx: typer.Context,
+    state_dir: Optional[str] = _state_dir_opt(),
+    audit_log: Optional[str] = _audit_log_opt(),
+    from_start: bool = typer.Option(
+        False, "--from-start", help="Walk every record of every segment, even segments "
+                                    "that verified before and whose digest is unchanged."),
+    head: Optional[str] = typer.Option(
+        None, "--head", metavar="SEQ:HASH",
+        help="Also prove the log still extends this head, as printed by `opsrun audit head`."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Check the hash chain; exit 0 if intact, 1 if records were altered, removed or added."""
+    from opsrun.commands import audit as commands_audit
+
+    _finish(ctx, lambda: commands_audit.verify(state_dir, audit_log, from_start, head,
+                                               as_json))
+
+
+@audit_app.command("show")
+def _audit_show(
+    ctx: typer.Context,
+    state_dir: Optional[str] = _state_dir_opt(),
+    audit_log: Optional[str] = _audit_log_opt(),
+    run: Optional[str] = typer.Option(None, "--run", help="Only records of this run id."),
+    runbook: Optional[str] = typer.Option(None, "--runbook", help="Only this runbook."),
+    kind: Optional[str] = typer.Option(None, "--kind",
+                                       help="Only this kind; globs work (step.*)."),
+    since: Optional[str] = typer.Option(None, "--since",
+                                        help="Only newer records: 1h, 30m, 2d, or a date."),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n",
+                                        help="Only the last N matching records."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON record per line."),
+) -> None:
+    """Show audit records as a table, oldest first."""
+    from opsrun.commands import audit as commands_audit
+
+    _finish(ctx, lambda: commands_audit.show(state_dir, audit_log, run, runbook, kind, since,
+                                             limit, as_json))
+
+
+@audit_app.command("tail")
+def _audit_tail(
+    ctx: typer.Context,
+    state_dir: Optional[str] = _state_dir_opt(),
+    audit_log: Optional[str] = _audit_log_opt(),
+    follow: bool = typer.Option(False, "--follow", "-f",
+                                help="Keep printing new records until interrupted."),
+    lines: int = typer.Option(10, "--lines", "-n", min=0, help="How many records to start with."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON record per line."),
+) -> None:
+    """Show the last records; with -f, follow new ones (across segment rotations)."""
+    from opsrun.commands import audit as commands_audit
+
+    _finish(ctx, lambda: commands_audit.tail(state_dir, audit_log, follow, lines, as_json))
+
+
+@audit_app.command("head")
+def _audit_head(
+    ctx: typer.Context,
+    state_dir: Optional[str] = _state_dir_opt(),
+    audit_log: Optional[str] = _audit_log_opt(),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Print SEQ:HASH of the last record, to keep off this machine (git, ticket, syslog)."""
+    from opsrun.commands import audit as commands_audit
+
+    _finish(ctx, lambda: commands_audit.head(state_dir, audit_log, as_json))
+
+
 # ── shell completion ────────────────────────────────────────────────────────
 
 @app.command("completion")

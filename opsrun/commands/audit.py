@@ -1,0 +1,334 @@
+"""`opsrun audit verify | show | tail | head`: read and check the audit log.
+
+Record contents are shown with control characters escaped (`\\x1b`, `\\u202e`), so a field
+that holds terminal escape sequences cannot repaint or hide anything on the screen.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import threading
+import unicodedata
+from collections import deque
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+from opsrun import exit_codes, paths
+from opsrun.audit import AuditLog, is_record, last_tip, list_segments
+from opsrun.audit_verify import Finding, VerifyResult, verify_log
+from opsrun.errors import StateError, UsageError
+from opsrun.store import Store
+
+JSON_VERSION = 1
+_HEADER_KEYS = ("v", "seq", "prev", "time", "kind", "run_id", "runbook", "user", "uid",
+                "host", "pid")
+_HEAD = re.compile(r"^(\d+):([0-9a-fA-F]{64})$")
+
+
+def verify(state_dir: str | None, audit_log: str | None, from_start: bool,
+           head: str | None, as_json: bool) -> int:
+    """Verify the chain; exit 0 if it holds (warnings allowed), 1 if it was tampered with."""
+    given = _parse_head(head) if head else None
+    log_path, store, notes = _open(state_dir, audit_log)
+    try:
+        result = verify_log(log_path, store=store, head=given, from_start=from_start)
+    finally:
+        if store is not None:
+            store.close()
+    result.warnings[:0] = [Finding("no_state_store", n) for n in notes]
+    if as_json:
+        _print_json({"log": str(log_path), **result.to_json()})
+    else:
+        _print_verify(log_path, result)
+    return int(exit_codes.OK if result.ok else exit_codes.RUN_FAILED)
+
+
+def head(state_dir: str | None, audit_log: str | None, as_json: bool) -> int:
+    """Print the last record's `SEQ:HASH`, to be kept somewhere this machine cannot change."""
+    log_path, store, _ = _open(state_dir, audit_log)
+    try:
+        tip = AuditLog(log_path).head()
+        stored = None if store is None else store.get_audit_head(str(log_path))
+    finally:
+        if store is not None:
+            store.close()
+    if tip is None:
+        raise StateError(f"the audit log {log_path} has no records yet")
+    if stored is not None and (stored.seq > tip.seq or
+                               (stored.seq == tip.seq and stored.hash != tip.hash)):
+        print(f"opsrun: warning: the state store recorded seq {stored.seq}, which the log "
+              "does not end with; run `opsrun audit verify` before keeping this head",
+              file=sys.stderr)
+    if as_json:
+        _print_json({"log": str(log_path), "segment": tip.segment, "seq": tip.seq,
+                     "hash": tip.hash, "head": f"{tip.seq}:{tip.hash}"})
+    else:
+        print(f"{tip.seq}:{tip.hash}")
+    return int(exit_codes.OK)
+
+
+def show(state_dir: str | None, audit_log: str | None, run: str | None,
+         runbook: str | None, kind: str | None, since: str | None,
+         limit: int | None, as_json: bool) -> int:
+    """Print the records that match every filter given, oldest first (the last `limit`)."""
+    log_path = _log_path(state_dir, audit_log)
+    after = _parse_since(since).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if since else None
+    if limit is not None and limit < 1:
+        raise UsageError("--limit must be 1 or more")
+    needles = [b'"run_id":' + json.dumps(run).encode() if run else b"",
+               b'"kind":' + json.dumps(kind).encode() if kind and not _is_glob(kind) else b""]
+    picked: deque[dict[str, Any]] = deque(maxlen=limit)
+    skipped = 0
+    for line in _all_lines(log_path):
+        if not all(n in line for n in needles):
+            continue
+        record = _record(line)
+        if record is None:
+            skipped += 1
+        elif _matches(record, run, runbook, kind, after):
+            picked.append(record)
+    _print_records(list(picked), as_json, header=True)
+    if skipped:
+        print(f"opsrun: {skipped} line(s) that are not complete records were skipped; "
+              "run `opsrun audit verify`", file=sys.stderr)
+    return int(exit_codes.OK)
+
+
+def tail(state_dir: str | None, audit_log: str | None, follow: bool, lines: int = 10,
+         as_json: bool = False, poll_s: float = 0.2,
+         stop: threading.Event | None = None) -> int:
+    """Print the last `lines` records; with `follow`, keep printing new ones as they come."""
+    log_path = _log_path(state_dir, audit_log)
+    records = [r for r in (_record(x) for x in _last_lines(log_path, lines)) if r is not None]
+    _print_records(records, as_json, header=True)
+    if follow:
+        _follow(log_path, as_json, poll_s, stop or threading.Event())
+    return int(exit_codes.OK)
+
+
+# ── reading the log ──────────────────────────────────────────────────────────
+
+
+def _log_path(state_dir: str | None, audit_log: str | None) -> Path:
+    if audit_log:
+        return Path(os.path.abspath(Path(audit_log).expanduser()))
+    return Path(os.path.abspath(paths.state_dir_from_env(state_dir) / paths.AUDIT_LOG))
+
+
+def _open(state_dir: str | None, audit_log: str | None
+          ) -> tuple[Path, Store | None, list[str]]:
+    """The log's path and the state store that keeps its head, if there is one to open."""
+    log_path = _log_path(state_dir, audit_log)
+    folder = paths.state_dir_from_env(state_dir)
+    if not (folder / paths.STATE_DB).exists():
+        return log_path, None, [f"no state store at {folder / paths.STATE_DB}: records cut "
+                                "from the end of the log cannot be detected (use --head)"]
+    try:
+        return log_path, Store.open(folder), []
+    except StateError as e:
+        return log_path, None, [f"the state store could not be opened ({e}): records cut "
+                                "from the end of the log cannot be detected (use --head)"]
+
+
+def _files(log_path: Path) -> list[Path]:
+    return [p for _, p in list_segments(log_path)] + [log_path]
+
+
+def _all_lines(log_path: Path) -> Iterator[bytes]:
+    for file in _files(log_path):
+        try:
+            with open(file, "rb") as f:
+                for line in f:
+                    yield line.rstrip(b"\n")
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise StateError(f"cannot read the audit log {file}: {e.strerror}") from e
+
+
+def _last_lines(log_path: Path, count: int) -> list[bytes]:
+    out: list[bytes] = []
+    for file in reversed(_files(log_path)):
+        try:
+            data = _tail_bytes(file, count - len(out))
+        except FileNotFoundError:
+            continue
+        out[:0] = data
+        if len(out) >= count:
+            break
+    return out[-count:] if count else []
+
+
+def _tail_bytes(file: Path, count: int) -> list[bytes]:
+    with open(file, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        window = 64 * 1024
+        while True:
+            start = max(0, size - window)
+            f.seek(start)
+            lines = f.read(size - start).split(b"\n")
+            if lines and lines[-1] == b"":
+                lines.pop()
+            if start == 0 or len(lines) > count:
+                return lines[-count:] if count else []
+            window *= 8
+
+
+def _follow(log_path: Path, as_json: bool, poll_s: float, stop: threading.Event) -> None:
+    """Print records as they are appended, across segment rotations, until `stop`."""
+    f = _open_at_end(log_path)
+    pending = b""
+    while not stop.wait(poll_s):
+        if f is None:
+            f = _open_at_end(log_path, start=True)
+            continue
+        pending = _print_new(f.read(), pending, as_json)
+        try:
+            rotated = os.stat(log_path).st_ino != os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            rotated = False  # between the rename and the new file: look again next time
+        if rotated:
+            pending = _print_new(f.read(), pending, as_json)  # the old file's last words
+            f.close()
+            f = _open_at_end(log_path, start=True)
+    if f is not None:
+        f.close()
+
+
+def _open_at_end(log_path: Path, start: bool = False) -> Any:
+    try:
+        f = open(log_path, "rb")
+    except FileNotFoundError:
+        return None
+    if not start:
+        f.seek(0, os.SEEK_END)
+    return f
+
+
+def _print_new(data: bytes, pending: bytes, as_json: bool) -> bytes:
+    lines = (pending + data).split(b"\n")
+    for line in lines[:-1]:
+        record = _record(line)
+        if record is None:
+            print("(a line that is not a complete record was skipped)", file=sys.stderr)
+        else:
+            _print_records([record], as_json, header=False)
+    sys.stdout.flush()
+    return lines[-1]
+
+
+def _record(line: bytes) -> dict[str, Any] | None:
+    if not is_record(line):
+        return None
+    value: dict[str, Any] = json.loads(line)
+    return value
+
+
+def _matches(record: dict[str, Any], run: str | None, runbook: str | None,
+             kind: str | None, after: str | None) -> bool:
+    if run is not None and record.get("run_id") != run:
+        return False
+    if runbook is not None and (record.get("runbook") or {}).get("name") != runbook:
+        return False
+    if kind is not None and not fnmatchcase(str(record.get("kind")), kind):
+        return False
+    return after is None or str(record.get("time", "")) >= after
+
+
+def _is_glob(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def _parse_since(text: str) -> datetime:
+    """`1h`, `30m`, `2d` ago, or an ISO date or time (UTC unless it says otherwise)."""
+    from opsrun.durations import DurationError, parse_duration
+
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    except ValueError:
+        pass
+    try:
+        return datetime.now(timezone.utc) - timedelta(seconds=parse_duration(text))
+    except DurationError:
+        raise UsageError(f"--since {text!r} is neither a duration nor a date; write e.g. 1h, "
+                         "30m, 2d, 2025-01-31 or 2025-01-31T08:00:00Z") from None
+
+
+def _parse_head(text: str) -> tuple[int, str]:
+    m = _HEAD.match(text.strip())
+    if not m:
+        raise UsageError(f"--head {text!r} is not SEQ:HASH; give what `opsrun audit head` "
+                         "printed, e.g. 1042:3f5a…(64 hex digits)")
+    return int(m.group(1)), m.group(2).lower()
+
+
+# ── printing ─────────────────────────────────────────────────────────────────
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps({"v": JSON_VERSION, **value}, indent=2, sort_keys=False))
+
+
+def _print_verify(log_path: Path, r: VerifyResult) -> None:
+    for w in r.warnings:
+        print(f"warning: {_safe(w.message)}")
+    where = f"{len(r.segments)} file(s)" if r.segments else "no files"
+    if r.problem is None:
+        print(f"verified: {log_path}: {r.records} records in {where}, last seq {r.last_seq}")
+        if r.records:
+            print(f"head: {r.last_seq}:{r.last_hash}")
+    else:
+        p = r.problem
+        print(f"TAMPERING ({p.reason}): {_safe(p.message)}")
+        if p.file:
+            loc = f"{p.file}:{p.line}" if p.line else p.file
+            print(f"  at {loc}" + (f" (seq {p.seq})" if p.seq is not None else ""))
+        print(f"  {r.records} records before it verified (last good seq {r.last_seq})")
+    for label in r.heads_checked:
+        print(f"checked against {label}")
+
+
+def _print_records(records: list[dict[str, Any]], as_json: bool, header: bool) -> None:
+    if as_json:
+        for r in records:
+            print(json.dumps(r, separators=(",", ":"), ensure_ascii=True))
+        return
+    if header and records:
+        print(_row("SEQ", "TIME", "KIND", "RUN", "RUNBOOK", "USER", "DETAILS"))
+    for r in records:
+        book = (r.get("runbook") or {}).get("name") or "-"
+        details = " ".join(f"{k}={_short(v)}" for k, v in r.items() if k not in _HEADER_KEYS)
+        print(_row(str(r.get("seq")), str(r.get("time", ""))[:19].replace("T", " "),
+                   _safe(str(r.get("kind"))), _safe(str(r.get("run_id") or "-")),
+                   _safe(str(book)), _safe(str(r.get("user"))), details))
+
+
+def _row(*cells: str) -> str:
+    widths = (8, 19, 22, 26, 20, 10)
+    return (" ".join(c.ljust(w) for c, w in zip(cells, widths)) + " " + cells[-1]).rstrip()
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    text = _safe(text)
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _safe(text: str) -> str:
+    """Escape control and format characters so that they show instead of acting."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs"):
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
