@@ -265,7 +265,7 @@ def _load(path: Path) -> tuple[Runbook | None, list[Problem]]:
     except YamlError as e:
         return None, [Problem(str(path), e.line, e.col, e.message)]
     except OSError as e:
-        return None, [Problem(str(path), 0, 0, f"cannot read the file: {e.strerror}")]
+        return None, [Problem(str(path), 1, 1, f"cannot read the file: {e.strerror}")]
     problems = Problems()
     if not isinstance(doc.data, Mapping):
         kind = "a list" if isinstance(doc.data, list) else "a single value"

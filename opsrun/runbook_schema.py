@@ -9,8 +9,9 @@ from opsrun import criteria as criteria_mod
 from opsrun import expressions
 from opsrun.schema_checks import (
     INVALID, Alternatives, Anything, Boolean, Check, Custom, Duration, Enum, Field, Integer,
-    ListOf, MapOf, Number, Object, PathT, Problems, Text, show_path,
+    ListOf, MapOf, Number, Object, PathT, PositionedError, Problems, Text, show_path,
 )
+from opsrun.suggest import did_you_mean
 
 NAME_RE = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 IDENT_RE = r"[A-Za-z][A-Za-z0-9_]*"
@@ -42,7 +43,8 @@ def _check_regex(text: str) -> str:
     try:
         re.compile(text)
     except re.error as e:
-        raise ValueError(f"bad regular expression {text!r}: {e}") from None
+        raise PositionedError(f"bad regular expression {text!r}: {e}",
+                              e.pos if e.pos is not None else -1) from None
     return text
 
 
@@ -65,8 +67,11 @@ def _check_timezone(text: str) -> str:
 
     try:
         ZoneInfo(text)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown time zone {text!r}; use an IANA name like UTC, "
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        from zoneinfo import available_timezones
+
+        hint = did_you_mean(text, available_timezones())
+        raise ValueError(f"unknown time zone {text!r}{hint}; use an IANA name like UTC, "
                          "Europe/Berlin or America/New_York") from None
     return text
 
@@ -136,7 +141,11 @@ FILE_TRIGGER = Object("a file trigger", {
     "paths": Field(ListOf(GLOB, min_items=1, single_ok=True,
                           description="Files or globs to watch (** matches folders)"),
                    required=True),
-    "events": Field(ListOf(Enum(*FILE_EVENTS), min_items=1, single_ok=True,
+    "events": Field(ListOf(Enum(*FILE_EVENTS, synonyms={
+        "created": "added", "create": "added", "new": "added", "changed": "modified",
+        "change": "modified", "updated": "modified", "written": "modified",
+        "removed": "deleted", "remove": "deleted", "delete": "deleted"}),
+        min_items=1, single_ok=True,
                            description="Which changes fire: added, modified, deleted"),
                     default=list(FILE_EVENTS)),
     "debounce": Field(Duration(description="Quiet time before firing (default 50ms)"),
@@ -178,6 +187,17 @@ TRIGGER_KINDS: dict[str, Object] = {
 }
 
 
+_TRIGGER_HINTS = {
+    "cron": " (a cron schedule is written `schedule: {cron: \"…\"}`)",
+    "path": " (a file trigger is written `file: {paths: […]}`)",
+    "paths": " (a file trigger is written `file: {paths: […]}`)",
+    "json": " (JSON events are matched with `event: {where: {…}}`)",
+    "where": " (JSON events are matched with `event: {where: {…}}`)",
+    "workflow_dispatch": " (a runbook without triggers runs by hand: leave `on:` out)",
+    "manual": " (a runbook without triggers runs by hand: leave `on:` out)",
+}
+
+
 class Trigger(Check):
     """One trigger: a mapping with exactly one key naming its kind."""
 
@@ -193,11 +213,9 @@ class Trigger(Check):
             return INVALID
         (kind, spec), = value.items()
         if kind not in TRIGGER_KINDS:
-            from opsrun.suggest import did_you_mean
-
+            hint = _TRIGGER_HINTS.get(kind, did_you_mean(kind, TRIGGER_KINDS))
             problems.add((*path, kind), f"{show_path(path)}: unknown trigger {kind!r}"
-                         f"{did_you_mean(kind, TRIGGER_KINDS)}; triggers are "
-                         f"{', '.join(TRIGGER_KINDS)}", at_key=True)
+                         f"{hint}; triggers are {', '.join(TRIGGER_KINDS)}", at_key=True)
             return INVALID
         if spec is None and kind == "event":
             spec = {}
@@ -213,7 +231,7 @@ class Trigger(Check):
 class Triggers(Check):
     """`on:` — a list of triggers, or a mapping of kind → trigger (one of each kind)."""
 
-    expects = "a list of triggers"
+    expects = "a list of triggers (file, schedule, log, event), like `- schedule: {cron: …}`"
     description = "What starts this runbook; none means it only runs by hand"
 
     def check(self, value: Any, path: PathT, problems: Problems) -> Any:

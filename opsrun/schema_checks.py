@@ -165,6 +165,12 @@ class Boolean(Check):
         self.description = description
 
     def check(self, value: Any, path: PathT, problems: Problems) -> Any:
+        if isinstance(value, str) and value.lower() in ("yes", "no", "on", "off", "y", "n"):
+            meant = "true" if value.lower() in ("yes", "on", "y") else "false"
+            problems.add(path, f"{show_path(path)}: expected true or false, found the text "
+                               f"{value!r} (YAML 1.2 reads yes/no/on/off as text); "
+                               f"write {meant}")
+            return INVALID
         if not isinstance(value, bool):
             return self.wrong_type(value, path, problems)
         return value
@@ -201,14 +207,18 @@ class Duration(Check):
 
 
 class Enum(Check):
-    def __init__(self, *values: str, description: str = "") -> None:
+    def __init__(self, *values: str, description: str = "",
+                 synonyms: Mapping[str, str] | None = None) -> None:
         self.values = values
         self.description = description
+        self.synonyms = dict(synonyms or {})  # words people write instead → the right value
         self.expects = "one of " + ", ".join(values)
 
     def check(self, value: Any, path: PathT, problems: Problems) -> Any:
         if value not in self.values or not isinstance(value, str):
             hint = did_you_mean(str(value), self.values) if isinstance(value, str) else ""
+            if isinstance(value, str) and value.lower() in self.synonyms:
+                hint = f" (did you mean {self.synonyms[value.lower()]!r}?)"
             problems.add(path, f"{show_path(path)}: {type_name(value)} is not one of "
                                f"{', '.join(self.values)}{hint}")
             return INVALID
@@ -225,8 +235,17 @@ class Anything(Check):
         self.description = description
 
 
+class PositionedError(ValueError):
+    """A ValueError that knows which character of the checked text is at fault."""
+
+    def __init__(self, message: str, offset: int = -1) -> None:
+        super().__init__(message)
+        self.offset = offset
+
+
 class Custom(Check):
-    """A text checked by a function that raises ValueError with a readable message."""
+    """A text checked by a function that raises ValueError with a readable message (a
+    PositionedError points at the character at fault)."""
 
     def __init__(self, fn: Callable[[str], Any], *, expects: str, description: str = "",
                  json: dict[str, Any] | None = None) -> None:
@@ -239,7 +258,8 @@ class Custom(Check):
         try:
             return self.fn(value)
         except ValueError as e:
-            problems.add(path, f"{show_path(path)}: {e}")
+            problems.add(path, f"{show_path(path)}: {e}",
+                         offset=e.offset if isinstance(e, PositionedError) else -1)
             return INVALID
 
     def schema(self) -> dict[str, Any]:

@@ -23,9 +23,10 @@ Path_ = tuple[Union[str, int], ...]
 
 
 class YamlError(Exception):
-    """A document that cannot be loaded; `line`/`col` are 1-based (0 = whole file)."""
+    """A document that cannot be loaded; `line`/`col` are 1-based (1:1 when the whole file
+    is meant, so that every problem reads `file:line:col`)."""
 
-    def __init__(self, message: str, line: int = 0, col: int = 0) -> None:
+    def __init__(self, message: str, line: int = 1, col: int = 1) -> None:
         super().__init__(message)
         self.message = message
         self.line = line
@@ -40,6 +41,7 @@ class Document:
     value_marks: dict[Path_, tuple[int, int]] = field(default_factory=dict)
     key_marks: dict[Path_, tuple[int, int]] = field(default_factory=dict)
     styles: dict[Path_, str] = field(default_factory=dict)  # scalar style: '', '"', "'", '|', '>'
+    spans: dict[Path_, tuple[int, int]] = field(default_factory=dict)  # scalars: text indexes
     text: str = ""
 
     def mark(self, path: Path_, *, key: bool = False) -> tuple[int, int]:
@@ -60,10 +62,39 @@ class Document:
         p = tuple(path)
         if offset <= 0 or p not in self.value_marks:
             return line, col
+        found = self._search(p, offset)
+        if found is not None:
+            return found
         style = self.styles.get(p, "")
         if style in ("|", ">"):
             return self._in_block(line, offset, p)
         return line, col + offset + (1 if style in ("'", '"') else 0)
+
+    def _search(self, path: Path_, offset: int) -> tuple[int, int] | None:
+        """Find the value's text from `offset` in the source, where it was written.
+
+        Quotes, escapes and folded lines make a value differ from its source, so the text is
+        looked up rather than counted: the value's next few characters (up to anything a
+        source may write differently) are found in the scalar's own span, skipping as many
+        earlier occurrences as the value has before `offset`."""
+        value = _get(self.data, path)
+        span = self.spans.get(path)
+        if not isinstance(value, str) or span is None or offset >= len(value):
+            return None
+        needle = re.match(r"[^\n\t\\'\"]{0,40}", value[offset:])
+        if needle is None or not needle.group():
+            return None
+        word = needle.group()
+        earlier = sum(1 for i in range(offset) if value.startswith(word, i))
+        source = self.text[span[0]:span[1]]
+        at = -1
+        for _ in range(earlier + 1):
+            at = source.find(word, at + 1)
+            if at < 0:
+                return None
+        index = span[0] + at
+        line_start = self.text.rfind("\n", 0, index) + 1
+        return self.text.count("\n", 0, index) + 1, index - line_start + 1
 
     def _in_block(self, line: int, offset: int, path: Path_) -> tuple[int, int]:
         # A block scalar's content starts on the line after `|`; count lines from there.
@@ -103,7 +134,7 @@ def load_file(path: Path) -> Document:
         raise YamlError(f"cannot read the file: {e.strerror}") from e
     if size > MAX_FILE_BYTES:
         raise YamlError(f"the file is {size:,} bytes; runbooks are limited to "
-                        f"{MAX_FILE_BYTES:,} bytes (1 MiB) — split it up")
+                        f"{MAX_FILE_BYTES:,} bytes (1 MiB) — split it into several runbooks")
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -116,14 +147,22 @@ def load_bytes(raw: bytes) -> Document:
     if len(raw) > MAX_FILE_BYTES:
         raise YamlError(f"the document is {len(raw):,} bytes; the limit is {MAX_FILE_BYTES:,}")
     if b"\x00" in raw:
-        raise YamlError("this is a binary file (it contains NUL bytes), not YAML text")
+        raise YamlError("this is a binary file (it contains NUL bytes), not YAML text",
+                        *_byte_position(raw, raw.index(b"\x00")))
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
         raise YamlError(f"the file is not valid UTF-8 (byte 0x{raw[e.start]:02x} "
-                        f"at offset {e.start}); save it as UTF-8", line, 1) from e
+                        f"at offset {e.start}); save it as UTF-8",
+                        *_byte_position(raw, e.start)) from e
     return load_text(text.removeprefix("\ufeff"))
+
+
+def _byte_position(raw: bytes, offset: int) -> tuple[int, int]:
+    """1-based (line, column in characters) of a byte offset."""
+    line_start = raw.rfind(b"\n", 0, offset) + 1
+    col = len(raw[line_start:offset].decode("utf-8", "replace").removeprefix("\ufeff")) + 1
+    return raw.count(b"\n", 0, offset) + 1, col
 
 
 def load_text(text: str) -> Document:
@@ -141,9 +180,13 @@ def load_text(text: str) -> Document:
         raise YamlError(f"not valid YAML: {e}") from None
     if len(nodes) != 1 or nodes[0] is None:
         if len(nodes) > 1:
-            mark = nodes[1].start_mark
+            # Point at the `---` that starts the second document, not at its first key.
+            lines = text.splitlines()
+            at = nodes[1].start_mark.line
+            while at > 0 and not lines[at].startswith("---"):
+                at -= 1
             raise YamlError("the file holds several YAML documents (`---`); "
-                            "put one runbook in each file", mark.line + 1, mark.column + 1)
+                            "put one runbook in each file", at + 1, 1)
         raise YamlError("the file is empty; a runbook needs at least a `steps:` list")
     doc = Document(data=None, text=text)
     doc.data = _Builder(doc).build(nodes[0], (), 0)
@@ -193,6 +236,7 @@ class _Builder:
         self.doc = doc
         self.count = 0
         self._scalar_cache: dict[int, Any] = {}
+        self._open: set[int] = set()  # nodes being built: an alias back to one is a cycle
 
     def build(self, node: Any, path: Path_, depth: int) -> Any:
         import yaml
@@ -209,14 +253,26 @@ class _Builder:
         self.doc.value_marks.setdefault(path, (node.start_mark.line + 1,
                                                node.start_mark.column + 1))
         if node.tag not in _ALLOWED_TAGS:
-            raise YamlError(f"the tag {node.tag!r} is not allowed; runbooks hold plain data only",
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            raise YamlError(f"the tag {tag!r} is not allowed; runbooks hold plain data only "
+                            "(text, numbers, true/false, lists and mappings)",
                             node.start_mark.line + 1, node.start_mark.column + 1)
-        if isinstance(node, yaml.MappingNode):
-            return self._mapping(node, path, depth)
-        if isinstance(node, yaml.SequenceNode):
-            return [self.build(child, (*path, i), depth + 1) for i, child in enumerate(node.value)]
-        self.doc.styles.setdefault(path, node.style or "")
-        return _scalar(node)
+        if isinstance(node, yaml.ScalarNode):
+            self.doc.styles.setdefault(path, node.style or "")
+            self.doc.spans.setdefault(path, (node.start_mark.index, node.end_mark.index))
+            return _scalar(node)
+        if id(node) in self._open:
+            raise YamlError("an alias refers to the list or mapping that contains it, which "
+                            "would never end; refer to something else",
+                            node.start_mark.line + 1, node.start_mark.column + 1)
+        self._open.add(id(node))
+        try:
+            if isinstance(node, yaml.MappingNode):
+                return self._mapping(node, path, depth)
+            return [self.build(child, (*path, i), depth + 1)
+                    for i, child in enumerate(node.value)]
+        finally:
+            self._open.discard(id(node))
 
     def _mapping(self, node: Any, path: Path_, depth: int) -> dict[str, Any]:
         import yaml
@@ -251,6 +307,10 @@ class _Builder:
         for src in sources:
             if not isinstance(src, yaml.MappingNode):
                 raise YamlError("`<<` merges only mappings", src.start_mark.line + 1,
+                                src.start_mark.column + 1)
+            if id(src) in self._open:
+                raise YamlError("`<<` merges the mapping that contains it, which would never "
+                                "end; merge another mapping", src.start_mark.line + 1,
                                 src.start_mark.column + 1)
             for k, v in self._mapping(src, path, depth + 1).items():
                 out.setdefault(k, v)
