@@ -376,8 +376,8 @@ class Object(Check):
             if k in out:
                 continue
             if f.required:
-                problems.add(path, f"{show_path(path)}: {self.what} is missing the "
-                                   f"required key {k!r}")
+                where = f"{show_path(path)}: " if path else ""
+                problems.add(path, f"{where}{self.what} is missing the required key {k!r}")
                 bad = True
             else:
                 out[k] = f.default
