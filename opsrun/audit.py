@@ -323,9 +323,13 @@ class AuditLog:
     def _write_durably(self, data: bytes, size_before: int, kind: str) -> None:
         assert self._fd is not None
         try:
-            n = os.write(self._fd, data)
-            if n != len(data):
-                raise OSError(errno.ENOSPC, f"only {n} of {len(data)} bytes could be written")
+            done = os.write(self._fd, data)
+            while done < len(data):
+                # A short write (disk full, size limit): the next one reports why.
+                n = os.write(self._fd, memoryview(data)[done:])
+                if n == 0:
+                    raise OSError(errno.EIO, f"only {done} of {len(data)} bytes were written")
+                done += n
             os.fdatasync(self._fd)
         except OSError as e:
             try:

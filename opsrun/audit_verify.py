@@ -271,6 +271,7 @@ class _Verifier:
                    f"{Path(pos.file).name}) was altered: its hash no longer matches the prev "
                    f"of the record after it (seq {seq}, line {n})", Path(pos.file), pos.line,
                    self.seq)
+        self._take_back_last()
 
     def _ahead(self, file: Path, n: int, line: bytes, seq: int, prev: str) -> None:
         expected = self.seq + 1
@@ -311,6 +312,7 @@ class _Verifier:
                        f"was inserted or replaced: the record after it (line {n}) has the same "
                        "seq and chains to the record before it", Path(pos.file), pos.line,
                        self.seq)
+            self._take_back_last()
         else:
             self._fail("reordered", f"record seq {seq} at line {n} of {file.name} is out of "
                        f"place: it comes after seq {self.seq}", file, n, seq)
@@ -321,7 +323,13 @@ class _Verifier:
                 self._fail("altered", f"record seq {seq} (line {n} of {Path(file).name}) is "
                            f"not the record {label} names: it was altered or the log was "
                            "rewritten from there on", Path(file), n, seq)
+                self._take_back_last()
                 return
+
+    def _take_back_last(self) -> None:
+        """The last record accepted turned out bad: do not count it as verified."""
+        self.seq, self.hash = self.seq - 1, self.before
+        self.records -= 1
 
     # ── the end of the log and segments verified before ───────────────────
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import enum
 import json
 import os
-import secrets
 import sqlite3
 import threading
 import time
@@ -29,6 +28,7 @@ from typing import Any, Union
 
 from opsrun import paths
 from opsrun.errors import StateError
+from opsrun.ids import new_id
 
 BUSY_TIMEOUT_MS = 10_000
 MAX_OUTPUT_BYTES = 64 * 1024  # DESIGN section 2: the last 64 KiB of a step's output
@@ -83,6 +83,13 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (log_path, segment))""",
     ],
 ]
+MIGRATIONS.append([
+    # The bytes of every runbook version a run started with: a resumed or waiting run goes
+    # on with the version it started with, whatever the file says now.
+    """CREATE TABLE runbook_versions (
+        sha256 TEXT PRIMARY KEY, path TEXT NOT NULL, body BLOB NOT NULL,
+        saved_at TEXT NOT NULL)""",
+])
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -352,14 +359,17 @@ class Store:
     # ── approvals ───────────────────────────────────────────────────────────
 
     def create_approval(self, run_id: str, step_id: str, question: str, *,
-                        approvers: Sequence[str] = (), starter: str | None = None,
+                        approvers: Sequence[str] | Mapping[str, Any] = (),
+                        starter: str | None = None,
                         deadline: datetime | None = None) -> ApprovalRecord:
         """Ask a question for a step; if that step already has one waiting, return that one."""
         with self._write("recording an approval request") as c:
             c.execute("INSERT INTO approvals (run_id, step_id, question, approvers, starter, "
                       "asked_at, deadline) VALUES (?, ?, ?, ?, ?, ?, ?) "
                       "ON CONFLICT (run_id, step_id) WHERE answer IS NULL DO NOTHING",
-                      (run_id, step_id, question, _json(list(approvers)), starter,
+                      (run_id, step_id, question,
+                       _json(dict(approvers) if isinstance(approvers, Mapping)
+                             else list(approvers)), starter,
                        _ts(_now()), _ts(deadline)))
             row = c.execute(f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE run_id = ? "
                             "AND step_id = ? AND answer IS NULL", (run_id, step_id)).fetchone()
@@ -484,7 +494,20 @@ class Store:
         return None if row is None else AuditHead(*row)
 
     def set_audit_head(self, head: AuditHead) -> None:
-        """Move the audit head forward; an older head (lower seq) never replaces a newer."""
+        """Move the audit head forward; an older head (lower seq) never replaces a newer.
+
+        This write is not synced on its own (the next synced commit carries it): the record
+        it points at was fsynced already, and a head that lags after a power cut only means
+        verify checks fewer records against it. It keeps durable appends at one fsync each.
+        """
+        with self._lock, self._errors("saving the audit head"):
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+            try:
+                self._set_audit_head(head)
+            finally:
+                self._conn.execute("PRAGMA synchronous = FULL")
+
+    def _set_audit_head(self, head: AuditHead) -> None:
         with self._write("saving the audit head") as c:
             c.execute("INSERT INTO audit_head VALUES (?, ?, ?, ?, ?) "
                       "ON CONFLICT (log_path) DO UPDATE SET segment = excluded.segment, "
@@ -505,6 +528,44 @@ class Store:
             c.execute("INSERT OR REPLACE INTO audit_checkpoints VALUES (?, ?, ?, ?, ?, ?)",
                       (log_path, checkpoint.segment, checkpoint.size, checkpoint.sha256,
                        _json(checkpoint.summary), _ts(_now())))
+
+    # ── runbook versions and approvals by step (used to resume runs) ───────
+
+    def save_runbook_version(self, sha256: str, path: str, body: bytes) -> None:
+        """Keep the bytes of a runbook version a run uses (once per version)."""
+        with self._write("saving a runbook version") as c:
+            c.execute("INSERT OR IGNORE INTO runbook_versions VALUES (?, ?, ?, ?)",
+                      (sha256, path, body, _ts(_now())))
+
+    def runbook_version(self, sha256: str) -> tuple[str, bytes] | None:
+        """(path, bytes) of a kept runbook version, or None."""
+        with self._read("reading a runbook version") as c:
+            row = c.execute("SELECT path, body FROM runbook_versions WHERE sha256 = ?",
+                            (sha256,)).fetchone()
+        return None if row is None else (row[0], bytes(row[1]))
+
+    def latest_approval(self, run_id: str, step_id: str) -> ApprovalRecord | None:
+        """The newest question asked for a step of a run, answered or not."""
+        with self._read("reading an approval") as c:
+            row = c.execute(f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE run_id = ? "
+                            "AND step_id = ? ORDER BY id DESC LIMIT 1",
+                            (run_id, step_id)).fetchone()
+        return None if row is None else _approval(row)
+
+    def unanswer_approval(self, approval_id: int) -> None:
+        """Take back an answer that could not be put on record (the audit log failed)."""
+        with self._write("taking back an answer") as c:
+            c.execute("UPDATE approvals SET answer = NULL, answered_by = NULL, "
+                      "answered_uid = NULL, comment = NULL, how = NULL, answered_at = NULL "
+                      "WHERE id = ?", (approval_id,))
+
+    def find_run_ids(self, prefix: str, limit: int = 5) -> list[str]:
+        """Run ids starting with a prefix (people type the first few characters)."""
+        with self._read("looking up a run id") as c:
+            rows = c.execute("SELECT id FROM runs WHERE id >= ? AND id < ? ORDER BY id "
+                             "LIMIT ?", (prefix.upper(), prefix.upper() + "\uffff",
+                                         limit)).fetchall()
+        return [r[0] for r in rows]
 
     # ── plumbing ────────────────────────────────────────────────────────────
 
@@ -570,9 +631,7 @@ class Store:
 
 def new_run_id() -> str:
     """A new run id: a ULID (26 characters, sorts by creation time, millisecond prefix)."""
-    value = (time.time_ns() // 1_000_000) << 80 | secrets.randbits(80)
-    alphabet = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-    return "".join(alphabet[(value >> shift) & 31] for shift in range(125, -1, -5))
+    return new_id()
 
 
 def _state_error(path: Path, doing: str, e: sqlite3.Error) -> StateError:
