@@ -88,14 +88,15 @@ def _condition(path: tuple[str, ...], key: str, op: str, value: Any) -> Conditio
             try:
                 return Condition(path, op, value, re.compile(value))
             except re.error as e:
-                raise CriteriaError(f"bad regular expression {value!r}: {e}", where) from None
+                raise CriteriaError(f"bad regular expression `{value}`: {e}", where) from None
     elif op == "exists":
         if not isinstance(value, bool):
             raise CriteriaError("`exists` takes true or false", where)
     elif op in ("gt", "gte", "lt", "lte"):
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise CriteriaError(f"`{op}` compares with a number or a text, "
-                                f"not {type(value).__name__}", where)
+            kind = {list: "a list", dict: "a mapping", bool: "true or false"}.get(
+                type(value), "nothing (null)" if value is None else type(value).__name__)
+            raise CriteriaError(f"`{op}` compares with a number or a text, not {kind}", where)
     elif isinstance(value, Mapping) and op in ("eq", "ne"):
         pass  # comparing a whole object is allowed
     return Condition(path, op, value)

@@ -269,8 +269,8 @@ def _load(path: Path) -> tuple[Runbook | None, list[Problem]]:
     problems = Problems()
     if not isinstance(doc.data, Mapping):
         kind = "a list" if isinstance(doc.data, list) else "a single value"
-        return None, [Problem(str(path), 1, 1, f"the top level must be a mapping of keys "
-                              f"(name:, on:, steps:, …); found {kind}")]
+        return None, [Problem(str(path), *doc.mark(()), "the top level must be a mapping of "
+                              f"keys (name:, on:, steps:, …); found {kind}")]
     data = schema.RUNBOOK.check(doc.data, (), problems)
     # Checks across the runbook run even when parts are wrong, on the parts that are right,
     # so one pass reports everything.

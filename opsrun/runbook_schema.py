@@ -43,23 +43,57 @@ def _check_regex(text: str) -> str:
     try:
         re.compile(text)
     except re.error as e:
-        raise PositionedError(f"bad regular expression {text!r}: {e}",
+        raise PositionedError(f"bad regular expression `{text}`: {e}",
                               e.pos if e.pos is not None else -1) from None
     return text
 
 
+_CRON_FIELDS = (("minute", "0-59"), ("hour", "0-23"), ("day-of-month", "1-31"),
+                ("month", "1-12 or jan-dec"), ("day-of-week", "0-7 or sun-sat"))
+_CRON_SHORTHANDS = ("@hourly", "@daily", "@midnight", "@weekly", "@monthly", "@yearly",
+                    "@annually")
+
+
 def _check_cron(text: str) -> str:
+    from datetime import datetime, timezone
+
+    from croniter import CroniterBadDateError, croniter
+
     fields = text.split()
-    if not text.startswith("@") and len(fields) not in (5, 6):
+    if text.startswith("@"):
+        if text.strip() not in _CRON_SHORTHANDS:
+            raise ValueError(f"{text!r} is not a schedule opsrun knows; use 5 fields "
+                             f"(minute hour day month weekday) or one of "
+                             f"{', '.join(_CRON_SHORTHANDS)}")
+    elif len(fields) not in (5, 6):
         raise ValueError(f"{text!r} has {len(fields)} fields; a cron expression has 5 "
                          "(minute hour day month weekday), or 6 with seconds first")
+    try:
+        schedule = croniter(text, datetime(2000, 1, 1, tzinfo=timezone.utc),
+                            second_at_beginning=True)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{text!r} is not a valid cron expression: "
+                         f"{_cron_field_problem(fields) or e}") from None
+    try:
+        schedule.get_next(datetime)
+    except CroniterBadDateError:
+        raise ValueError(f"{text!r} never fires: no month has that day") from None
+    return text
+
+
+def _cron_field_problem(fields: list[str]) -> str:
+    """Which field of a refused cron expression is wrong, in words."""
     from croniter import croniter
 
-    try:
-        croniter(text, second_at_beginning=True)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{text!r} is not a valid cron expression: {e}") from None
-    return text
+    names = ((("second", "0-59"),) if len(fields) == 6 else ()) + _CRON_FIELDS
+    for i, (name, allowed) in enumerate(names):
+        probe = ["*"] * len(fields)
+        probe[i] = fields[i]
+        try:
+            croniter(" ".join(probe), second_at_beginning=True)
+        except (ValueError, KeyError, TypeError):
+            return f"the {name} field {fields[i]!r} is not valid; it allows {allowed}"
+    return ""
 
 
 def _check_timezone(text: str) -> str:
@@ -70,6 +104,11 @@ def _check_timezone(text: str) -> str:
     except (ZoneInfoNotFoundError, ValueError, OSError):
         from zoneinfo import available_timezones
 
+        if re.fullmatch(r"[A-Z]{3,5}", text):
+            # CEST, PST, IST…: abbreviations are ambiguous and change with daylight saving.
+            raise ValueError(f"unknown time zone {text!r}: abbreviations are ambiguous and "
+                             "change with daylight saving time; use the IANA name of a "
+                             "place, like Europe/Berlin or America/Los_Angeles") from None
         hint = did_you_mean(text, available_timezones())
         raise ValueError(f"unknown time zone {text!r}{hint}; use an IANA name like UTC, "
                          "Europe/Berlin or America/New_York") from None

@@ -211,6 +211,11 @@ def _syntax_error(e: Any, text: str) -> YamlError:
     mark = e.problem_mark or e.context_mark
     line, col = (mark.line + 1, mark.column + 1) if mark else (0, 0)
     problem = (e.problem or "").strip()
+    if e.context == "while scanning a quoted scalar" and e.context_mark is not None:
+        # Point at the opening quote, not at the end of the file where the scanner gave up.
+        start = e.context_mark
+        return YamlError("a quoted value starting here is never closed; add the closing "
+                         "quote", start.line + 1, start.column + 1)
     if mark and _tab_near(text, mark.line, mark.column):
         return YamlError("a tab character is used for indentation; YAML allows only spaces",
                          line, col)
