@@ -136,7 +136,7 @@ class _Verifier:
         line_no = 0
         # The hot loop keeps the chain in locals and compares each line with the header it
         # must start with; anything else goes to the careful (slow) path.
-        seq, digest_hex, before = self.seq, self.hash.encode(), self.before
+        seq, digest_hex, before = self.seq, self.hash.encode(), self.before.encode()
         expect = b'{"v":1,"seq":%d,"prev":"%s",' % (seq + 1, digest_hex)
         good = 0  # records accepted by the hot loop since the state was last saved
         last_line = self.last_line
@@ -152,7 +152,7 @@ class _Verifier:
                     self._slow(file, line_no, line, whole)
                 if self.problem:
                     return
-                seq, digest_hex, before = self.seq, self.hash.encode(), self.before
+                seq, digest_hex, before = self.seq, self.hash.encode(), self.before.encode()
                 last_line, last_no = self.last_line, line_no
                 expect = b'{"v":1,"seq":%d,"prev":"%s",' % (seq + 1, digest_hex)
                 continue
@@ -171,12 +171,11 @@ class _Verifier:
         if digest is not None and self.problem is None:
             self._save(file, number, digest.hexdigest(), start, first, line_no)
 
-    def _save_state(self, seq: int, digest_hex: bytes, before: str | bytes, good: int,
+    def _save_state(self, seq: int, digest_hex: bytes, before: bytes, good: int,
                     last_line: bytes, name: str, last_no: int) -> None:
         if not good:
             return
-        self.seq, self.hash = seq, digest_hex.decode()
-        self.before = before.decode() if isinstance(before, bytes) else before
+        self.seq, self.hash, self.before = seq, digest_hex.decode(), before.decode()
         self.records += good
         self.last_line, self.last_pos = last_line, _Pos(name, last_no)
 

@@ -127,13 +127,13 @@ audit_app = typer.Typer(
 app.add_typer(audit_app, name="audit")
 
 
-def _state_dir_opt() -> Any:
+def _audit_state_dir_opt() -> Any:
     return typer.Option(None, "--state-dir", envvar="OPSRUN_STATE_DIR", show_envvar=True,
                         help="State folder (default $STATE_DIRECTORY, else "
                              "$XDG_STATE_HOME/opsrun).")
 
 
-def _audit_log_opt() -> Any:
+def _audit_file_opt() -> Any:
     return typer.Option(None, "--audit-log", envvar="OPSRUN_AUDIT_LOG", show_envvar=True,
                         help="Audit log file (default: audit.jsonl in the state folder).")
 
@@ -141,8 +141,8 @@ def _audit_log_opt() -> Any:
 @audit_app.command("verify")
 def _audit_verify(
     ctx: typer.Context,
-    state_dir: Optional[str] = _state_dir_opt(),
-    audit_log: Optional[str] = _audit_log_opt(),
+    state_dir: Optional[str] = _audit_state_dir_opt(),
+    audit_log: Optional[str] = _audit_file_opt(),
     from_start: bool = typer.Option(
         False, "--from-start", help="Walk every record of every segment, even segments "
                                     "that verified before and whose digest is unchanged."),
@@ -161,8 +161,8 @@ def _audit_verify(
 @audit_app.command("show")
 def _audit_show(
     ctx: typer.Context,
-    state_dir: Optional[str] = _state_dir_opt(),
-    audit_log: Optional[str] = _audit_log_opt(),
+    state_dir: Optional[str] = _audit_state_dir_opt(),
+    audit_log: Optional[str] = _audit_file_opt(),
     run: Optional[str] = typer.Option(None, "--run", help="Only records of this run id."),
     runbook: Optional[str] = typer.Option(None, "--runbook", help="Only this runbook."),
     kind: Optional[str] = typer.Option(None, "--kind",
@@ -183,8 +183,8 @@ def _audit_show(
 @audit_app.command("tail")
 def _audit_tail(
     ctx: typer.Context,
-    state_dir: Optional[str] = _state_dir_opt(),
-    audit_log: Optional[str] = _audit_log_opt(),
+    state_dir: Optional[str] = _audit_state_dir_opt(),
+    audit_log: Optional[str] = _audit_file_opt(),
     follow: bool = typer.Option(False, "--follow", "-f",
                                 help="Keep printing new records until interrupted."),
     lines: int = typer.Option(10, "--lines", "-n", min=0, help="How many records to start with."),
@@ -199,8 +199,8 @@ def _audit_tail(
 @audit_app.command("head")
 def _audit_head(
     ctx: typer.Context,
-    state_dir: Optional[str] = _state_dir_opt(),
-    audit_log: Optional[str] = _audit_log_opt(),
+    state_dir: Optional[str] = _audit_state_dir_opt(),
+    audit_log: Optional[str] = _audit_file_opt(),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Print SEQ:HASH of the last record, to keep off this machine (git, ticket, syslog)."""

@@ -106,6 +106,7 @@ def tail(state_dir: str | None, audit_log: str | None, follow: bool, lines: int 
     log_path = _log_path(state_dir, audit_log)
     records = [r for r in (_record(x) for x in _last_lines(log_path, lines)) if r is not None]
     _print_records(records, as_json, header=True)
+    sys.stdout.flush()
     if follow:
         _follow(log_path, as_json, poll_s, stop or threading.Event())
     return int(exit_codes.OK)

@@ -1,0 +1,166 @@
+"""`opsrun audit …` through the real entry point, as a user runs it."""
+from __future__ import annotations
+
+import json
+import queue
+import re
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from opsrun.audit import AuditLog, line_hash
+from opsrun.store import Store
+from tests.helpers.cli import command, no_traceback, opsrun
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    folder = tmp_path / "state"
+    with Store.open(folder) as store:
+        log = AuditLog(folder / "audit.jsonl", store=store)
+        log.append("run.started", run_id="01AAA", runbook={"name": "web"}, trigger="manual")
+        for i in range(5):
+            log.append("step.finished", run_id="01AAA", runbook={"name": "web"}, step=f"s{i}",
+                       stdout=f"line {i}\x1b[2J\u202e")
+        log.append("run.started", run_id="01BBB", runbook={"name": "db"})
+    return folder
+
+
+def lines(path: Path) -> list[bytes]:
+    return path.read_bytes().split(b"\n")[:-1]
+
+
+def test_help_lists_the_audit_commands() -> None:
+    top = opsrun("--help")
+    assert top.returncode == 0 and "audit" in top.stdout
+    sub = opsrun("audit", "--help")
+    for name in ("verify", "show", "tail", "head"):
+        assert re.search(rf"^\s+{name}\s", sub.stdout, re.M), sub.stdout
+
+
+def test_verify_intact_log(state: Path) -> None:
+    r = opsrun("audit", "verify", "--state-dir", str(state))
+    assert r.returncode == 0, r.stderr
+    assert "verified" in r.stdout and "7 records" in r.stdout
+    assert "the state store's head (seq 7)" in r.stdout
+    js = opsrun("audit", "verify", "--json", env={"OPSRUN_STATE_DIR": str(state)})
+    data = json.loads(js.stdout)
+    assert js.returncode == 0 and data["ok"] is True and data["records"] == 7
+    assert data["v"] == 1 and data["problem"] is None
+
+
+def test_verify_reports_tampering_with_exit_1(state: Path) -> None:
+    path = state / "audit.jsonl"
+    raw = lines(path)
+    raw[2] = raw[2].replace(b'"step":"s1"', b'"step":"s9"')
+    path.write_bytes(b"".join(x + b"\n" for x in raw))
+    r = opsrun("audit", "verify", "--state-dir", str(state))
+    assert r.returncode == 1 and no_traceback(r)
+    assert "TAMPERING (altered)" in r.stdout and f"{path}:3 (seq 3)" in r.stdout
+    js = json.loads(opsrun("audit", "verify", "--state-dir", str(state), "--json").stdout)
+    assert js["ok"] is False and js["problem"]["line"] == 3 and js["problem"]["seq"] == 3
+    assert js["problem"]["reason"] == "altered" and js["records"] == 2
+
+
+def test_verify_tail_cut_against_the_store(state: Path) -> None:
+    path = state / "audit.jsonl"
+    path.write_bytes(b"".join(x + b"\n" for x in lines(path)[:-2]))
+    r = opsrun("audit", "verify", "--state-dir", str(state))
+    assert r.returncode == 1 and "the last 2 record(s) were removed" in r.stdout
+
+
+def test_incomplete_last_record_is_a_warning(state: Path) -> None:
+    with open(state / "audit.jsonl", "ab") as f:
+        f.write(b'{"v":1,"seq":8,"prev":"')
+    r = opsrun("audit", "verify", "--state-dir", str(state))
+    assert r.returncode == 0 and "warning: incomplete last record at line 8" in r.stdout
+
+
+def test_head_and_verify_against_it(state: Path) -> None:
+    r = opsrun("audit", "head", "--state-dir", str(state))
+    assert r.returncode == 0
+    head = r.stdout.strip()
+    assert head == f"7:{line_hash(lines(state / 'audit.jsonl')[-1])}"
+    js = json.loads(opsrun("audit", "head", "--state-dir", str(state), "--json").stdout)
+    assert js["head"] == head and js["seq"] == 7
+    ok = opsrun("audit", "verify", "--state-dir", str(state), "--head", head)
+    assert ok.returncode == 0 and "the given --head (seq 7)" in ok.stdout
+    other = opsrun("audit", "verify", "--state-dir", str(state), "--head", "7:" + "0" * 64)
+    assert other.returncode == 1
+    beyond = opsrun("audit", "verify", "--state-dir", str(state), "--head", "9:" + "0" * 64)
+    assert beyond.returncode == 1 and "removed" in beyond.stdout
+
+
+def test_bad_head_is_a_usage_error(state: Path) -> None:
+    r = opsrun("audit", "verify", "--state-dir", str(state), "--head", "7:abc")
+    assert r.returncode == 2 and "is not SEQ:HASH" in r.stderr and no_traceback(r)
+
+
+def test_head_of_an_empty_log(tmp_path: Path) -> None:
+    r = opsrun("audit", "head", "--state-dir", str(tmp_path))
+    assert r.returncode == 1 and "has no records yet" in r.stderr and no_traceback(r)
+
+
+def test_verify_without_a_state_store_says_what_it_cannot_check(tmp_path: Path) -> None:
+    AuditLog(tmp_path / "ops.jsonl").append("a.b")
+    r = opsrun("audit", "verify", "--state-dir", str(tmp_path / "none"), "--audit-log",
+               str(tmp_path / "ops.jsonl"))
+    assert r.returncode == 0 and "no state store" in r.stdout
+
+
+def test_show_table_filters_and_escapes(state: Path) -> None:
+    r = opsrun("audit", "show", "--state-dir", str(state))
+    assert r.returncode == 0
+    rows = r.stdout.splitlines()
+    assert rows[0].split()[:4] == ["SEQ", "TIME", "KIND", "RUN"] and len(rows) == 8
+    assert "\x1b" not in r.stdout and "\u202e" not in r.stdout
+    assert "line 0\\x1b[2J\\u202e" in r.stdout
+    kinds = opsrun("audit", "show", "--state-dir", str(state), "--kind", "step.*", "--limit",
+                   "2")
+    assert [x.split()[0] for x in kinds.stdout.splitlines()[1:]] == ["5", "6"]
+    run = opsrun("audit", "show", "--state-dir", str(state), "--run", "01BBB", "--json")
+    assert [json.loads(x)["seq"] for x in run.stdout.splitlines()] == [7]
+    book = opsrun("audit", "show", "--state-dir", str(state), "--runbook", "web", "--json")
+    assert len(book.stdout.splitlines()) == 6
+    recent = opsrun("audit", "show", "--state-dir", str(state), "--since", "1h", "--json")
+    assert len(recent.stdout.splitlines()) == 7
+    future = opsrun("audit", "show", "--state-dir", str(state), "--since", "2999-01-01")
+    assert future.returncode == 0 and future.stdout == ""
+
+
+def test_show_bad_since_is_a_usage_error(state: Path) -> None:
+    r = opsrun("audit", "show", "--state-dir", str(state), "--since", "last tuesday")
+    assert r.returncode == 2 and "--since" in r.stderr and no_traceback(r)
+
+
+def test_tail_prints_the_last_records(state: Path) -> None:
+    r = opsrun("audit", "tail", "--state-dir", str(state), "-n", "2", "--json")
+    assert [json.loads(x)["seq"] for x in r.stdout.splitlines()] == [6, 7]
+
+
+def test_tail_follows_across_a_rotation(state: Path) -> None:
+    proc = subprocess.Popen(command("audit", "tail", "-f", "-n", "1", "--json", "--state-dir",
+                                    str(state)), stdout=subprocess.PIPE, text=True)
+    seen: queue.Queue[int] = queue.Queue()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            seen.put(json.loads(line)["seq"])
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert seen.get(timeout=30) == 7  # the existing last record
+        with Store.open(state) as store:
+            log = AuditLog(state / "audit.jsonl", store=store, max_segment_bytes=2500)
+            for i in range(12):  # enough to start new segments while tail watches
+                log.append("step.finished", n=i)
+        assert list(state.glob("audit-*.jsonl"))
+        got = [seen.get(timeout=30) for _ in range(12 + len(list(state.glob("audit-*.jsonl"))))]
+        assert got == list(range(8, 8 + len(got)))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
