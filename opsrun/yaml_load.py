@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Union
 
@@ -119,8 +120,9 @@ _INF = re.compile(r"^[-+]?\.(?:inf|Inf|INF)$")
 _NAN = re.compile(r"^\.(?:nan|NaN|NAN)$")
 
 _STR_TAG = "tag:yaml.org,2002:str"
+_PLAIN_TAG = "tag:opsrun,2024:plain"  # a plain scalar that YAML 1.1 would read as text
 _ALLOWED_TAGS = {
-    _STR_TAG, "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool",
+    _STR_TAG, _PLAIN_TAG, "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool",
     "tag:yaml.org,2002:null", "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq",
     "tag:yaml.org,2002:merge", "tag:yaml.org,2002:timestamp",
 }
@@ -171,9 +173,8 @@ def load_text(text: str) -> Document:
 
     if not text.strip() or all(_is_comment_or_blank(ln) for ln in text.splitlines()):
         raise YamlError("the file is empty; a runbook needs at least a `steps:` list")
-    loader_cls = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        nodes = list(yaml.compose_all(text, Loader=loader_cls))
+        nodes = list(yaml.compose_all(text, Loader=_loader()))
     except yaml.MarkedYAMLError as e:
         raise _syntax_error(e, text) from None
     except yaml.YAMLError as e:
@@ -191,6 +192,24 @@ def load_text(text: str) -> Document:
     doc = Document(data=None, text=text)
     doc.data = _Builder(doc).build(nodes[0], (), 0)
     return doc
+
+
+@lru_cache(maxsize=1)
+def _loader() -> Any:
+    """PyYAML's safe loader (the C one when built), telling apart plain scalars that YAML 1.1
+    reads as text from an explicit `!!str`: `0o10` and `1e3` are numbers in YAML 1.2."""
+    import yaml
+
+    base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+    class _Loader(base):  # type: ignore[misc, valid-type]
+        def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
+            tag = super().resolve(kind, value, implicit)
+            if kind is yaml.ScalarNode and implicit[0] and tag == _STR_TAG:
+                return _PLAIN_TAG
+            return tag
+
+    return _Loader
 
 
 def _get(data: Any, path: Path_) -> Any:
