@@ -209,6 +209,161 @@ def _audit_head(
     _finish(ctx, lambda: commands_audit.head(state_dir, audit_log, as_json))
 
 
+# ── runs: run, runs, logs ───────────────────────────────────────────────────
+
+def _state_dir_opt() -> Any:
+    return typer.Option(None, "--state-dir", envvar="OPSRUN_STATE_DIR", show_envvar=True,
+                        help="State folder (default $STATE_DIRECTORY or "
+                             "~/.local/state/opsrun).")
+
+
+def _audit_log_opt() -> Any:
+    return typer.Option(None, "--audit-log", help="Audit log file (default: audit.jsonl in "
+                                                  "the state folder).")
+
+
+@app.command("run")
+def _run(
+    ctx: typer.Context,
+    runbook: str = typer.Argument(..., help="Runbook name or file path."),
+    param: Optional[list[str]] = typer.Option(None, "--param", "-p", metavar="NAME=VALUE",
+                                              help="A param value (repeatable)."),
+    event: Optional[str] = typer.Option(None, "--event", metavar="JSON|@FILE|-",
+                                        help="The event the run sees (default: a manual "
+                                             "event)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show every step rendered; run "
+                                                          "nothing."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Answer every confirmation yes "
+                                                        "(recorded as given by you)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document with the "
+                                                       "run and every step result."),
+    runbooks: Optional[Path] = _runbooks_opt(),
+    state_dir: Optional[str] = _state_dir_opt(),
+    audit_log: Optional[str] = _audit_log_opt(),
+    secrets_file: Optional[str] = typer.Option(None, "--secrets-file",
+                                               envvar="OPSRUN_SECRETS_FILE",
+                                               help="NAME=value file of secrets (mode 0600)."),
+) -> None:
+    """Run a runbook now, step by step."""
+    from opsrun import paths as paths_mod
+    from opsrun.commands import run
+
+    folder = paths_mod.runbooks_dir_from_env(runbooks)
+    _finish(ctx, lambda: run.main(runbook, folder, param_args=param or [], event_arg=event,
+                                  dry_run=dry_run, yes=yes, as_json=as_json,
+                                  state_dir=state_dir, audit_log=audit_log,
+                                  secrets_file=secrets_file))
+
+
+@app.command("runs")
+def _runs(
+    ctx: typer.Context,
+    runbook: Optional[str] = typer.Option(None, "--runbook", help="Only runs of this runbook."),
+    state: Optional[str] = typer.Option(None, "--state", help="Only runs in this state "
+                                        "(running, waiting, succeeded, failed, …)."),
+    limit: int = typer.Option(20, "--limit", "-n", min=1, help="How many runs."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    state_dir: Optional[str] = _state_dir_opt(),
+) -> None:
+    """List recent runs, newest first."""
+    from opsrun.commands import runs
+
+    _finish(ctx, lambda: runs.list_runs(state_dir, runbook=runbook, state=state, limit=limit,
+                                        as_json=as_json))
+
+
+@app.command("logs")
+def _logs(
+    ctx: typer.Context,
+    run_id: str = typer.Argument(..., help="Run id (or its first characters)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    state_dir: Optional[str] = _state_dir_opt(),
+) -> None:
+    """Show a run's steps and the output they printed."""
+    from opsrun.commands import runs
+
+    _finish(ctx, lambda: runs.logs(state_dir, run_id, as_json=as_json))
+
+
+@app.command("resume")
+def _resume(
+    ctx: typer.Context,
+    run_id: str = typer.Argument(..., help="Run id (or its first characters)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Answer the remaining confirmations "
+                                                        "yes."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run result as JSON."),
+    state_dir: Optional[str] = _state_dir_opt(),
+    audit_log: Optional[str] = _audit_log_opt(),
+    secrets_file: Optional[str] = typer.Option(None, "--secrets-file",
+                                               envvar="OPSRUN_SECRETS_FILE",
+                                               help="NAME=value file of secrets (mode 0600)."),
+) -> None:
+    """Pick up a waiting or interrupted run at the step where it stopped."""
+    from opsrun.commands import runs
+
+    _finish(ctx, lambda: runs.resume_run(state_dir, audit_log, run_id, yes=yes,
+                                         as_json=as_json, secrets_file=secrets_file))
+
+
+@app.command("cancel")
+def _cancel(
+    ctx: typer.Context,
+    run_id: str = typer.Argument(..., help="Run id (or its first characters)."),
+    state_dir: Optional[str] = _state_dir_opt(),
+    audit_log: Optional[str] = _audit_log_opt(),
+) -> None:
+    """Cancel a run that is running, waiting or interrupted."""
+    from opsrun.commands import runs
+
+    _finish(ctx, lambda: runs.cancel_run(state_dir, audit_log, run_id))
+
+
+# ── approvals: pending, approve, deny ───────────────────────────────────────
+
+@app.command("pending")
+def _pending(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    state_dir: Optional[str] = _state_dir_opt(),
+) -> None:
+    """List the runs waiting for an answer."""
+    from opsrun.commands import approvals
+
+    _finish(ctx, lambda: approvals.pending(state_dir, as_json=as_json))
+
+
+def _answer(ctx: typer.Context, run_id: str, comment: Optional[str], state_dir: Optional[str],
+            audit_log: Optional[str], approve: bool) -> None:
+    from opsrun.commands import approvals
+
+    _finish(ctx, lambda: approvals.answer(state_dir, audit_log, run_id, approve=approve,
+                                          comment=comment))
+
+
+@app.command("approve")
+def _approve(
+    ctx: typer.Context,
+    run_id: str = typer.Argument(..., help="Run id (or its first characters)."),
+    comment: Optional[str] = typer.Option(None, "--comment", "-m", help="Why (recorded)."),
+    state_dir: Optional[str] = _state_dir_opt(),
+    audit_log: Optional[str] = _audit_log_opt(),
+) -> None:
+    """Approve the step a run waits on, as yourself."""
+    _answer(ctx, run_id, comment, state_dir, audit_log, True)
+
+
+@app.command("deny")
+def _deny(
+    ctx: typer.Context,
+    run_id: str = typer.Argument(..., help="Run id (or its first characters)."),
+    comment: Optional[str] = typer.Option(None, "--comment", "-m", help="Why (recorded)."),
+    state_dir: Optional[str] = _state_dir_opt(),
+    audit_log: Optional[str] = _audit_log_opt(),
+) -> None:
+    """Deny the step a run waits on, as yourself."""
+    _answer(ctx, run_id, comment, state_dir, audit_log, False)
+
+
 # ── shell completion ────────────────────────────────────────────────────────
 
 @app.command("completion")

@@ -60,3 +60,191 @@ def heading(text: str) -> str:
 def error_line(text: str) -> str:
     """An error line: red on a colour terminal."""
     return f"\x1b[31m{text}\x1b[0m" if use_color() else text
+
+
+# ── live run reports ────────────────────────────────────────────────────────
+
+_MARKS = {"success": "✓", "failure": "✗", "skipped": "–", "denied": "✗", "timed_out": "⏱",
+          "cancelled": "✗"}
+_PLAIN_MARKS = {"success": "ok", "failure": "FAILED", "skipped": "skipped",
+                "denied": "DENIED", "timed_out": "TIMED OUT", "cancelled": "cancelled"}
+
+
+def _dur(seconds: float) -> str:
+    from opsrun.durations import format_duration
+
+    return format_duration(seconds)
+
+
+class _LineBuffer:
+    """Holds partial lines per (step, stream, host) so prefixes land on whole lines."""
+
+    def __init__(self) -> None:
+        self.partial: dict[tuple[str, str, str | None], str] = {}
+
+    def feed(self, key: tuple[str, str, str | None], text: str) -> list[str]:
+        text = self.partial.pop(key, "") + text
+        lines = text.split("\n")
+        if lines[-1]:
+            self.partial[key] = lines[-1]
+        return lines[:-1]
+
+    def flush(self, step_id: str) -> list[tuple[tuple[str, str, str | None], str]]:
+        keys = [k for k in self.partial if k[0] == step_id]
+        return [(k, self.partial.pop(k)) for k in keys]
+
+
+class PlainReporter:
+    """Plain prefixed lines: for pipes, logs, cron mail and NO_COLOR."""
+
+    def __init__(self, stream: IO[str] | None = None, *, show_output: bool = True) -> None:
+        self.out = stream or sys.stdout
+        self.lines = _LineBuffer()
+        self.show_output = show_output
+
+    def _print(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def transition(self, kind: str, data: dict[str, Any]) -> None:
+        sid = data.get("step_id", "")
+        if kind == "run.started":
+            resumed = f", resumed at step {data['resume_at'] + 1}" if data.get("resume_at") else ""
+            self._print(f"run {data['run_id']} of {data['runbook'].name} started{resumed}")
+        elif kind == "step.started":
+            attempt = f" (attempt {data['attempt']} of {data['attempts']})" \
+                if data["attempt"] > 1 else ""
+            self._print(f"[{sid}] {safe(data['step_name'], keep_newlines=False)}{attempt}")
+        elif kind == "step.finished":
+            self._flush(sid)
+            self._print(f"[{sid}] {self._finished(data)}")
+        elif kind == "step.skipped":
+            self._print(f"[{sid}] skipped (if: {safe(str(data['condition']), keep_newlines=False)})")
+        elif kind in ("confirm.answered", "confirm.resumed"):
+            verdict = "approved" if data["approved"] else "denied"
+            self._print(f"[{sid}] {verdict} by {data['answered_by']} ({data['how']})"
+                        + (f": {safe(data['comment'])}" if data.get("comment") else ""))
+        elif kind == "run.finished":
+            err = f": {safe(data['error'])}" if data.get("error") and data["state"] != "succeeded" \
+                else ""
+            self._print(f"run {data['run_id']} {data['state']} in "
+                        f"{_dur(data['duration'])}{err}")
+
+    def _finished(self, data: dict[str, Any]) -> str:
+        outcome = data["outcome"]
+        text = f"{_PLAIN_MARKS.get(outcome, outcome)} in {_dur(data['duration'])}"
+        if outcome not in ("success", "skipped") and data.get("exit_code") is not None:
+            text += f", exit code {data['exit_code']}"
+        if data.get("error"):
+            text += f": {safe(data['error'], keep_newlines=False)}"
+        return text
+
+    def output(self, step_id: str, stream: str, text: str, host: str | None) -> None:
+        if not self.show_output:
+            return
+        for line in self.lines.feed((step_id, stream, host), text):
+            self._line(step_id, stream, host, line)
+
+    def _line(self, step_id: str, stream: str, host: str | None, line: str) -> None:
+        mark = "|" if stream == "stdout" else "!"
+        who = f"{step_id}@{host}" if host else step_id
+        self._print(f"{who} {mark} {safe(line, keep_newlines=False)}")
+
+    def _flush(self, step_id: str) -> None:
+        for (sid, stream, host), line in self.lines.flush(step_id):
+            self._line(sid, stream, host, line)
+
+
+class RichReporter(PlainReporter):
+    """A live view for a terminal: a spinner on the running step, output beneath, a summary."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from rich.console import Console
+
+        self.console = Console(highlight=False, soft_wrap=True)
+        self.status: Any = None
+        self.finished: list[tuple[str, str, str]] = []
+
+    def _print(self, text: str) -> None:
+        self.console.print(text, markup=False)
+
+    def transition(self, kind: str, data: dict[str, Any]) -> None:
+        sid = data.get("step_id", "")
+        if kind == "run.started":
+            self.console.print(f"[bold]{data['runbook'].name}[/] [dim]run {data['run_id']}[/]")
+        elif kind == "step.started":
+            self._stop_status()
+            attempt = f" (attempt {data['attempt']}/{data['attempts']})" if data["attempt"] > 1 \
+                else ""
+            title = safe(data["step_name"], keep_newlines=False)
+            self.status = self.console.status(f"{_esc(title)}{attempt}", spinner="dots")
+            self.status.start()
+        elif kind == "step.finished":
+            self._flush(sid)
+            self._stop_status()
+            self._done(sid, data["step_name"], data["outcome"], self._finished(data))
+        elif kind == "step.skipped":
+            self._done(sid, data["step_name"], "skipped",
+                       f"skipped (if: {safe(str(data['condition']), keep_newlines=False)})")
+        elif kind in ("confirm.answered", "confirm.resumed", "confirm.asked"):
+            self._stop_status()
+            super().transition(kind, data)
+        elif kind == "run.finished":
+            self._stop_status()
+            self._summary(data)
+
+    def _done(self, sid: str, name: str, outcome: str, text: str) -> None:
+        color = {"success": "green", "skipped": "dim"}.get(outcome, "red")
+        mark = _MARKS.get(outcome, "?")
+        self.console.print(f"[{color}]{mark}[/] {_esc(safe(name, keep_newlines=False))} "
+                           f"[dim]{_esc(text)}[/]")
+        self.finished.append((sid, outcome, text))
+
+    def _line(self, step_id: str, stream: str, host: str | None, line: str) -> None:
+        who = f"{host} " if host else ""
+        style = "" if stream == "stdout" else "yellow"
+        self.console.print(f"  [dim]{_esc(who)}│[/] [{style}]{_esc(safe(line, keep_newlines=False))}"
+                           f"[/{style}]" if style else
+                           f"  [dim]{_esc(who)}│[/] {_esc(safe(line, keep_newlines=False))}")
+
+    def _stop_status(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+
+    def _summary(self, data: dict[str, Any]) -> None:
+        from rich.table import Table
+
+        table = Table(show_header=True, header_style="bold", show_edge=False, box=None)
+        for col in ("step", "outcome", ""):
+            table.add_column(col)
+        for sid, outcome, text in self.finished:
+            table.add_row(sid, outcome, text)
+        self.console.print()
+        self.console.print(table)
+        color = "green" if data["state"] == "succeeded" else "red"
+        err = f": {_esc(safe(data['error']))}" if data.get("error") and \
+            data["state"] != "succeeded" else ""
+        self.console.print(f"[{color} bold]{data['state']}[/] in {_dur(data['duration'])}{err}")
+
+
+def _esc(text: str) -> str:
+    from rich.markup import escape
+
+    return str(escape(text))
+
+
+def reporter(as_json: bool) -> Any:
+    """The right live view for where stdout goes: rich, plain lines, or silent for --json."""
+    if as_json:
+        return PlainReporter(sys.stderr, show_output=False) if sys.stderr.isatty() else _Silent()
+    return RichReporter() if use_color() else PlainReporter()
+
+
+class _Silent:
+    def transition(self, kind: str, data: dict[str, Any]) -> None:
+        pass
+
+    def output(self, step_id: str, stream: str, text: str, host: str | None) -> None:
+        pass

@@ -18,7 +18,7 @@ from opsrun.criteria import Criteria, parse_where
 from opsrun.errors import Problem, RunbookInvalid, UsageError
 from opsrun.params import Param
 from opsrun.schema_checks import INVALID, PathT, Problems, show_path
-from opsrun.yaml_load import Document, YamlError, load_file
+from opsrun.yaml_load import Document, YamlError, load_bytes, read_limited
 
 INVENTORY_NAMES = ("inventory.yaml", "inventory.yml")
 COMMON_EVENT_FIELDS = ("source", "id", "time")
@@ -141,6 +141,7 @@ class Runbook:
     timeout_s: float | None = None
     on_failure: tuple[Step, ...] = ()
     on_denied: tuple[Step, ...] = ()
+    source: bytes = field(default=b"", repr=False, compare=False)  # the file's bytes
 
     def all_steps(self) -> Iterable[Step]:
         yield from self.steps
@@ -258,10 +259,19 @@ def find_runbook(ref: str, folder: Path) -> Runbook:
                      "`opsrun list` shows them all")
 
 
-def _load(path: Path) -> tuple[Runbook | None, list[Problem]]:
+def load_runbook_bytes(raw: bytes, path: Path) -> Runbook:
+    """A runbook from the bytes of its file (as kept by the state store for a resumed run)."""
+    runbook, problems = _load(path, raw)
+    if problems or runbook is None:
+        raise RunbookInvalid(problems)
+    return runbook
+
+
+def _load(path: Path, raw: bytes | None = None) -> tuple[Runbook | None, list[Problem]]:
     try:
-        doc = load_file(path)
-        raw = path.read_bytes()
+        if raw is None:
+            raw = read_limited(path)
+        doc = load_bytes(raw)
     except YamlError as e:
         return None, [Problem(str(path), e.line, e.col, e.message)]
     except OSError as e:
@@ -277,7 +287,7 @@ def _load(path: Path) -> tuple[Runbook | None, list[Problem]]:
     _check_whole(data if data is not INVALID else _partial_view(doc.data), problems)
     if problems:
         return None, _to_problems(problems, doc, path)
-    return _build(data, path, hashlib.sha256(raw).hexdigest()), []
+    return _build(data, path, raw), []
 
 
 def _to_problems(problems: Problems, doc: Document, path: Path) -> list[Problem]:
@@ -498,7 +508,7 @@ def _check_ref(ref: expressions.Ref, path: PathT, offset: int, scope: _Scope,
 
 # ── building the immutable model ───────────────────────────────────────────
 
-def _build(data: dict[str, Any], path: Path, sha256: str) -> Runbook:
+def _build(data: dict[str, Any], path: Path, raw: bytes) -> Runbook:
     params = {name: Param(name=name, type=p["type"], description=p["description"],
                           default=p["default"], required=p["required"], pattern=p["pattern"],
                           choices=tuple(p["choices"]))
@@ -507,7 +517,8 @@ def _build(data: dict[str, Any], path: Path, sha256: str) -> Runbook:
     return Runbook(
         name=data["name"] or path.stem,
         path=path,
-        sha256=sha256,
+        sha256=hashlib.sha256(raw).hexdigest(),
+        source=raw,
         description=data["description"],
         triggers=_build_triggers(data["on"]),
         params=params,

@@ -99,6 +99,10 @@ def plan(text: str) -> ShellPlan:
     return ShellPlan(tuple(out))
 
 
+class Unknown:
+    """A value that cannot be known yet, returned by an evaluate function in a dry run."""
+
+
 def render(shell_plan: ShellPlan, evaluate: Callable[[Expr], Any]) -> RenderedScript:
     """Evaluate each slot and build the script, its variables, and the display form."""
     script: list[str] = []
@@ -109,7 +113,13 @@ def render(shell_plan: ShellPlan, evaluate: Callable[[Expr], Any]) -> RenderedSc
             script.append(part)
             display.append(part)
             continue
-        value = expressions.to_text(evaluate(part.expr))
+        raw = evaluate(part.expr)
+        if isinstance(raw, Unknown):
+            # Not known yet (a dry run before the steps it reads): show it as written.
+            display.append(f"${{{{ {part.expr.source} }}}}")
+            script.append(f"${{{{ {part.expr.source} }}}}")
+            continue
+        value = expressions.to_text(raw)
         check_value(value, part.expr.source)
         name = f"{VAR_PREFIX}{len(env) + 1}"
         env[name] = value

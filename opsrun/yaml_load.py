@@ -130,6 +130,11 @@ _ALLOWED_TAGS = {
 
 def load_file(path: Path) -> Document:
     """Read and load one YAML file, refusing files that are too big, binary or not UTF-8."""
+    return load_bytes(read_limited(path))
+
+
+def read_limited(path: Path) -> bytes:
+    """A file's bytes, refusing files over the size limit before reading them."""
     try:
         size = path.stat().st_size
     except OSError as e:
@@ -138,10 +143,11 @@ def load_file(path: Path) -> Document:
         raise YamlError(f"the file is {size:,} bytes; runbooks are limited to "
                         f"{MAX_FILE_BYTES:,} bytes (1 MiB) — split it into several runbooks")
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)  # a file growing while read is still bounded
     except OSError as e:
         raise YamlError(f"cannot read the file: {e.strerror}") from e
-    return load_bytes(raw)
+    return raw
 
 
 def load_bytes(raw: bytes) -> Document:

@@ -1,0 +1,167 @@
+"""Questions that wait for a person: who may answer, answering, and waiting for the answer.
+
+Exactly one answer wins (the store updates only an unanswered question). The answerer's
+identity comes from the operating system: the uid of the process that answers, or of the
+peer on the daemon's socket — never from an argument.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from opsrun.audit import AuditLog
+from opsrun.errors import OpsrunError, UsageError
+from opsrun.identity import Identity
+from opsrun.runbook import Approvers
+from opsrun.store import ApprovalRecord, Store
+
+POLL_S = 0.2
+
+
+class AnswerRefused(OpsrunError):
+    """The answer was not accepted: not an approver, already answered, or nothing waits."""
+
+
+def approvers_record(a: Approvers) -> dict[str, Any]:
+    return {"users": list(a.users), "groups": list(a.groups), "not_starter": a.not_starter}
+
+
+def describe_approvers(rec: dict[str, Any] | list[Any]) -> str:
+    """`alice, group:ops (not the starter)` or `anyone`."""
+    if isinstance(rec, list):  # an old-style row: plain names
+        return ", ".join(rec) or "anyone"
+    names = list(rec.get("users", [])) + [f"group:{g}" for g in rec.get("groups", [])]
+    text = ", ".join(names) or "anyone"
+    return text + (" (not the user who started the run)" if rec.get("not_starter") else "")
+
+
+def refusal(rec: dict[str, Any] | list[Any], who: Identity, starter: str | None) -> str | None:
+    """Why `who` may not answer, or None if they may."""
+    if isinstance(rec, list):
+        rec = {"users": rec, "groups": [], "not_starter": False}
+    if rec.get("not_starter") and starter is not None and who.user == starter:
+        return (f"{who.user} started this run, and this step needs someone else to answer "
+                "(not_starter)")
+    users, groups = set(rec.get("users", [])), set(rec.get("groups", []))
+    if not users and not groups:
+        return None
+    if who.user in users or groups & set(who.groups):
+        return None
+    return f"only {describe_approvers(rec)} may answer; {who.user} is not among them"
+
+
+def resolve_run_id(store: Store, ref: str) -> str:
+    """A full run id from the id or an unambiguous prefix of it."""
+    if store.get_run(ref) is not None:
+        return ref
+    found = store.find_run_ids(ref) if len(ref) >= 4 else []
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise UsageError(f"no run {ref!r}; `opsrun pending` lists runs waiting for an answer")
+    raise UsageError(f"{ref!r} matches several runs ({', '.join(found)}); give more of the id")
+
+
+def give_answer(store: Store, audit: AuditLog, run_ref: str, *, approve: bool, who: Identity,
+                comment: str | None, how: str = "command") -> ApprovalRecord:
+    """Answer the question a run waits on, as `who`; raise AnswerRefused when not accepted."""
+    run_id = resolve_run_id(store, run_ref)
+    pending = store.pending_approvals(run_id)
+    if not pending:
+        raise AnswerRefused(_nothing_waits(store, run_id))
+    q = pending[0]
+    reason = refusal(q.approvers, who, q.starter)
+    run = store.get_run(run_id)
+    runbook = {"name": run.runbook, "path": run.runbook_path, "sha256": run.runbook_sha256} \
+        if run else None
+    if reason:
+        audit.append("confirm.refused", run_id=run_id, runbook=runbook, step_id=q.step_id,
+                     answerer=who.as_record(), approved=approve, reason=reason)
+        raise AnswerRefused(f"answer refused: {reason}; the run keeps waiting")
+    answer = "approved" if approve else "denied"
+    if not store.answer_approval(run_id, answer, answered_by=who.user, answered_uid=who.uid,
+                                 how=how, step_id=q.step_id, comment=comment):
+        raise AnswerRefused(_nothing_waits(store, run_id))
+    try:
+        audit.append("confirm.answered", run_id=run_id, runbook=runbook, step_id=q.step_id,
+                     approved=approve, answered_by=who.user, answered_uid=who.uid, how=how,
+                     comment=comment,
+                     question=q.question, **({"sudo_user": who.sudo_user} if who.sudo_user
+                                             else {}))
+    except OpsrunError:
+        store.unanswer_approval(q.id)  # an answer that is not on record does not count
+        raise
+    latest = store.latest_approval(run_id, q.step_id)
+    assert latest is not None
+    return latest
+
+
+def _nothing_waits(store: Store, run_id: str) -> str:
+    run = store.get_run(run_id)
+    answered = [a for a in store.approvals_of(run_id) if a.answer is not None]
+    if answered:
+        a = answered[-1]
+        when = a.answered_at.strftime("%Y-%m-%d %H:%M:%S UTC") if a.answered_at else "?"
+        return (f"run {run_id} was already answered: {a.answer} by {a.answered_by} "
+                f"({a.how}) at {when}")
+    state = run.state if run else "unknown"
+    return f"run {run_id} is not waiting for an answer (it is {state})"
+
+
+@dataclass
+class Waiter:
+    """Waits for the answer to a question, until its deadline; the deadline answers itself."""
+
+    store: Store
+    audit: AuditLog
+    notify: Callable[[str], None] = lambda text: None
+    poll_s: float = POLL_S
+
+    def ask(self, run_id: str, step_id: str, question: str, approvers: Approvers,
+            starter: str, timeout_s: float | None) -> ApprovalRecord:
+        """The question for this step: the one already asked (a resumed run), or a new one."""
+        latest = self.store.latest_approval(run_id, step_id)
+        if latest is not None:
+            return latest
+        deadline = None if timeout_s is None else \
+            datetime.now(timezone.utc) + timedelta(seconds=timeout_s)
+        return self.store.create_approval(run_id, step_id, question,
+                                          approvers=approvers_record(approvers),
+                                          starter=starter, deadline=deadline)
+
+    def wait(self, q: ApprovalRecord, on_timeout: str, cancel: threading.Event,
+             runbook: dict[str, Any] | None) -> ApprovalRecord | None:
+        """Block until answered or the deadline; None if cancelled first."""
+        last_note = 0.0
+        while True:
+            current = self.store.latest_approval(q.run_id, q.step_id)
+            if current is not None and current.answer is not None:
+                return current
+            now = datetime.now(timezone.utc)
+            if q.deadline is not None and now >= q.deadline:
+                self.expire(q, on_timeout, runbook)
+                continue
+            if time.monotonic() - last_note >= 60 and q.deadline is not None:
+                self.notify(f"waiting for an answer; {_left(q.deadline - now)} left")
+                last_note = time.monotonic()
+            if cancel.wait(self.poll_s):
+                return None
+
+    def expire(self, q: ApprovalRecord, on_timeout: str, runbook: dict[str, Any] | None) -> None:
+        """Answer a question whose deadline passed with its on_timeout answer."""
+        answer = "approved" if on_timeout == "approve" else "denied"
+        if self.store.answer_approval(q.run_id, answer, answered_by="(timeout)",
+                                      answered_uid=None, how="timeout", step_id=q.step_id):
+            self.audit.append("confirm.answered", run_id=q.run_id, runbook=runbook,
+                              step_id=q.step_id, approved=answer == "approved",
+                              answered_by="(timeout)", how="timeout", question=q.question)
+
+
+def _left(delta: timedelta) -> str:
+    from opsrun.durations import format_duration
+
+    return format_duration(max(0.0, delta.total_seconds()))

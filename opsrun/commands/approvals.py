@@ -1,0 +1,56 @@
+"""opsrun pending / approve / deny: answer runs that wait for a person, from any terminal."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from opsrun import identity, output
+from opsrun.approvals import describe_approvers, give_answer
+from opsrun.commands.runs import _store
+from opsrun.durations import format_duration
+from opsrun.run_setup import open_run_context
+
+
+def pending(state_dir: str | None, *, as_json: bool) -> int:
+    """What waits for an answer: runbook, step, question, who may answer, time left."""
+    with _store(state_dir) as store:
+        rows = []
+        for q in store.pending_approvals():
+            run = store.get_run(q.run_id)
+            rows.append((q, run.runbook if run else "?"))
+    now = datetime.now(timezone.utc)
+
+    def left(q: object) -> float | None:
+        deadline = getattr(q, "deadline")
+        return None if deadline is None else (deadline - now).total_seconds()
+
+    if as_json:
+        output.print_json({"version": 1, "pending": [{
+            "run_id": q.run_id, "runbook": rb, "step_id": q.step_id, "question": q.question,
+            "approvers": q.approvers, "started_by": q.starter,
+            "asked_at": q.asked_at.isoformat(),
+            "deadline": q.deadline.isoformat() if q.deadline else None,
+            "seconds_left": left(q)} for q, rb in rows]})
+        return 0
+    if not rows:
+        print("nothing is waiting for an answer")
+        return 0
+    table = []
+    for q, rb in rows:
+        secs = left(q)
+        table.append((q.run_id, rb, q.step_id, q.question, describe_approvers(q.approvers),
+                      "no deadline" if secs is None else
+                      ("expired" if secs <= 0 else format_duration(secs))))
+    output.print_table(["run", "runbook", "step", "question", "who may answer", "time left"],
+                       table)
+    return 0
+
+
+def answer(state_dir: str | None, audit_log: str | None, run_ref: str, *, approve: bool,
+           comment: str | None) -> int:
+    """Approve or deny as the user running this command (taken from the OS)."""
+    who = identity.current()
+    with open_run_context(state_dir, audit_log, {}) as rc:
+        q = give_answer(rc.store, rc.audit, run_ref, approve=approve, who=who, comment=comment)
+    verdict = "approved" if approve else "denied"
+    print(f"run {q.run_id}: step {q.step_id!r} {verdict} by {who.user}")
+    return 0

@@ -1,0 +1,148 @@
+"""opsrun run: run one runbook now, step by step, in this terminal."""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from opsrun import engine as engine_mod
+from opsrun import identity, output, params as params_mod, secrets
+from opsrun.errors import UsageError
+from opsrun.event import Event, EventRejected, from_object, new_event, parse_json_event
+from opsrun.ids import new_id
+from opsrun.run_setup import driving, open_run_context
+from opsrun.runbook import Runbook, find_runbook
+
+
+def main(ref: str, folder: Path, *, param_args: list[str], event_arg: str | None,
+         dry_run: bool, yes: bool, as_json: bool, state_dir: str | None,
+         audit_log: str | None, secrets_file: str | None) -> int:
+    """Run a runbook (or show what it would do) and return the run's exit code."""
+    rb = find_runbook(ref, folder)
+    given = parse_param_args(param_args)
+    try:
+        typed = params_mod.resolve(rb.params, given)
+    except params_mod.ParamError as e:
+        raise UsageError(str(e)) from None
+    event = read_event(event_arg)
+    secret_values = secrets.load(Path(secrets_file) if secrets_file else None)
+    starter = identity.current()
+    req = engine_mod.RunRequest(rb, new_id(), event, typed, starter, trigger="manual")
+    if dry_run:
+        eng = engine_mod.Engine({}, [], secrets=secret_values)
+        return print_plan(rb, engine_mod.plan(eng, req), as_json=as_json)
+    reporter = output.reporter(as_json)
+    with open_run_context(state_dir, audit_log, secret_values) as rc, \
+            driving(rc.state_dir, req.run_id):
+        eng = rc.engine([reporter], confirmer=rc.confirmer(yes=yes, starter=starter))
+        result = run_with_signals(eng, req)
+    if as_json:
+        output.print_json(result_document(result, rb))
+    return result.exit_code
+
+
+def parse_param_args(args: list[str]) -> dict[str, str]:
+    """`-p name=value` pairs; a repeated name is an error, not a silent override."""
+    out: dict[str, str] = {}
+    for arg in args:
+        name, sep, value = arg.partition("=")
+        if not sep or not name:
+            raise UsageError(f"-p {arg!r}: write params as -p name=value")
+        if name in out:
+            raise UsageError(f"-p {name}= is given twice")
+        out[name] = value
+    return out
+
+
+def read_event(arg: str | None) -> Event:
+    """The event the run sees: --event JSON, @file, - (stdin), or a manual event."""
+    if arg is None:
+        return new_event("manual")
+    if arg == "-":
+        raw = sys.stdin.buffer.read()
+        where = "stdin"
+    elif arg.startswith("@"):
+        try:
+            raw = Path(arg[1:]).read_bytes()
+        except OSError as e:
+            raise UsageError(f"--event {arg}: cannot read the file: {e.strerror}") from None
+        where = arg[1:]
+    else:
+        raw = arg.encode("utf-8", "surrogateescape")
+        where = "--event"
+    try:
+        parsed = parse_json_event(raw.strip(), source="manual")
+    except EventRejected as e:
+        raise UsageError(f"the event from {where} was rejected: {e}") from None
+    return from_object(parsed.data, "manual")
+
+
+@contextmanager
+def _signals_cancel(cancel: threading.Event) -> Iterator[None]:
+    """SIGINT/SIGTERM stop the run cleanly; a second Ctrl-C stops waiting for the cleanup."""
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+        print(f"\nopsrun: {signal.Signals(signum).name} received: stopping the run "
+              "(press Ctrl-C again to stop waiting)", file=sys.stderr)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def run_with_signals(eng: engine_mod.Engine, req: engine_mod.RunRequest) -> Any:
+    cancel = threading.Event()
+    with _signals_cancel(cancel):
+        return eng.run(req, cancel)
+
+
+def result_document(result: Any, rb: Runbook) -> dict[str, Any]:
+    """The --json document: the run and every step result."""
+    return {
+        "version": 1,
+        "run": {"id": result.run_id, "runbook": rb.name, "file": str(rb.path),
+                "sha256": rb.sha256, "state": result.state, "exit_code": result.exit_code,
+                "failed_step": result.failed_step, "error": result.error,
+                "duration": round(result.duration, 3), "waiting_step": result.waiting_step},
+        "steps": [{"id": s.id, "outcome": s.outcome, "exit_code": s.exit_code,
+                   "duration": round(s.duration, 3), "attempts": s.attempts,
+                   "stdout": s.stdout, "stderr": s.stderr, "outputs": s.outputs,
+                   "hosts": s.hosts, "error": s.error, "answer": s.answer}
+                  for s in result.steps],
+    }
+
+
+def print_plan(rb: Runbook, planned: list[engine_mod.PlannedStep], *, as_json: bool) -> int:
+    """Show a dry run: every step rendered, with what it would do."""
+    if as_json:
+        output.print_json({"version": 1, "dry_run": True, "runbook": rb.name, "steps": [
+            {"section": p.section, "id": p.step.id, "verdict": p.verdict, "note": p.note,
+             "command": p.command, "hosts": list(p.step.hosts)} for p in planned]})
+        return 2 if any(p.verdict == "error" for p in planned) else 0
+    print(f"dry run of {rb.name}: nothing will be run")
+    titles = {"steps": "Steps", "on_failure": "On failure", "on_denied": "On denied"}
+    words = {"run": "would run", "skip": "would be skipped", "ask": "would ask for approval",
+             "depends": "runs or is skipped depending on earlier steps", "error": "ERROR"}
+    section = ""
+    for p in planned:
+        if p.section != section:
+            section = p.section
+            print(f"\n{titles[section]}")
+        print(f"  {p.step.id}: {words[p.verdict]}" + (f" ({output.safe(p.note)})" if p.note else ""))
+        if p.step.hosts:
+            print(f"      on hosts: {', '.join(p.step.hosts)}")
+        label = "confirm:" if p.step.kind == "confirm" else "$"
+        for i, line in enumerate(output.safe(p.command).splitlines() or [""]):
+            print(f"      {label if i == 0 else ' ' * len(label)} {line}")
+    return 2 if any(p.verdict == "error" for p in planned) else 0
+

@@ -1,0 +1,174 @@
+"""opsrun runs / logs / resume / cancel: what ran, what it printed, and picking runs up."""
+from __future__ import annotations
+
+import os
+import signal
+from datetime import datetime, timezone
+from pathlib import Path
+
+from opsrun import output, paths, resume, run_types as rt, secrets
+from opsrun.approvals import resolve_run_id
+from opsrun.commands.run import result_document, run_with_signals
+from opsrun.durations import format_duration
+from opsrun.errors import UsageError
+from opsrun.run_setup import driver_pid, driving, open_run_context
+from opsrun.store import RunRecord, Store
+
+
+def _store(state_dir: str | None) -> Store:
+    folder = paths.state_dir_from_env(state_dir)
+    if not (folder / paths.STATE_DB).exists():
+        raise UsageError(f"no state store in {folder}: nothing has run yet "
+                         "(or give --state-dir)")
+    return Store.open(folder)
+
+
+def _when(t: datetime | None) -> str:
+    return t.astimezone().strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+
+
+def _took(run: RunRecord) -> str:
+    if run.started_at is None:
+        return "-"
+    end = run.finished_at or datetime.now(timezone.utc)
+    return format_duration((end - run.started_at).total_seconds())
+
+
+def list_runs(state_dir: str | None, *, runbook: str | None, state: str | None, limit: int,
+              as_json: bool) -> int:
+    """Recent runs, newest first."""
+    if state is not None and state not in rt.FINAL_STATES | {rt.QUEUED, rt.RUNNING, rt.WAITING,
+                                                             rt.INTERRUPTED}:
+        raise UsageError(f"unknown state {state!r}")
+    with _store(state_dir) as store:
+        runs = store.list_runs(runbook=runbook, state=state, limit=limit)
+    if as_json:
+        output.print_json({"version": 1, "runs": [_run_json(r) for r in runs]})
+        return 0
+    if not runs:
+        print("no runs yet")
+        return 0
+    output.print_table(["run", "runbook", "state", "started", "took", "by", "trigger"],
+                       [(r.id, r.runbook, r.state, _when(r.started_at or r.created_at),
+                         _took(r), r.started_by or "-", r.trigger or "-") for r in runs])
+    return 0
+
+
+def _run_json(r: RunRecord) -> dict[str, object]:
+    return {"id": r.id, "runbook": r.runbook, "state": r.state, "exit_code": r.exit_code,
+            "created_at": r.created_at.isoformat(), "started_at": _iso(r.started_at),
+            "finished_at": _iso(r.finished_at), "started_by": r.started_by,
+            "trigger": r.trigger, "error": r.error, "params": r.params, "event": r.event}
+
+
+def _iso(t: datetime | None) -> str | None:
+    return t.isoformat() if t else None
+
+
+def logs(state_dir: str | None, run_ref: str, *, as_json: bool) -> int:
+    """A run's steps and their stored output."""
+    with _store(state_dir) as store:
+        run_id = resolve_run_id(store, run_ref)
+        run = store.get_run(run_id)
+        steps = store.steps_of(run_id)
+        approvals = store.approvals_of(run_id)
+    assert run is not None
+    if as_json:
+        output.print_json({"version": 1, "run": _run_json(run), "steps": [
+            {"index": s.index, "id": s.step_id, "attempt": s.attempt, "outcome": s.outcome,
+             "exit_code": s.exit_code, "started_at": _iso(s.started_at),
+             "finished_at": _iso(s.finished_at), "stdout": s.stdout_tail,
+             "stderr": s.stderr_tail, "outputs": s.outputs, "hosts": s.hosts}
+            for s in steps], "approvals": [
+            {"step_id": a.step_id, "question": a.question, "answer": a.answer,
+             "answered_by": a.answered_by, "how": a.how, "comment": a.comment,
+             "asked_at": _iso(a.asked_at), "answered_at": _iso(a.answered_at)}
+            for a in approvals]})
+        return 0
+    print(output.heading(f"run {run.id} of {run.runbook}: {run.state}")
+          + (f" (exit code {run.exit_code})" if run.exit_code is not None else ""))
+    print(f"started {_when(run.started_at)} by {run.started_by or '?'}, took {_took(run)}, "
+          f"trigger {run.trigger or '-'}")
+    if run.error:
+        print(f"error: {output.safe(run.error)}")
+    for s in steps:
+        took = format_duration((s.finished_at - s.started_at).total_seconds()) \
+            if s.started_at and s.finished_at else "-"
+        attempt = f" (attempt {s.attempt})" if s.attempt > 1 else ""
+        code = f", exit code {s.exit_code}" if s.exit_code is not None else ""
+        print(f"\n{output.heading(f'[{s.step_id}]')}{attempt} {s.outcome}{code}, {took}")
+        for stream, text in (("", s.stdout_tail), ("! ", s.stderr_tail)):
+            for line in text.splitlines():
+                print(f"  {stream}{output.safe(line, keep_newlines=False)}")
+        answer = s.outputs.get("answer") if isinstance(s.outputs, dict) else None
+        if isinstance(answer, dict):
+            verdict = "approved" if answer.get("approved") else "denied"
+            print(f"  {verdict} by {answer.get('answered_by')} ({answer.get('how')})"
+                  + (f": {output.safe(str(answer['comment']))}" if answer.get("comment") else ""))
+    return 0
+
+
+def resume_run(state_dir: str | None, audit_log: str | None, run_ref: str, *, yes: bool,
+               as_json: bool, secrets_file: str | None) -> int:
+    """Pick up a waiting or interrupted run at the step where it stopped."""
+    from opsrun import identity
+
+    secret_values = secrets.load(Path(secrets_file) if secrets_file else None)
+    with open_run_context(state_dir, audit_log, secret_values) as rc:
+        run_id = resolve_run_id(rc.store, run_ref)
+        with driving(rc.state_dir, run_id):
+            run = rc.store.get_run(run_id)
+            assert run is not None
+            req = resume.request_for(rc.store, run)
+            rc.audit.append("run.resumed", run_id=run_id, runbook={
+                "name": run.runbook, "path": run.runbook_path, "sha256": run.runbook_sha256},
+                from_state=run.state, at_step=req.resume_at)
+            who = identity.current()
+            eng = rc.engine([output.reporter(as_json)],
+                            confirmer=rc.confirmer(yes=yes, starter=req.starter)
+                            if not yes else rc.confirmer(yes=True, starter=who))
+            result = run_with_signals(eng, req)
+    if as_json:
+        output.print_json(result_document(result, req.runbook))
+    return result.exit_code
+
+
+def cancel_run(state_dir: str | None, audit_log: str | None, run_ref: str) -> int:
+    """Cancel a run: stop the process driving it, or close a run nobody drives."""
+    from opsrun import identity
+
+    with open_run_context(state_dir, audit_log, {}) as rc:
+        run_id = resolve_run_id(rc.store, run_ref)
+        run = rc.store.get_run(run_id)
+        assert run is not None
+        if run.state in rt.FINAL_STATES:
+            raise UsageError(f"run {run_id} has already ended ({run.state})")
+        pid = driver_pid(rc.state_dir, run_id)
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except PermissionError:
+                raise UsageError(f"run {run_id} is run by process {pid} of another user; "
+                                 "you may not stop it") from None
+            except ProcessLookupError:
+                pid = None
+            else:
+                print(f"asked opsrun process {pid} to stop run {run_id}")
+                return 0
+        with driving(rc.state_dir, run_id):
+            if not rc.store.update_run(run_id, expect_state=(rt.QUEUED, rt.WAITING,
+                                                              rt.INTERRUPTED, rt.RUNNING),
+                                       state=rt.CANCELLED,
+                                       finished_at=datetime.now(timezone.utc),
+                                       exit_code=rt.EXIT_CODES[rt.CANCELLED]):
+                raise UsageError(f"run {run_id} could not be cancelled (it just ended?)")
+            for q in rc.store.pending_approvals(run_id):
+                rc.store.answer_approval(run_id, "denied", answered_by="(cancelled)",
+                                         answered_uid=os.getuid(), how="cancel",
+                                         step_id=q.step_id)
+            rc.audit.append("run.finished", run_id=run_id, runbook=rc.runbook_record(run_id),
+                            state=rt.CANCELLED, exit_code=rt.EXIT_CODES[rt.CANCELLED],
+                            error=f"cancelled by {identity.current().user} with opsrun "
+                                  "cancel")
+    print(f"run {run_id} cancelled")
+    return 0

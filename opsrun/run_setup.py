@@ -1,0 +1,139 @@
+"""Everything a run needs around the engine: state folder, store, audit log, executors, confirmer.
+
+`opsrun run`, `resume`, `dispatch` and `watch` all build their engine here, so every run is
+recorded the same way whichever command started it.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from opsrun import paths, run_types as rt
+from opsrun.approvals import Waiter
+from opsrun.audit import AuditLog
+from opsrun.engine import Engine
+from opsrun.errors import UsageError
+from opsrun.executors.confirm import FlagConfirmer, PromptConfirmer, WaitingConfirmer
+from opsrun.executors.local import LocalExecutor
+from opsrun.identity import Identity
+from opsrun.run_records import AuditListener, StoreListener
+from opsrun.secrets import Masker
+from opsrun.store import Store
+
+
+@dataclass
+class RunContext:
+    state_dir: Path
+    store: Store
+    audit: AuditLog
+    secrets: dict[str, str]
+
+    def executors(self) -> dict[str, Any]:
+        return {"run": LocalExecutor()}
+
+    def engine(self, listeners: Sequence[rt.Listener], *,
+               confirmer: rt.Confirmer | None) -> Engine:
+        """An engine whose first listeners are the audit log and the store."""
+        return Engine(self.executors(),
+                      [AuditListener(self.audit), StoreListener(self.store), *listeners],
+                      secrets=self.secrets, confirmer=confirmer)
+
+    def waiting_confirmer(self, *, park: bool = False, notify: Any = None) -> WaitingConfirmer:
+        waiter = Waiter(self.store, self.audit,
+                        notify or (lambda text: print(text, file=sys.stderr, flush=True)))
+        return WaitingConfirmer(waiter, park=park, runbook_record=self.runbook_record)
+
+    def confirmer(self, *, yes: bool, starter: Identity) -> rt.Confirmer:
+        """--yes answers; a terminal is asked; anything else waits for `opsrun approve`."""
+        if yes:
+            return FlagConfirmer(starter)
+        waiting = self.waiting_confirmer()
+        if sys.stdin.isatty():
+            return PromptConfirmer(starter, waiting, on_refused=self._audit_refusal(starter))
+        return waiting
+
+    def runbook_record(self, run_id: str) -> dict[str, Any] | None:
+        run = self.store.get_run(run_id)
+        if run is None:
+            return None
+        return {"name": run.runbook, "path": run.runbook_path, "sha256": run.runbook_sha256}
+
+    def _audit_refusal(self, who: Identity) -> Any:
+        def record(request: rt.ConfirmRequest, why: str) -> None:
+            self.audit.append("confirm.refused", run_id=request.run_id,
+                              runbook=self.runbook_record(request.run_id),
+                              step_id=request.step_id, answerer=who.as_record(), reason=why,
+                              how="prompt")
+        return record
+
+
+@contextmanager
+def open_run_context(state_dir: str | None, audit_log: str | None,
+                     secret_values: Mapping[str, str]) -> Iterator[RunContext]:
+    """Open the state folder's store and audit log for the length of a command."""
+    folder = paths.ensure_state_dir(paths.state_dir_from_env(state_dir))
+    store = Store.open(folder)
+    audit_path = Path(audit_log) if audit_log else folder / paths.AUDIT_LOG
+    audit = AuditLog(audit_path, store=store, masker=Masker(dict(secret_values)))
+    try:
+        yield RunContext(folder, store, audit, dict(secret_values))
+    finally:
+        audit.close()
+        store.close()
+
+
+@contextmanager
+def driving(state_dir: Path, run_id: str) -> Iterator[None]:
+    """Hold the lock that says "this process drives this run" while it runs or waits.
+
+    The kernel drops the lock when the process dies, so `opsrun resume` can tell a run that
+    nobody drives any more from one another process is still working on or waiting for.
+    """
+    from opsrun import file_lock
+
+    folder = state_dir / "runs"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    path = folder / f"{run_id}.lock"
+    fd = file_lock.open_lock_file(path)
+    try:
+        try:
+            with file_lock.flock(fd, timeout_s=0, what=str(path)):
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                yield
+        except file_lock.LockTimeout:
+            raise RunBusy(f"run {run_id} is still being run or waited on by another opsrun "
+                          f"process (pid {driver_pid(state_dir, run_id) or '?'}); stop that "
+                          "process first, or answer it with opsrun approve/deny") from None
+    finally:
+        os.close(fd)
+
+
+def driver_pid(state_dir: Path, run_id: str) -> int | None:
+    """The pid of the process driving a run, if one holds its lock."""
+    import fcntl
+
+    path = state_dir / "runs" / f"{run_id}.lock"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+class RunBusy(UsageError):
+    """Another process drives the run."""

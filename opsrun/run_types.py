@@ -1,0 +1,119 @@
+"""Plain data of runs: states, step outcomes, results, and what the engine reports."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from opsrun import exit_codes
+
+# Run states (DESIGN section 1).
+QUEUED, RUNNING, WAITING = "queued", "running", "waiting"
+SUCCEEDED, FAILED, DENIED, TIMED_OUT = "succeeded", "failed", "denied", "timed_out"
+CANCELLED, INTERRUPTED = "cancelled", "interrupted"
+FINAL_STATES = frozenset({SUCCEEDED, FAILED, DENIED, TIMED_OUT, CANCELLED})
+
+# Step outcomes (DESIGN section 2).
+SUCCESS, FAILURE, SKIPPED = "success", "failure", "skipped"
+STEP_DENIED, STEP_TIMED_OUT, STEP_CANCELLED = "denied", "timed_out", "cancelled"
+
+EXIT_CODES = {
+    SUCCEEDED: exit_codes.OK, FAILED: exit_codes.RUN_FAILED, DENIED: exit_codes.DENIED,
+    TIMED_OUT: exit_codes.DENIED, CANCELLED: exit_codes.INTERRUPTED,
+    INTERRUPTED: exit_codes.INTERRUPTED,
+}
+
+
+@dataclass
+class StepResult:
+    """What one step did; `steps.<id>` in expressions reads these fields."""
+
+    id: str
+    outcome: str
+    exit_code: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    outputs: dict[str, str] = field(default_factory=dict)
+    duration: float = 0.0
+    attempts: int = 0
+    hosts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    error: str | None = None
+    answer: dict[str, Any] | None = None  # confirm steps: who answered what
+
+    def context(self) -> dict[str, Any]:
+        """The value of `steps.<id>` for expressions."""
+        out: dict[str, Any] = {"exit_code": self.exit_code, "stdout": self.stdout,
+                               "stderr": self.stderr, "outcome": self.outcome,
+                               "duration": round(self.duration, 3), "outputs": self.outputs,
+                               "hosts": self.hosts}
+        if self.answer is not None:
+            out["answer"] = self.answer
+        return out
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    runbook: str
+    state: str
+    steps: list[StepResult] = field(default_factory=list)
+    failed_step: str | None = None
+    error: str | None = None
+    duration: float = 0.0
+    waiting_step: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return int(EXIT_CODES.get(self.state, exit_codes.RUN_FAILED))
+
+
+class Listener(Protocol):
+    """Receives the engine's transitions; the audit log, the state store and the terminal."""
+
+    def transition(self, kind: str, data: dict[str, Any]) -> None: ...
+
+    def output(self, step_id: str, stream: str, text: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class ConfirmRequest:
+    """A question for a person, with what it guards."""
+
+    run_id: str
+    runbook: str
+    step_id: str
+    question: str
+    guarded: tuple[str, ...]  # rendered commands of the steps up to the next confirm
+    approvers: Any  # runbook.Approvers
+    timeout_s: float | None
+    on_timeout: str
+    starter: Any  # identity.Identity of who started the run
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A person's answer (or the flag's, or the clock's)."""
+
+    approved: bool
+    user: str
+    uid: int | None
+    how: str  # prompt | command | flag | timeout | cancel
+    comment: str | None = None
+    recorded: bool = False  # already in the audit log (answered from another process)
+
+    def as_record(self) -> dict[str, Any]:
+        return {"approved": self.approved, "answered_by": self.user,
+                "answered_uid": self.uid, "how": self.how, "comment": self.comment}
+
+
+class RunParked(Exception):
+    """The run waits for an answer that will come later (another terminal, the daemon)."""
+
+    def __init__(self, step_id: str) -> None:
+        super().__init__(step_id)
+        self.step_id = step_id
+
+
+class Confirmer(Protocol):
+    """Gets an answer to a confirm step, or raises RunParked to wait for one elsewhere."""
+
+    def confirm(self, request: ConfirmRequest, cancel: Any) -> Answer: ...
