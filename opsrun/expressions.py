@@ -157,6 +157,9 @@ def _environment() -> Any:
     env.globals.clear()
     # Only filters whose output stays about the size of their input.
     env.filters = {name: env.filters[name] for name in _FILTERS if name in env.filters}
+    # `'abc' | int` is an error, not a silent 0, unless a fallback is given: `| int(0)`.
+    env.filters["int"] = _int_filter
+    env.filters["float"] = _float_filter
     env.filters["basename"] = lambda p: str(p).rstrip("/").rsplit("/", 1)[-1]
     env.filters["dirname"] = lambda p: str(p).rstrip("/").rsplit("/", 1)[0] or "/"
     return env
@@ -169,6 +172,41 @@ _FILTERS = (
     "selectattr", "slice", "sort", "string", "striptags", "sum", "title", "tojson", "trim",
     "truncate", "unique", "upper", "urlencode", "wordcount",
 )
+
+
+_NO_DEFAULT: Any = object()
+
+
+def _int_filter(value: Any, default: Any = _NO_DEFAULT, base: int = 10) -> Any:
+    try:
+        if isinstance(value, str):
+            try:
+                return int(value.strip(), base)
+            except ValueError:
+                if base != 10:
+                    raise
+                return int(float(value))
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        if default is not _NO_DEFAULT:
+            return default
+        raise ExpressionError(f"{_short(value)} is not a whole number; give a fallback "
+                              "with `| int(0)` if that is expected") from None
+
+
+def _float_filter(value: Any, default: Any = _NO_DEFAULT) -> Any:
+    try:
+        return float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        if default is not _NO_DEFAULT:
+            return default
+        raise ExpressionError(f"{_short(value)} is not a number; give a fallback "
+                              "with `| float(0)` if that is expected") from None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _repeat_size(left: Any, right: Any) -> int:
@@ -318,7 +356,11 @@ def evaluate(source: str, context: Mapping[str, Any]) -> Any:
 
 
 def _explain_undefined(e: Exception) -> str:
-    text = str(e).replace("'dict object'", "the value")
+    text = str(e)
+    m = re.fullmatch(r"'(\w+) object' has no attribute (.+)", text)
+    if m:
+        text = f"there is no field {m.group(2)}" if m.group(1) == "dict" else (
+            f"a {m.group(1)} has no field {m.group(2)}")
     return f"{text} (use `… | default('x')` for an optional value)"
 
 
