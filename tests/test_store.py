@@ -79,7 +79,8 @@ def test_folder_that_is_a_file_gives_a_clear_error(tmp_path: Path) -> None:
 def test_run_ids_sort_by_creation_time(monkeypatch: pytest.MonkeyPatch) -> None:
     ids = []
     for ms in (1_700_000_000_000, 1_700_000_000_001, 1_800_000_000_000):
-        monkeypatch.setattr(store_mod.time, "time_ns", lambda ms=ms: ms * 1_000_000)
+        monkeypatch.setattr(time, "time", lambda ms=ms: ms / 1000)
+        monkeypatch.setattr(time, "time_ns", lambda ms=ms: ms * 1_000_000)
         ids.append(new_run_id())
     assert ids == sorted(ids) and all(len(i) == 26 for i in ids)
     assert len(set(new_run_id() for _ in range(1000))) == 1000
@@ -292,3 +293,22 @@ def as_other_user(tmp_path: Path, fn) -> str:
         return out
     finally:
         shutil.rmtree(base)
+
+
+def test_run_id_prefixes_latest_approval_and_runbook_versions(store: Store) -> None:
+    a = store.create_run("web", run_id="01AAAAAAAAAAAAAAAAAAAAAAAA")
+    store.create_run("web", run_id="01AAAAAAAAAAAAAAAAAAAAAAAB")
+    assert store.find_run_ids("01aaa") == [a.id, "01AAAAAAAAAAAAAAAAAAAAAAAB"]
+    assert store.find_run_ids("01AAAAAAAAAAAAAAAAAAAAAAAA") == [a.id]
+    assert store.find_run_ids("02") == []
+    assert store.latest_approval(a.id, "ok") is None
+    q = store.create_approval(a.id, "ok", "Go?")
+    assert store.answer_approval(a.id, "approved", answered_by="ann", answered_uid=1, how="cli")
+    latest = store.latest_approval(a.id, "ok")
+    assert latest is not None and latest.answer == "approved"
+    store.unanswer_approval(q.id)  # the audit record of the answer failed: it does not count
+    assert [p.id for p in store.pending_approvals(a.id)] == [q.id]
+    assert store.runbook_version("ab" * 32) is None
+    store.save_runbook_version("ab" * 32, "/rb/web.yaml", b"name: web\n")
+    store.save_runbook_version("ab" * 32, "/elsewhere.yaml", b"other")  # kept once
+    assert store.runbook_version("ab" * 32) == ("/rb/web.yaml", b"name: web\n")
