@@ -15,20 +15,50 @@ _opsrun() {
         w="${COMP_WORDS[i]}"
         if ((skip)); then skip=0; continue; fi
         case "$w" in
-            --format|--runbooks|-r) skip=1 ;;
+            --audit-log|--comment|--event|--format|--head|--kind|--limit|--lines|--param|--run|--runbook|--runbooks|--secrets-file|--since|--state|--state-dir|-m|-n|-p|-r) skip=1 ;;
             -*) ;;
-            *) [[ -z $path ]] && path="$w" || { [[ $path != *" "* ]] && case "$path $w" in "") path="$path $w";; esac; } ;;
+            *) [[ -z $path ]] && path="$w" || { [[ $path != *" "* ]] && case "$path $w" in "audit head"|"audit show"|"audit tail"|"audit verify") path="$path $w";; esac; } ;;
         esac
     done
     case "$prev" in
+        --audit-log) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --comment) return ;;
+        --event) return ;;
         --format) return ;;
+        --head) return ;;
+        --kind) return ;;
+        --limit) return ;;
+        --lines) return ;;
+        --param) return ;;
+        --run) return ;;
+        --runbook) return ;;
         --runbooks) COMPREPLY=($(compgen -d -- "$cur")); return ;;
+        --secrets-file) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --since) return ;;
+        --state) return ;;
+        --state-dir) COMPREPLY=($(compgen -d -- "$cur")); return ;;
+        -m) return ;;
+        -n) return ;;
+        -p) return ;;
         -r) COMPREPLY=($(compgen -d -- "$cur")); return ;;
     esac
     case "$path" in
-        "") COMPREPLY=($(compgen -W 'completion list schema show validate --version --debug' -- "$cur")) ;;
+        "") COMPREPLY=($(compgen -W 'approve audit cancel completion deny list logs pending resume run runs schema show validate --version --debug' -- "$cur")) ;;
+        "approve") COMPREPLY=($(compgen -W '--comment -m --state-dir --audit-log' -- "$cur") $(compgen -f -- "$cur")) ;;
+        "audit") COMPREPLY=($(compgen -W 'head show tail verify' -- "$cur")) ;;
+        "audit head") COMPREPLY=($(compgen -W '--state-dir --audit-log --json' -- "$cur")) ;;
+        "audit show") COMPREPLY=($(compgen -W '--state-dir --audit-log --run --runbook --kind --since --limit -n --json' -- "$cur")) ;;
+        "audit tail") COMPREPLY=($(compgen -W '--state-dir --audit-log --follow -f --lines -n --json' -- "$cur")) ;;
+        "audit verify") COMPREPLY=($(compgen -W '--state-dir --audit-log --from-start --head --json' -- "$cur")) ;;
+        "cancel") COMPREPLY=($(compgen -W '--state-dir --audit-log' -- "$cur") $(compgen -f -- "$cur")) ;;
         "completion") COMPREPLY=($(compgen -W 'bash zsh fish' -- "$cur")) ;;
+        "deny") COMPREPLY=($(compgen -W '--comment -m --state-dir --audit-log' -- "$cur") $(compgen -f -- "$cur")) ;;
         "list") COMPREPLY=($(compgen -W '--runbooks -r --json' -- "$cur")) ;;
+        "logs") COMPREPLY=($(compgen -W '--json --state-dir' -- "$cur") $(compgen -f -- "$cur")) ;;
+        "pending") COMPREPLY=($(compgen -W '--json --state-dir' -- "$cur")) ;;
+        "resume") COMPREPLY=($(compgen -W '--yes -y --json --state-dir --audit-log --secrets-file' -- "$cur") $(compgen -f -- "$cur")) ;;
+        "run") COMPREPLY=($(compgen -W '--param -p --event --dry-run --yes -y --json --runbooks -r --state-dir --audit-log --secrets-file' -- "$cur") $(compgen -W "$(_opsrun_runbooks)" -- "$cur") $(compgen -f -- "$cur")) ;;
+        "runs") COMPREPLY=($(compgen -W '--runbook --state --limit -n --json --state-dir' -- "$cur")) ;;
         "schema") COMPREPLY=($(compgen -W '' -- "$cur")) ;;
         "show") COMPREPLY=($(compgen -W '--runbooks -r --json' -- "$cur") $(compgen -W "$(_opsrun_runbooks)" -- "$cur") $(compgen -f -- "$cur")) ;;
         "validate") COMPREPLY=($(compgen -W '--runbooks -r --json --format' -- "$cur") $(compgen -W "$(_opsrun_runbooks)" -- "$cur") $(compgen -f -- "$cur")) ;;

@@ -12,8 +12,17 @@ _opsrun_runbooks() {
 _opsrun() {
   local -a commands
   commands=(
+    'approve:Approve the step a run waits on, as yourself.'
+    'audit:Read and verify the tamper-evident audit log.'
+    'cancel:Cancel a run that is running, waiting or interrupted.'
     'completion:Print a completion script for bash, zsh or fish.'
+    'deny:Deny the step a run waits on, as yourself.'
     'list:List the runbooks - name, triggers, number of steps, file.'
+    'logs:Show a run'\''s steps and the output they printed.'
+    'pending:List the runs waiting for an answer.'
+    'resume:Pick up a waiting or interrupted run at the step where it stopped.'
+    'run:Run a runbook now, step by step.'
+    'runs:List recent runs, newest first.'
     'schema:Print the JSON Schema of the runbook format (for editors).'
     'show:Show a runbook as a readable plan - triggers, params, steps and their conditions.'
     'validate:Check runbooks and report every problem as file -line -col.'
@@ -27,8 +36,17 @@ _opsrun() {
     cmd) _describe command commands ;;
     args)
       case $words[1] in
+        approve) _opsrun_approve ;;
+        audit) _opsrun_audit ;;
+        cancel) _opsrun_cancel ;;
         completion) _opsrun_completion ;;
+        deny) _opsrun_deny ;;
         list) _opsrun_list ;;
+        logs) _opsrun_logs ;;
+        pending) _opsrun_pending ;;
+        resume) _opsrun_resume ;;
+        run) _opsrun_run ;;
+        runs) _opsrun_runs ;;
         schema) _opsrun_schema ;;
         show) _opsrun_show ;;
         validate) _opsrun_validate ;;
@@ -36,15 +54,144 @@ _opsrun() {
   esac
 }
 
+_opsrun_approve() {
+  _arguments \
+    '(--comment -m)'{--comment,-m}'[Why (recorded).]:value: ' \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/' \
+    '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
+    '*:file:_files'
+}
+
+_opsrun_audit() {
+  local -a commands
+  commands=(
+    'head:Print SEQ -HASH of the last record, to keep off this machine (git, ticket, syslog).'
+    'show:Show audit records as a table, oldest first.'
+    'tail:Show the last records; with -f, follow new ones (across segment rotations).'
+    'verify:Check the hash chain; exit 0 if intact, 1 if records were altered, removed or added.'
+  )
+  _arguments -C \
+    '1:command:->cmd' \
+    '*::arg:->args'
+  case $state in
+    cmd) _describe command commands ;;
+    args)
+      case $words[1] in
+        head) _opsrun_audit_head ;;
+        show) _opsrun_audit_show ;;
+        tail) _opsrun_audit_tail ;;
+        verify) _opsrun_audit_verify ;;
+      esac ;;
+  esac
+}
+
+_opsrun_audit_head() {
+  _arguments \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun).]:value:_files -/' \
+    '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
+    '(--json)'--json'[Machine-readable output.]'
+}
+
+_opsrun_audit_show() {
+  _arguments \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun).]:value:_files -/' \
+    '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
+    '(--run)'--run'[Only records of this run id.]:value: ' \
+    '(--runbook)'--runbook'[Only this runbook.]:value: ' \
+    '(--kind)'--kind'[Only this kind; globs work (step.*).]:value: ' \
+    '(--since)'--since'[Only newer records - 1h, 30m, 2d, or a date.]:value: ' \
+    '(--limit -n)'{--limit,-n}'[Only the last N matching records.]:value: ' \
+    '(--json)'--json'[One JSON record per line.]'
+}
+
+_opsrun_audit_tail() {
+  _arguments \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun).]:value:_files -/' \
+    '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
+    '(--follow -f)'{--follow,-f}'[Keep printing new records until interrupted.]' \
+    '(--lines -n)'{--lines,-n}'[How many records to start with.]:value: ' \
+    '(--json)'--json'[One JSON record per line.]'
+}
+
+_opsrun_audit_verify() {
+  _arguments \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun).]:value:_files -/' \
+    '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
+    '(--from-start)'--from-start'[Walk every record of every segment, even segments that verified before and whose digest is unchanged.]' \
+    '(--head)'--head'[Also prove the log still extends this head, as printed by `opsrun audit head`.]:value: ' \
+    '(--json)'--json'[Machine-readable output.]'
+}
+
+_opsrun_cancel() {
+  _arguments \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/' \
+    '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
+    '*:file:_files'
+}
+
 _opsrun_completion() {
   _arguments \
     '1:value:(bash zsh fish)'
+}
+
+_opsrun_deny() {
+  _arguments \
+    '(--comment -m)'{--comment,-m}'[Why (recorded).]:value: ' \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/' \
+    '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
+    '*:file:_files'
 }
 
 _opsrun_list() {
   _arguments \
     '(--runbooks -r)'{--runbooks,-r}'[Runbooks folder (default ./runbooks).]:value:_files -/' \
     '(--json)'--json'[Machine-readable output.]'
+}
+
+_opsrun_logs() {
+  _arguments \
+    '(--json)'--json'[Machine-readable output.]' \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/' \
+    '*:file:_files'
+}
+
+_opsrun_pending() {
+  _arguments \
+    '(--json)'--json'[Machine-readable output.]' \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/'
+}
+
+_opsrun_resume() {
+  _arguments \
+    '(--yes -y)'{--yes,-y}'[Answer the remaining confirmations yes.]' \
+    '(--json)'--json'[Print the run result as JSON.]' \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/' \
+    '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
+    '(--secrets-file)'--secrets-file'[NAME=value file of secrets (mode 0600).]:value:_files' \
+    '*:file:_files'
+}
+
+_opsrun_run() {
+  _arguments \
+    '(--param -p)'{--param,-p}'[A param value (repeatable).]:value: ' \
+    '(--event)'--event'[The event the run sees (default - a manual event).]:value: ' \
+    '(--dry-run)'--dry-run'[Show every step rendered; run nothing.]' \
+    '(--yes -y)'{--yes,-y}'[Answer every confirmation yes (recorded as given by you).]' \
+    '(--json)'--json'[Print one JSON document with the run and every step result.]' \
+    '(--runbooks -r)'{--runbooks,-r}'[Runbooks folder (default ./runbooks).]:value:_files -/' \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/' \
+    '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
+    '(--secrets-file)'--secrets-file'[NAME=value file of secrets (mode 0600).]:value:_files' \
+    '*:runbook:{_opsrun_runbooks; _files}'
+}
+
+_opsrun_runs() {
+  _arguments \
+    '(--runbook)'--runbook'[Only runs of this runbook.]:value: ' \
+    '(--state)'--state'[Only runs in this state (running, waiting, succeeded, failed, …).]:value: ' \
+    '(--limit -n)'{--limit,-n}'[How many runs.]:value: ' \
+    '(--json)'--json'[Machine-readable output.]' \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/'
 }
 
 _opsrun_schema() {
