@@ -177,6 +177,9 @@ def _inline(value: str, slot: Slot) -> str:
 def is_posix_shell(shell: str) -> bool:
     """Whether `shell:` names a POSIX shell, where the quoting above holds."""
     words = shlex.split(shell) if shell.strip() else ["bash"]
+    if words[0].rsplit("/", 1)[-1] == "env":
+        # `/usr/bin/env bash`, `env -S bash -e`: the shell is the first word env runs.
+        words = [w for w in words[1:] if not w.startswith("-") and "=" not in w] or ["env"]
     return words[0].rsplit("/", 1)[-1] in POSIX_SHELLS
 
 
