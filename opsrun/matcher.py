@@ -99,8 +99,9 @@ class Matcher:
         self.runbooks = tuple(runbooks)
         self._by_key: dict[str, Bound] = {}
         self._by_kind: dict[str, list[Bound]] = {k: [] for k in SOURCE_KINDS.values()}
-        # file and log triggers by the literal folder their glob starts at
-        self._by_folder: dict[str, dict[str, list[Bound]]] = {"file": {}, "log": {}}
+        # file and log triggers by their literal path, or the literal folder their glob
+        # starts at (marked with a trailing "/")
+        self._by_path: dict[str, dict[str, list[Bound]]] = {"file": {}, "log": {}}
         # event triggers by one literal equality each: field -> value key -> triggers
         self._by_field: dict[str, dict[tuple[str, Any], list[Bound]]] = {}
         self._unindexed: list[Bound] = []
@@ -111,24 +112,27 @@ class Matcher:
                 self._by_kind[trig.kind].append(bound)
         for kind in ("file", "log"):
             for bound in self._by_kind[kind]:
-                for folder in _folders(bound.trigger):
-                    self._by_folder[kind].setdefault(folder, []).append(bound)
+                for place in _places(bound.trigger):
+                    self._by_path[kind].setdefault(place, []).append(bound)
         self._index_events(self._by_kind["event"])
 
     def _index_events(self, bounds: list[Bound]) -> None:
-        # Index each trigger under the literal field that most triggers share, so that an
-        # event needs one lookup per distinct indexed field rather than one per trigger.
-        popularity: dict[str, int] = {}
+        # Index each trigger under its most selective literal (the field = value that the
+        # fewest triggers share); among equals, the field most triggers use, so that an
+        # event needs few lookups (one per distinct indexed field).
+        pairs: dict[tuple[str, tuple[str, Any]], int] = {}
+        fields: dict[str, int] = {}
         for b in bounds:
-            for name in _where(b).literal_equalities():
-                popularity[name] = popularity.get(name, 0) + 1
+            for name, value in _where(b).literal_equalities().items():
+                pairs[(name, _value_key(value))] = pairs.get((name, _value_key(value)), 0) + 1
+                fields[name] = fields.get(name, 0) + 1
         for b in bounds:
-            literals = _where(b).literal_equalities()
+            literals = [(name, _value_key(v)) for name, v in
+                        _where(b).literal_equalities().items()]
             if not literals:
                 self._unindexed.append(b)
                 continue
-            name = max(literals, key=lambda n: (popularity[n], n))
-            value_key = _value_key(literals[name])
+            name, value_key = min(literals, key=lambda p: (pairs[p], -fields[p[0]], p[0]))
             self._by_field.setdefault(name, {}).setdefault(value_key, []).append(b)
         self._field_paths = {name: tuple(name.split(".")) for name in self._by_field}
 
@@ -154,7 +158,7 @@ class Matcher:
         elif kind == "event":
             candidates = self._event_candidates(event.data)
         elif kind in ("file", "log"):
-            candidates = self._folder_candidates(kind, event.data.get("path"))
+            candidates = self._path_candidates(kind, event.data.get("path"))
         else:
             candidates = []  # a schedule event names its trigger or belongs to none
         out: list[Match] = []
@@ -176,14 +180,14 @@ class Matcher:
                 found.extend(self._by_field[name].get(_value_key(value), ()))
         return found
 
-    def _folder_candidates(self, kind: str, path: Any) -> list[Bound]:
+    def _path_candidates(self, kind: str, path: Any) -> list[Bound]:
         if not isinstance(path, str) or not path.startswith("/"):
             return []
-        index = self._by_folder[kind]
-        found: list[Bound] = []
+        index = self._by_path[kind]
+        found: list[Bound] = list(index.get(path, ()))
         folder = os.path.dirname(path)
         while True:
-            found.extend(index.get(folder, ()))
+            found.extend(index.get(folder.rstrip("/") + "/", ()))
             if folder == "/":
                 return list({id(b): b for b in found}.values())
             folder = os.path.dirname(folder)
@@ -194,11 +198,11 @@ def _where(b: Bound) -> criteria.Criteria:
     return b.trigger.where
 
 
-def _folders(trigger: Trigger) -> set[str]:
-    if isinstance(trigger, FileTrigger):
-        return {compile_glob(p).base for p in trigger.paths}
-    assert isinstance(trigger, LogTrigger)
-    return {compile_glob(trigger.path).base}
+def _places(trigger: Trigger) -> set[str]:
+    paths = trigger.paths if isinstance(trigger, FileTrigger) else (
+        trigger.path,) if isinstance(trigger, LogTrigger) else ()
+    globs = [compile_glob(p) for p in paths]
+    return {g.pattern if g.literal else g.base.rstrip("/") + "/" for g in globs}
 
 
 def _hashable(value: Any) -> bool:
