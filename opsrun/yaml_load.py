@@ -196,7 +196,9 @@ def load_text(text: str) -> Document:
                             "put one runbook in each file", at + 1, 1)
         raise YamlError("the file is empty; a runbook needs at least a `steps:` list")
     doc = Document(data=None, text=text)
-    doc.data = _Builder(doc).build(nodes[0], (), 0)
+    builder = _Builder(doc)
+    builder.check_size(nodes[0])
+    doc.data = builder.build(nodes[0], (), 0)
     return doc
 
 
@@ -266,7 +268,40 @@ class _Builder:
         self.doc = doc
         self.count = 0
         self._scalar_cache: dict[int, Any] = {}
-        self._open: set[int] = set()  # nodes being built: an alias back to one is a cycle
+        self._open: set[int] = set()  # nodes being sized: an alias back to one is a cycle
+        self._sizes: dict[int, int] = {}
+
+    def check_size(self, root: Any) -> None:
+        """Refuse an alias bomb before expanding it: sizes are counted once per node, so
+        a billion laughs costs as many steps as the file has lines, not a billion."""
+        if self._size(root, 0) <= MAX_NODES:
+            return
+        node = root  # point at the node whose expansion blows up, not at the top
+        while True:
+            big = [c for c in _children(node) if self._sizes.get(id(c), 0) > MAX_NODES]
+            if not big:
+                break
+            node = big[0]
+        raise YamlError(f"the document expands to more than {MAX_NODES:,} values "
+                        f"(this part alone to {self._sizes[id(node)]:,}: an alias bomb?); "
+                        "refusing to load it",
+                        node.start_mark.line + 1, node.start_mark.column + 1)
+
+    def _size(self, node: Any, depth: int) -> int:
+        known = self._sizes.get(id(node))
+        if known is not None:
+            return known
+        mark = (node.start_mark.line + 1, node.start_mark.column + 1)
+        if depth > MAX_DEPTH:
+            raise YamlError(f"the document is nested more than {MAX_DEPTH} levels deep", *mark)
+        if id(node) in self._open:
+            raise YamlError("an alias refers to the list or mapping that contains it, which "
+                            "would never end; refer to something else", *mark)
+        self._open.add(id(node))
+        size = 1 + sum(self._size(child, depth + 1) for child in _children(node))
+        self._open.discard(id(node))
+        self._sizes[id(node)] = size
+        return size
 
     def build(self, node: Any, path: Path_, depth: int) -> Any:
         import yaml
@@ -291,18 +326,10 @@ class _Builder:
             self.doc.styles.setdefault(path, node.style or "")
             self.doc.spans.setdefault(path, (node.start_mark.index, node.end_mark.index))
             return _scalar(node)
-        if id(node) in self._open:
-            raise YamlError("an alias refers to the list or mapping that contains it, which "
-                            "would never end; refer to something else",
-                            node.start_mark.line + 1, node.start_mark.column + 1)
-        self._open.add(id(node))
-        try:
-            if isinstance(node, yaml.MappingNode):
-                return self._mapping(node, path, depth)
-            return [self.build(child, (*path, i), depth + 1)
-                    for i, child in enumerate(node.value)]
-        finally:
-            self._open.discard(id(node))
+        # check_size() has already refused cycles, so this walk ends.
+        if isinstance(node, yaml.MappingNode):
+            return self._mapping(node, path, depth)
+        return [self.build(child, (*path, i), depth + 1) for i, child in enumerate(node.value)]
 
     def _mapping(self, node: Any, path: Path_, depth: int) -> dict[str, Any]:
         import yaml
@@ -338,13 +365,15 @@ class _Builder:
             if not isinstance(src, yaml.MappingNode):
                 raise YamlError("`<<` merges only mappings", src.start_mark.line + 1,
                                 src.start_mark.column + 1)
-            if id(src) in self._open:
-                raise YamlError("`<<` merges the mapping that contains it, which would never "
-                                "end; merge another mapping", src.start_mark.line + 1,
-                                src.start_mark.column + 1)
             for k, v in self._mapping(src, path, depth + 1).items():
                 out.setdefault(k, v)
         return out
+
+
+def _children(node: Any) -> list[Any]:
+    if isinstance(node.value, str):
+        return []
+    return [n for item in node.value for n in (item if isinstance(item, tuple) else (item,))]
 
 
 def _scalar(node: Any) -> Any:
