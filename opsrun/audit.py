@@ -210,6 +210,12 @@ class AuditLog:
             on_disk = None
         if self._fd is not None:
             mine = os.fstat(self._fd)
+            if mine.st_nlink == 0:
+                # Rotation renames; only deletion leaves the open file without a name.
+                raise AuditWriteError(
+                    f"the audit log {self.path} was deleted while opsrun had it open; "
+                    "restore it from a backup or find out who removed it, then run "
+                    "`opsrun audit verify`")
             if on_disk is None or (on_disk.st_dev, on_disk.st_ino) != (mine.st_dev, mine.st_ino):
                 os.close(self._fd)  # another process rotated it: follow the name
                 self._fd, self._tip = None, None
@@ -291,6 +297,7 @@ class AuditLog:
             raise AuditWriteError(f"cannot rename {self.path} to {target} to start a new "
                                   f"segment: {e.strerror}; {_hint(e)}") from e
         os.close(self._fd)
+        self._fd, self._tip = None, None
         self._fd = self._open_log()
         self._needs_segment_record = True
         return Tip(tip.segment + 1, tip.seq, tip.hash, 0, False)

@@ -278,8 +278,10 @@ def test_writer_notices_truncation_and_removal_while_open(state: Path, store: St
     with pytest.raises(AuditWriteError, match="shrank"):
         log.append("a.b")
     path.unlink()
-    with pytest.raises(AuditWriteError, match="ends at seq 0.*recorded seq 3"):
+    with pytest.raises(AuditWriteError, match="was deleted while opsrun had it open"):
         log.append("a.b")
+    with pytest.raises(AuditWriteError, match="ends at seq 0.*recorded seq 3"):
+        AuditLog(path, store=store).append("a.b")  # a new writer: the store head tells
 
 
 def test_fail_closed_when_the_file_size_limit_is_hit(state: Path) -> None:

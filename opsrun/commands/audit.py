@@ -78,6 +78,7 @@ def show(state_dir: str | None, audit_log: str | None, run: str | None,
     """Print the records that match every filter given, oldest first (the last `limit`)."""
     log_path = _log_path(state_dir, audit_log)
     after = _parse_since(since).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if since else None
+    _note_if_missing(log_path)
     if limit is not None and limit < 1:
         raise UsageError("--limit must be 1 or more")
     needles = [b'"run_id":' + json.dumps(run).encode() if run else b"",
@@ -104,6 +105,8 @@ def tail(state_dir: str | None, audit_log: str | None, follow: bool, lines: int 
          stop: threading.Event | None = None) -> int:
     """Print the last `lines` records; with `follow`, keep printing new ones as they come."""
     log_path = _log_path(state_dir, audit_log)
+    if not follow:
+        _note_if_missing(log_path)
     records = [r for r in (_record(x) for x in _last_lines(log_path, lines)) if r is not None]
     _print_records(records, as_json, header=True)
     sys.stdout.flush()
@@ -134,6 +137,11 @@ def _open(state_dir: str | None, audit_log: str | None
     except StateError as e:
         return log_path, None, [f"the state store could not be opened ({e}): records cut "
                                 "from the end of the log cannot be detected (use --head)"]
+
+
+def _note_if_missing(log_path: Path) -> None:
+    if not any(f.exists() for f in _files(log_path)):
+        print(f"opsrun: there is no audit log at {log_path} yet", file=sys.stderr)
 
 
 def _files(log_path: Path) -> list[Path]:
