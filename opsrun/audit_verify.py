@@ -29,6 +29,7 @@ from typing import Any
 
 from opsrun.audit import (GENESIS, SEGMENT_STARTED, is_record, list_segments, looks_torn,
                           parse_header, permission_problem)
+from opsrun.errors import StateError
 from opsrun.store import AuditCheckpoint, AuditHead, Store
 
 _CHUNK = 4 * 1024 * 1024
@@ -73,7 +74,12 @@ class _Pos:
 def verify_log(path: Path, *, store: Store | None = None, head: tuple[int, str] | None = None,
                from_start: bool = False) -> VerifyResult:
     """Verify the log at `path` (all its segments) against the store's head and `head`."""
-    return _Verifier(Path(path), store, head, from_start).run()
+    try:
+        return _Verifier(Path(path), store, head, from_start).run()
+    except OSError as e:
+        raise StateError(f"cannot read the audit log {e.filename or path}: "
+                         f"{e.strerror or e}; check its permissions (or run as its owner)"
+                         ) from e
 
 
 class _Verifier:

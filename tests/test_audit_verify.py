@@ -6,7 +6,9 @@ import pytest
 
 from opsrun.audit import AuditLog, line_hash
 from opsrun.audit_verify import VerifyResult, verify_log
+from opsrun.errors import StateError
 from opsrun.store import Store
+from tests.test_store import as_other_user
 
 
 @pytest.fixture
@@ -296,3 +298,18 @@ def test_closed_segments_are_checked_by_digest_and_walked_when_changed(state) ->
 def test_no_log_yet(tmp_path: Path) -> None:
     result = verify_log(tmp_path / "audit.jsonl")
     assert result.ok and result.records == 0 and result.warnings[0].reason == "no_log"
+
+
+def test_unreadable_log_is_a_clear_error(tmp_path: Path) -> None:
+    def setup(folder: Path) -> None:
+        make(folder, None, n=2)
+        (folder / "audit.jsonl").chmod(0)
+
+    def attempt(folder: Path) -> str:
+        try:
+            verify_log(folder / "audit.jsonl")
+        except StateError as e:
+            return str(e)
+        return "verified"
+
+    assert "cannot read the audit log" in as_other_user(tmp_path, attempt, setup)

@@ -253,16 +253,23 @@ def test_read_only_folder_gives_a_clear_error(tmp_path: Path) -> None:
     assert "is not writable by this user" in message
 
 
-def as_other_user(tmp_path: Path, fn) -> str:
+def as_other_user(tmp_path: Path, fn, setup=None) -> str:
     """Call fn(folder) where this user cannot write `folder`; return what fn returned.
 
-    Root may write anywhere, so as root fn runs in a forked child that became `nobody`
-    (forked, because the interpreter itself may live where nobody cannot read).
+    `setup(folder)` runs first, as this user, while the folder is still writable. Root may
+    write anywhere, so as root fn runs in a forked child that became `nobody` (forked,
+    because the interpreter itself may live where nobody cannot read).
     """
     if os.geteuid() != 0:
         folder = tmp_path / "ro"
-        folder.mkdir(mode=0o500)
-        return fn(folder)
+        folder.mkdir(mode=0o700)
+        if setup:
+            setup(folder)
+        folder.chmod(0o500)
+        try:
+            return fn(folder)
+        finally:
+            folder.chmod(0o700)
     import shutil
     import tempfile
 
@@ -271,6 +278,9 @@ def as_other_user(tmp_path: Path, fn) -> str:
         base.chmod(0o755)
         folder = base / "state"
         folder.mkdir(mode=0o755)
+        if setup:
+            setup(folder)
+        before = sorted(folder.iterdir())
         read, write = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: never return into pytest
@@ -289,7 +299,7 @@ def as_other_user(tmp_path: Path, fn) -> str:
             out = r.read().decode()
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0, out
-        assert list(folder.iterdir()) == []  # nothing was created
+        assert sorted(folder.iterdir()) == before  # nothing was created
         return out
     finally:
         shutil.rmtree(base)

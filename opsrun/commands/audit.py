@@ -13,6 +13,7 @@ import threading
 import unicodedata
 from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -52,7 +53,8 @@ def head(state_dir: str | None, audit_log: str | None, as_json: bool) -> int:
     """Print the last record's `SEQ:HASH`, to be kept somewhere this machine cannot change."""
     log_path, store, _ = _open(state_dir, audit_log)
     try:
-        tip = AuditLog(log_path).head()
+        with _reading(log_path):
+            tip = AuditLog(log_path).head()
         stored = None if store is None else store.get_audit_head(str(log_path))
     finally:
         if store is not None:
@@ -85,14 +87,15 @@ def show(state_dir: str | None, audit_log: str | None, run: str | None,
                b'"kind":' + json.dumps(kind).encode() if kind and not _is_glob(kind) else b""]
     picked: deque[dict[str, Any]] = deque(maxlen=limit)
     skipped = 0
-    for line in _all_lines(log_path):
-        if not all(n in line for n in needles):
-            continue
-        record = _record(line)
-        if record is None:
-            skipped += 1
-        elif _matches(record, run, runbook, kind, after):
-            picked.append(record)
+    with _reading(log_path):
+        for line in _all_lines(log_path):
+            if not all(n in line for n in needles):
+                continue
+            record = _record(line)
+            if record is None:
+                skipped += 1
+            elif _matches(record, run, runbook, kind, after):
+                picked.append(record)
     _print_records(list(picked), as_json, header=True)
     if skipped:
         print(f"opsrun: {skipped} line(s) that are not complete records were skipped; "
@@ -107,15 +110,28 @@ def tail(state_dir: str | None, audit_log: str | None, follow: bool, lines: int 
     log_path = _log_path(state_dir, audit_log)
     if not follow:
         _note_if_missing(log_path)
-    records = [r for r in (_record(x) for x in _last_lines(log_path, lines)) if r is not None]
-    _print_records(records, as_json, header=True)
-    sys.stdout.flush()
-    if follow:
-        _follow(log_path, as_json, poll_s, stop or threading.Event())
+    with _reading(log_path):
+        found = _last_lines(log_path, lines)
+        records = [r for r in (_record(x) for x in found) if r is not None]
+        _print_records(records, as_json, header=True)
+        sys.stdout.flush()
+        if follow:
+            _follow(log_path, as_json, poll_s, stop or threading.Event())
     return int(exit_codes.OK)
 
 
 # ── reading the log ──────────────────────────────────────────────────────────
+
+
+@contextmanager
+def _reading(log_path: Path) -> Iterator[None]:
+    """Turn a log that cannot be read into one clear error."""
+    try:
+        yield
+    except OSError as e:
+        raise StateError(f"cannot read the audit log {e.filename or log_path}: "
+                         f"{e.strerror or e}; check its permissions (or run as its owner)"
+                         ) from e
 
 
 def _log_path(state_dir: str | None, audit_log: str | None) -> Path:
@@ -156,8 +172,6 @@ def _all_lines(log_path: Path) -> Iterator[bytes]:
                     yield line.rstrip(b"\n")
         except FileNotFoundError:
             continue
-        except OSError as e:
-            raise StateError(f"cannot read the audit log {file}: {e.strerror}") from e
 
 
 def _last_lines(log_path: Path, count: int) -> list[bytes]:
