@@ -569,7 +569,8 @@ def _build_step(s: dict[str, Any], index: int, prefix: str) -> Step:
         appr = Approvers(users, groups, False)
     elif approvers:
         users = tuple(a for a in approvers["users"] if not a.startswith("group:"))
-        groups = tuple(approvers["groups"]) + tuple(
+        # `groups: [ops]` and `groups: ["group:ops"]` mean the same group.
+        groups = tuple(g.removeprefix("group:") for g in approvers["groups"]) + tuple(
             a[len("group:"):] for a in approvers["users"] if a.startswith("group:"))
         appr = Approvers(users, groups, approvers["not_starter"])
     else:
