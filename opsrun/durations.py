@@ -1,6 +1,7 @@
 """Durations as runbooks write them: `500ms`, `30s`, `15m`, `2h`, `1d`, or `1h30m`."""
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -19,6 +20,8 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise DurationError(f"{value!r} is not a duration; {HINT}")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise DurationError(f"{value!r} is not a duration; {HINT}")
         if value < 0:
             raise DurationError(f"{value!r} is negative; durations are zero or more")
         return float(value)
@@ -32,12 +35,14 @@ def parse_duration(value: object) -> float:
 
 def format_duration(seconds: float) -> str:
     """Short human form: 850ms, 12.3s, 4m05s, 2h10m."""
-    if seconds < 1:
+    # The unit is chosen after rounding, so 59.97 reads 1m00s rather than 60.0s.
+    if seconds < 0.9995:
         return f"{seconds * 1000:.0f}ms"
-    if seconds < 60:
+    if seconds < 59.95:
         return f"{seconds:.1f}s"
-    if seconds < 3600:
-        m, s = divmod(int(round(seconds)), 60)
+    whole = int(round(seconds))
+    if whole < 3600:
+        m, s = divmod(whole, 60)
         return f"{m}m{s:02d}s"
-    h, rest = divmod(int(round(seconds)), 3600)
+    h, rest = divmod(whole, 3600)
     return f"{h}h{rest // 60:02d}m"

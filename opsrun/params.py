@@ -1,6 +1,7 @@
 """Typed runbook parameters: the Param model and turning given values into typed ones."""
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -77,14 +78,17 @@ def _to_int(value: Any) -> int:
 
 
 def _to_float(value: Any) -> float:
+    number: float | None = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
+        number = float(value)
+    elif isinstance(value, str):
         try:
-            return float(value.strip())
+            number = float(value.strip())
         except ValueError:
             pass
-    raise ParamError(f"{value!r} is not a number")
+    if number is None or not math.isfinite(number):  # nan and inf are not numbers to act on
+        raise ParamError(f"{value!r} is not a number")
+    return number
 
 
 def resolve(params: Mapping[str, Param], given: Mapping[str, str]) -> dict[str, Any]:
