@@ -96,7 +96,7 @@ class AuditLog:
                  max_segment_bytes: int = DEFAULT_MAX_SEGMENT_BYTES,
                  lock_timeout_s: float = LOCK_TIMEOUT_S) -> None:
         self.path = Path(os.path.abspath(path))
-        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.lock_path = lock_path_for(self.path)
         self.store = store
         self.masker = masker
         self.max_segment_bytes = max_segment_bytes
@@ -136,7 +136,7 @@ class AuditLog:
 
     def head(self) -> AuditHead | None:
         """The last complete record of the log (any segment), or None if it has none."""
-        with _shared_lock(self.lock_path):
+        with reading_lock(self.path):
             tip = last_tip(self.path)
         return None if tip is None else AuditHead(str(self.path), tip.segment, tip.seq,
                                                   tip.hash)
@@ -496,9 +496,19 @@ def permission_problem(path: Path) -> str | None:
     return None
 
 
+def lock_path_for(path: Path) -> Path:
+    """The lock file that writers of the log at `path` hold: `<log>.lock`."""
+    return path.with_name(path.name + ".lock")
+
+
 @contextmanager
-def _shared_lock(lock_path: Path) -> Iterator[None]:
-    # Readers may lack write access to the folder: lock when we can, read anyway if not.
+def reading_lock(path: Path) -> Iterator[None]:
+    """Hold writers of the log at `path` off for a moment, to see its files consistently.
+
+    Readers may lack write access to the folder: they lock when they can, and read anyway
+    when the lock file cannot be opened.
+    """
+    lock_path = lock_path_for(path)
     try:
         fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:

@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from opsrun.audit import (GENESIS, SEGMENT_STARTED, is_record, list_segments, looks_torn,
-                          parse_header, permission_problem)
+                          parse_header, permission_problem, reading_lock)
 from opsrun.errors import StateError
-from opsrun.store import AuditCheckpoint, AuditHead, Store
+from opsrun.store import AuditCheckpoint, Store
 
 _CHUNK = 4 * 1024 * 1024
 _REORDER_WINDOW = 1000  # lines searched ahead for a record that was moved
@@ -71,6 +72,16 @@ class _Pos:
     line: int
 
 
+@dataclass
+class _File:
+    """One file of the log, opened while writers were held off, and its size then."""
+
+    number: int
+    path: Path
+    handle: BinaryIO
+    size: int
+
+
 def verify_log(path: Path, *, store: Store | None = None, head: tuple[int, str] | None = None,
                from_start: bool = False) -> VerifyResult:
     """Verify the log at `path` (all its segments) against the store's head and `head`."""
@@ -97,44 +108,64 @@ class _Verifier:
         self.torn: list[tuple[_Pos, bool]] = []  # crash remnants waiting for the next record
         self.heads: dict[int, list[tuple[str, str]]] = {}
         self.labels: list[str] = []
-        self.store_head: AuditHead | None = None
-        if store is not None:
-            self.store_head = store.get_audit_head(str(path))
-            if self.store_head is not None:
-                self._expect(self.store_head.seq, self.store_head.hash, "the state store's head")
-        if head is not None:
-            self._expect(head[0], head[1], "the given --head")
+        self.given_head = head
+        self.current: _File | None = None
 
     def _expect(self, seq: int, digest: str, label: str) -> None:
         self.heads.setdefault(seq, []).append((digest.lower(), label))
         self.labels.append(f"{label} (seq {seq})")
 
     def run(self) -> VerifyResult:
-        files = [*list_segments(self.path)]
-        current_number = files[-1][0] + 1 if files else 1
-        if self.path.exists():
-            files.append((current_number, self.path))
+        # Open every file and read the store's head while writers wait, so that a rotation
+        # or an append during the walk cannot look like a missing segment or a torn line.
+        with reading_lock(self.path):
+            files = self._snapshot()
+            head = None if self.store is None else self.store.get_audit_head(str(self.path))
+        try:
+            if head is not None:
+                self._expect(head.seq, head.hash, "the state store's head")
+            if self.given_head is not None:
+                self._expect(*self.given_head, "the given --head")
+            self._verify(files)
+        finally:
+            for f in files:
+                f.handle.close()
+        return VerifyResult(self.problem is None, self.records, [f.path.name for f in files],
+                            self.seq, self.hash, self.problem, self.warnings, self.labels)
+
+    def _snapshot(self) -> list[_File]:
+        found = list_segments(self.path)
+        found.append((found[-1][0] + 1 if found else 1, self.path))
+        files = []
+        for number, path in found:
+            try:
+                handle = open(path, "rb")
+            except FileNotFoundError:
+                continue
+            files.append(_File(number, path, handle, os.fstat(handle.fileno()).st_size))
+        return files
+
+    def _verify(self, files: list[_File]) -> None:
         checkpoints = {} if self.store is None else self.store.audit_checkpoints(str(self.path))
         previous_name: str | None = None
-        for number, file in files:
-            problem = permission_problem(file)
+        for f in files:
+            problem = permission_problem(f.path)
             if problem:
-                self.warnings.append(Finding("permissions", problem, str(file)))
-            closed = file != self.path
-            saved = None if self.from_start or not closed else checkpoints.get(number)
-            if not (saved and self._skip(file, saved, previous_name)):
-                self._walk(file, number, previous_name, closed)
+                self.warnings.append(Finding("permissions", problem, str(f.path)))
+            closed = f.path != self.path
+            saved = None if self.from_start or not closed else checkpoints.get(f.number)
+            if not (saved and self._skip(f, saved, previous_name)):
+                self._walk(f, previous_name, closed)
             if self.problem:
-                break
-            previous_name = file.name
-        if not self.problem:
-            self._finish(files)
-        return VerifyResult(self.problem is None, self.records, [f.name for _, f in files],
-                            self.seq, self.hash, self.problem, self.warnings, self.labels)
+                return
+            previous_name = f.path.name
+        self._finish(files)
 
     # ── one file ───────────────────────────────────────────────────────────
 
-    def _walk(self, file: Path, number: int, previous_name: str | None, closed: bool) -> None:
+    def _walk(self, f: _File, previous_name: str | None, closed: bool) -> None:
+        file, number = f.path, f.number
+        self.current = f
         digest = hashlib.sha256() if closed and self.store is not None else None
         start = (self.seq, self.hash, self.records, len(self.warnings))
         first: tuple[int, str, dict[str, Any] | None] | None = None
@@ -147,7 +178,7 @@ class _Verifier:
         good = 0  # records accepted by the hot loop since the state was last saved
         last_line = self.last_line
         last_no = 0
-        for line_no, line, whole in _lines(file, digest):
+        for line_no, line, whole in _lines(f, digest):
             if line_no == 1 or self.torn or not (
                     whole and line.startswith(expect) and line.endswith(b"}")):
                 self._save_state(seq, digest_hex, before, good, last_line, name, last_no)
@@ -175,7 +206,7 @@ class _Verifier:
                     return
         self._save_state(seq, digest_hex, before, good, last_line, name, last_no)
         if digest is not None and self.problem is None:
-            self._save(file, number, digest.hexdigest(), start, first, line_no)
+            self._save(f, digest.hexdigest(), start, first, line_no)
 
     def _save_state(self, seq: int, digest_hex: bytes, before: bytes, good: int,
                     last_line: bytes, name: str, last_no: int) -> None:
@@ -280,7 +311,8 @@ class _Verifier:
 
     def _ahead(self, file: Path, n: int, line: bytes, seq: int, prev: str) -> None:
         expected = self.seq + 1
-        following = _lines_after(file, n, _REORDER_WINDOW)
+        assert self.current is not None
+        following = _lines_after(self.current, n, _REORDER_WINDOW)
         nxt = parse_header(following[0]) if following else None
         if nxt is not None and nxt == (expected, self.hash):
             if seq == expected + 1 and prev == hashlib.sha256(following[0]).hexdigest():
@@ -338,20 +370,21 @@ class _Verifier:
 
     # ── the end of the log and segments verified before ───────────────────
 
-    def _finish(self, files: list[tuple[int, Path]]) -> None:
+    def _finish(self, files: list[_File]) -> None:
         for pos, whole in self.torn:
             self.warnings.append(Finding(
                 "incomplete_last_record", f"incomplete last record at line {pos.line} of "
                 f"{Path(pos.file).name}: a write was cut short, probably by a crash; it is not "
                 "part of the chain" + ("" if not whole else " (it ends in a newline)"),
                 pos.file, pos.line, self.seq + 1))
+        has_current = any(f.path == self.path for f in files)
         for seq in sorted(self.heads):
             if seq > self.seq:
                 label = self.heads[seq][0][1]
                 cut = seq - self.seq
                 where = (f" (line {self.last_pos.line} of {Path(self.last_pos.file).name})"
                          if self.last_pos else "")
-                gone = "" if self.path.exists() else f", and {self.path.name} is missing"
+                gone = "" if has_current else f", and {self.path.name} is missing"
                 self._fail("removed", f"the log ends at seq {self.seq}{where}, but {label} is "
                            f"seq {seq}: the last {cut} record(s) were removed{gone}",
                            Path(self.last_pos.file) if self.last_pos else self.path,
@@ -360,36 +393,32 @@ class _Verifier:
         if not files:
             self.warnings.append(Finding("no_log", f"there is no audit log at {self.path} yet",
                                          str(self.path)))
-        elif not self.path.exists():
+        elif not has_current:
             self.warnings.append(Finding(
                 "no_current_segment", f"{self.path.name} does not exist after segment "
-                f"{files[-1][1].name} (a rotation was interrupted; the next record starts it)",
+                f"{files[-1].path.name} (a rotation was interrupted; the next record starts it)",
                 str(self.path)))
 
-    def _skip(self, file: Path, saved: AuditCheckpoint, previous_name: str | None) -> bool:
+    def _skip(self, f: _File, saved: AuditCheckpoint, previous_name: str | None) -> bool:
         """Use a segment verified before if its bytes and its links are unchanged."""
         s = saved.summary
-        try:
-            size = file.stat().st_size
-        except OSError:
-            return False
-        if size != saved.size or s.get("first_seq") != self.seq + 1 or \
+        if f.size != saved.size or s.get("first_seq") != self.seq + 1 or \
                 s.get("first_prev") != self.hash or s.get("previous_segment") != previous_name:
             return False
         if any(s["first_seq"] <= q < s["last_seq"] for q in self.heads):
             return False  # a head to check lies inside: walk it
-        if _file_sha256(file) != saved.sha256:
+        if _file_sha256(f) != saved.sha256:
             return False
         self.seq, self.hash, self.before = s["last_seq"], s["last_hash"], s["before_hash"]
         self.records += s["records"]
-        self.last_pos = _Pos(str(file), s["lines"])
+        self.last_pos = _Pos(str(f.path), s["lines"])
         self.last_line = b""
         self.warnings.extend(Finding(**w) for w in s["warnings"])
         if self.seq in self.heads:
-            self._check_head(self.seq, str(file), s["lines"])
+            self._check_head(self.seq, str(f.path), s["lines"])
         return True
 
-    def _save(self, file: Path, number: int, digest: str, start: tuple[int, str, int, int],
+    def _save(self, f: _File, digest: str, start: tuple[int, str, int, int],
               first: tuple[int, str, dict[str, Any] | None] | None, lines: int) -> None:
         if self.store is None or self.torn or self.records == start[2]:
             return
@@ -400,7 +429,7 @@ class _Verifier:
                    "records": self.records - start[2], "lines": lines,
                    "warnings": [asdict(w) for w in self.warnings[start[3]:]]}
         self.store.save_audit_checkpoint(str(self.path), AuditCheckpoint(
-            number, file.stat().st_size, digest, summary))
+            f.number, f.size, digest, summary))
 
     def _fail(self, reason: str, message: str, file: Path, line: int | None,
               seq: int | None) -> None:
@@ -408,28 +437,36 @@ class _Verifier:
             self.problem = Finding(reason, message, str(file), line, seq)
 
 
-def _lines(file: Path, digest: Any = None) -> Iterator[tuple[int, bytes, bool]]:
+def _chunks(f: _File) -> Iterator[bytes]:
+    """The bytes the file had when it was opened (a record appended since is not seen)."""
+    f.handle.seek(0)
+    left = f.size
+    while left > 0:
+        chunk = f.handle.read(min(_CHUNK, left))
+        if not chunk:
+            return
+        left -= len(chunk)
+        yield chunk
+
+
+def _lines(f: _File, digest: Any = None) -> Iterator[tuple[int, bytes, bool]]:
     """(line number, bytes without newline, ended by a newline) for each line of a file."""
-    with open(file, "rb") as f:
-        n, carry = 0, b""
-        while True:
-            chunk = f.read(_CHUNK)
-            if not chunk:
-                break
-            if digest is not None:
-                digest.update(chunk)
-            parts = (carry + chunk).split(b"\n")
-            carry = parts.pop()
-            for line in parts:
-                n += 1
-                yield n, line, True
-        if carry:
-            yield n + 1, carry, False
+    n, carry = 0, b""
+    for chunk in _chunks(f):
+        if digest is not None:
+            digest.update(chunk)
+        parts = (carry + chunk).split(b"\n")
+        carry = parts.pop()
+        for line in parts:
+            n += 1
+            yield n, line, True
+    if carry:
+        yield n + 1, carry, False
 
 
-def _lines_after(file: Path, n: int, count: int) -> list[bytes]:
+def _lines_after(f: _File, n: int, count: int) -> list[bytes]:
     out: list[bytes] = []
-    for k, line, whole in _lines(file):
+    for k, line, _ in _lines(f):
         if k > n:
             out.append(line)
             if len(out) >= count:
@@ -437,9 +474,8 @@ def _lines_after(file: Path, n: int, count: int) -> list[bytes]:
     return out
 
 
-def _file_sha256(file: Path) -> str:
+def _file_sha256(f: _File) -> str:
     h = hashlib.sha256()
-    with open(file, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
+    for chunk in _chunks(f):
+        h.update(chunk)
     return h.hexdigest()

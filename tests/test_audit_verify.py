@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -313,3 +316,26 @@ def test_unreadable_log_is_a_clear_error(tmp_path: Path) -> None:
         return "verified"
 
     assert "cannot read the audit log" in as_other_user(tmp_path, attempt, setup)
+
+
+def test_verify_while_another_process_appends_and_rotates(state) -> None:
+    folder, store = state
+    make(folder, store, n=5)
+    writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        from pathlib import Path
+        from opsrun.audit import AuditLog
+        from opsrun.store import Store
+        log = AuditLog(Path({str(folder / "audit.jsonl")!r}),
+                       store=Store.open(Path({str(folder)!r})), max_segment_bytes=3000)
+        for i in range(600):
+            log.append("step.finished", n=i)
+    """)])
+    results = []
+    while writer.poll() is None or not results:
+        results.append(verify_log(folder / "audit.jsonl", store=store))
+    assert writer.wait(timeout=60) == 0
+    for r in results:
+        assert r.ok, r.problem
+        assert r.warnings == []
+    final = verify_log(folder / "audit.jsonl", store=store, from_start=True)
+    assert final.ok and final.records >= 605
