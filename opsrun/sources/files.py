@@ -42,6 +42,7 @@ GROUP_MS = 100  # the longest it collects before handing over, under constant ch
 POLL_DELAY_MS = 500  # scan interval once the watch limit forced polling
 FLOOD = 2000  # changes in one batch after which events may have been dropped: rescan
 _WAKE_S = 0.1  # the longest the flush loop waits before looking at `stop` again
+ADDED = 1  # watchfiles' Change.added
 
 _Stat = tuple[int, int, int, int, int]  # inode, device, size, mtime_ns, ctime_ns
 
@@ -234,6 +235,7 @@ class FileSource:
                 notifier = self._notifier(targets, recursive, self._polling)
             except (OSError, RuntimeError) as e:
                 self._trouble(e, targets, until)
+                first = False  # the next watch must catch up with this gap
                 continue
             self._mark_up(recursive)
             first = self._catch_up(first)
@@ -250,6 +252,10 @@ class FileSource:
             if isinstance(result, str):
                 continue  # "stop", "timeout" or "signal": `until` decides
             paths = {path for _, path in result}
+            for change, path in result:
+                if change == ADDED and os.path.isdir(path):
+                    # what was put in a new folder before its watch existed was not seen
+                    paths.update(self._files_below(path))
             self._feed(paths)
             if len(result) >= FLOOD:
                 log.warning("file source: %d changes at once; rescanning in case the "
@@ -259,6 +265,13 @@ class FileSource:
                 if any(self._moves_layout(p) for p in paths):
                     self._generation += 1
                     self._cond.notify_all()
+
+    def _files_below(self, folder: str) -> list[str]:
+        found = []
+        for root, _, names in os.walk(folder):
+            found.extend(p for p in (os.path.join(root, n) for n in names)
+                         if any(w.wants(p) for w in self._watches))
+        return found
 
     def _layout(self, recursive: bool) -> list[str]:
         groups: dict[bool, set[str]] = {True: set(), False: set()}
