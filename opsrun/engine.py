@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opsrun import expressions, run_types as rt, shell_words
-from opsrun.errors import AuditWriteError, ExpressionError, StateError
+from opsrun.errors import ExpressionError, StateError
 from opsrun.event import Event
 from opsrun.executors.base import ExecRequest, ExecResult, Executor
 from opsrun.identity import Identity
@@ -63,12 +63,22 @@ class Engine:
     # ── the run ─────────────────────────────────────────────────────────────
 
     def run(self, req: RunRequest, cancel: threading.Event | None = None) -> rt.RunResult:
-        """Run to the end (or until parked for an answer); never raises for a failed step."""
+        """Run to the end (or until parked); a failed step is a result, an unwritable record raises StateError."""
         return _Run(self, req, cancel or threading.Event()).go()
 
     def emit(self, kind: str, data: dict[str, Any]) -> None:
         for listener in self.listeners:
             listener.transition(kind, data)
+
+    def emit_unrecorded(self, kind: str, data: dict[str, Any]) -> None:
+        """Best effort, after the record failed: listeners other than the audit log."""
+        for listener in self.listeners:
+            if getattr(listener, "is_audit", False):
+                continue
+            try:
+                listener.transition(kind, data)
+            except Exception:  # noqa: BLE001 - the original error is what matters
+                pass
 
     def output(self, step_id: str, stream: str, text: str, host: str | None) -> None:
         for listener in self.listeners:
@@ -112,19 +122,17 @@ class _Run:
                 event=dict(self.req.event.data), params=self.req.params,
                 started_by=self.req.starter.as_record(), trigger=self.req.trigger,
                 resume_at=self.req.resume_at or None))
-        except StateError as err:
-            shutil.rmtree(self.scratch, ignore_errors=True)
-            return rt.RunResult(self.req.run_id, self.rb.name, rt.FAILED, error=str(err))
-        try:
             self._main(result)
         except rt.RunParked as parked:
             result.state, result.waiting_step = rt.WAITING, parked.step_id
-        except AuditWriteError as err:
-            # Nothing more can be recorded, so nothing more may run.
-            result.state, result.error = rt.FAILED, str(err)
+        except StateError as err:
+            # Nothing more can be recorded, so nothing more may run: tell whoever can still
+            # hear it, and let the caller report the error.
             shutil.rmtree(self.scratch, ignore_errors=True)
-            result.duration = time.monotonic() - self.started
-            return result
+            self.e.emit_unrecorded("run.finished", self._run_fields(
+                state=rt.FAILED, exit_code=rt.EXIT_CODES[rt.FAILED], failed_step=None,
+                error=str(err), duration=round(time.monotonic() - self.started, 3)))
+            raise
         result.duration = time.monotonic() - self.started
         shutil.rmtree(self.scratch, ignore_errors=True)
         if result.state != rt.WAITING:

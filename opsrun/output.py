@@ -82,12 +82,18 @@ class _LineBuffer:
     def __init__(self) -> None:
         self.partial: dict[tuple[str, str, str | None], str] = {}
 
+    MAX_LINE = 16 * 1024  # a "line" with no end in sight is shown in pieces, not hoarded
+
     def feed(self, key: tuple[str, str, str | None], text: str) -> list[str]:
         text = self.partial.pop(key, "") + text
         lines = text.split("\n")
-        if lines[-1]:
-            self.partial[key] = lines[-1]
-        return lines[:-1]
+        rest = lines.pop()
+        while len(rest) > self.MAX_LINE:
+            lines.append(rest[: self.MAX_LINE])
+            rest = rest[self.MAX_LINE:]
+        if rest:
+            self.partial[key] = rest
+        return lines
 
     def flush(self, step_id: str) -> list[tuple[tuple[str, str, str | None], str]]:
         keys = [k for k in self.partial if k[0] == step_id]

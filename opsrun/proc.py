@@ -93,18 +93,27 @@ class _Supervisor:
     def run(self) -> ProcResult:
         timed_out = cancelled = False
         try:
-            while self.sel.get_map() and self.p.poll() is None:
+            while True:
                 if self.cancel is not None and self.cancel.is_set():
                     cancelled = True
                     break
                 if self.deadline is not None and time.monotonic() >= self.deadline:
                     timed_out = True
                     break
-                self._pump(_POLL_S)
+                if self.sel.get_map():
+                    self._pump(_POLL_S)
+                else:
+                    # Output closed; the command may still be running (or just exiting).
+                    try:
+                        self.p.wait(timeout=_POLL_S)
+                    except subprocess.TimeoutExpired:
+                        continue
+                if self.p.poll() is not None:
+                    break
             if timed_out or cancelled:
                 self._stop_group()
             else:
-                self._finish_reading()
+                self._drain_after_exit()
             self._stop_group()  # leftovers the command started and did not wait for
             self._pump_until_eof(0.5)
         finally:
@@ -127,21 +136,14 @@ class _Supervisor:
             else:
                 self.sel.unregister(key.fd)
 
-    def _finish_reading(self) -> None:
-        """The command has exited or closed its output; read what is left, briefly."""
-        end = time.monotonic() + 0.2
-        while self.sel.get_map() and time.monotonic() < end:
-            self._pump(0.02)
-            if self.p.poll() is None and self.sel.get_map():
-                # Still running with output open: keep following it as usual.
-                end = time.monotonic() + 0.2
-                if self._should_stop():
-                    return
-
-    def _should_stop(self) -> bool:
-        if self.cancel is not None and self.cancel.is_set():
-            return True
-        return self.deadline is not None and time.monotonic() >= self.deadline
+    def _drain_after_exit(self) -> None:
+        """The command exited: read what is left until its output closes or goes quiet."""
+        quiet_until = time.monotonic() + 0.2
+        give_up = time.monotonic() + 1.0  # a leftover that keeps talking is stopped anyway
+        while self.sel.get_map() and time.monotonic() < min(quiet_until, give_up):
+            if self.sel.select(timeout=0.02):
+                self._pump(0)
+                quiet_until = time.monotonic() + 0.2
 
     def _pump_until_eof(self, limit_s: float) -> None:
         end = time.monotonic() + limit_s

@@ -25,6 +25,8 @@ def runbook_ref(rb: Runbook) -> RunbookRef:
 class AuditListener:
     """Writes every transition to the audit log, durably, before the engine continues."""
 
+    is_audit = True
+
     def __init__(self, audit: AuditLog) -> None:
         self.audit = audit
 

@@ -46,7 +46,8 @@ class RunContext:
     def waiting_confirmer(self, *, park: bool = False, notify: Any = None) -> WaitingConfirmer:
         waiter = Waiter(self.store, self.audit,
                         notify or (lambda text: print(text, file=sys.stderr, flush=True)))
-        return WaitingConfirmer(waiter, park=park, runbook_record=self.runbook_record)
+        return WaitingConfirmer(waiter, park=park, runbook_record=self.runbook_record,
+                                socket_dir=None if park else runs_dir(self.state_dir))
 
     def confirmer(self, *, yes: bool, starter: Identity) -> rt.Confirmer:
         """--yes answers; a terminal is asked; anything else waits for `opsrun approve`."""
@@ -96,9 +97,7 @@ def driving(state_dir: Path, run_id: str) -> Iterator[None]:
     """
     from opsrun import file_lock
 
-    folder = state_dir / "runs"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    path = folder / f"{run_id}.lock"
+    path = runs_dir(state_dir) / f"{run_id}.lock"
     fd = file_lock.open_lock_file(path)
     try:
         try:
@@ -112,6 +111,20 @@ def driving(state_dir: Path, run_id: str) -> Iterator[None]:
                           "process first, or answer it with opsrun approve/deny") from None
     finally:
         os.close(fd)
+
+
+def runs_dir(state_dir: Path) -> Path:
+    """`<state>/runs`: run locks and sockets; as open to the group as the state folder is."""
+    folder = state_dir / "runs"
+    if not folder.is_dir():
+        st = state_dir.stat()
+        folder.mkdir(exist_ok=True)
+        try:
+            os.chown(folder, -1, st.st_gid)
+        except OSError:
+            pass
+        os.chmod(folder, 0o700 | (st.st_mode & 0o050))
+    return folder
 
 
 def driver_pid(state_dir: Path, run_id: str) -> int | None:

@@ -212,7 +212,9 @@ LOG_TRIGGER = Object("a log trigger", {
                   required=True),
     "match": Field(REGEX, default=None),
     "from": Field(Enum("end", "start", description="Start at the end (new lines only) "
-                                                   "or the start of the file"),
+                                                   "or the start of the file",
+                       synonyms={"beginning": "start", "begin": "start", "head": "start",
+                                 "top": "start", "tail": "end", "bottom": "end"}),
                   default="end"),
 }, description="Fire on each new log line that matches.")
 
@@ -431,6 +433,13 @@ STEP = Object("a step", {
     "on_timeout": Field(Enum("deny", "approve", description="Answer given when nobody "
                                                             "answers in time (default deny)")),
 }, rules=_step_rules, description="One step: run: commands or confirm: a question",
+    # What GitHub Actions, Ansible and other tools call these keys.
+    synonyms={"command": "run", "cmd": "run", "script": "run", "shell_command": "run",
+              "prompt": "confirm", "ask": "confirm", "when": "if", "condition": "if",
+              "continue-on-error": "continue_on_error", "ignore_errors": "continue_on_error",
+              "timeout-minutes": "timeout", "timeout_minutes": "timeout", "retries": "retry",
+              "working-directory": "workdir", "cwd": "workdir", "chdir": "workdir",
+              "environment": "env", "approver": "approvers", "hostname": "host"},
     json_extra={"oneOf": [{"required": ["run"]}, {"required": ["confirm"]}]})
 
 STEPS = ListOf(STEP, min_items=1, description="The steps, run in order")

@@ -274,7 +274,7 @@ class ListOf(Check):
         self.expects = "a list"
 
     def check(self, value: Any, path: PathT, problems: Problems) -> Any:
-        if self.single_ok and not isinstance(value, list) and value is not None:
+        if self.single_ok and not isinstance(value, (list, Mapping)) and value is not None:
             value = [value]
         if not isinstance(value, list):
             return self.wrong_type(value, path, problems)
@@ -352,8 +352,10 @@ class Object(Check):
 
     def __init__(self, what: str, fields: dict[str, Field], *, description: str = "",
                  rules: Callable[[dict[str, Any], PathT, Problems], None] | None = None,
-                 json_extra: dict[str, Any] | None = None) -> None:
+                 json_extra: dict[str, Any] | None = None,
+                 synonyms: Mapping[str, str] | None = None) -> None:
         self.what, self.fields, self.description = what, fields, description
+        self.synonyms = dict(synonyms or {})  # keys from other tools → ours, for the hint
         self.rules = rules
         self.json_extra = json_extra or {}
         self.expects = f"a mapping ({what})"
@@ -365,8 +367,10 @@ class Object(Check):
         bad = False
         for k, v in value.items():
             if k not in self.fields:
+                hint = (f" (did you mean {self.synonyms[k]!r}?)" if k in self.synonyms
+                        else did_you_mean(k, self.fields))
                 problems.add((*path, k), f"{show_path((*path, k))}: unknown key {k!r} in "
-                             f"{self.what}{did_you_mean(k, self.fields)}; known keys: "
+                             f"{self.what}{hint}; known keys: "
                              f"{', '.join(self.fields)}", at_key=True)
                 bad = True
                 continue

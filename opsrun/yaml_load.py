@@ -61,7 +61,7 @@ class Document:
         """Position of the character at `offset` inside the text value at `path`."""
         line, col = self.mark(path)
         p = tuple(path)
-        if offset <= 0 or p not in self.value_marks:
+        if offset < 0 or p not in self.value_marks:
             return line, col
         found = self._search(p, offset)
         if found is not None:

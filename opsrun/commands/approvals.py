@@ -1,13 +1,33 @@
 """opsrun pending / approve / deny: answer runs that wait for a person, from any terminal."""
 from __future__ import annotations
 
+import sys
 from datetime import datetime, timezone
+from pathlib import Path
 
-from opsrun import identity, output
+from opsrun import control, identity, output, paths
 from opsrun.approvals import describe_approvers, give_answer
 from opsrun.commands.runs import _store
 from opsrun.durations import format_duration
+from opsrun.errors import UsageError
 from opsrun.run_setup import open_run_context
+
+
+def _sockets_for(folder: Path, run_ref: str) -> list[Path]:
+    """Sockets of processes waiting on runs whose id is or starts with `run_ref`."""
+    runs = folder / "runs"
+    if not run_ref or "/" in run_ref or run_ref.startswith("."):
+        return []
+    exact = runs / f"{run_ref}.sock"
+    try:
+        if exact.exists():
+            return [exact]
+        found = sorted(runs.glob(f"{run_ref.upper()}*.sock"))
+    except OSError as e:
+        raise UsageError(f"cannot look into {runs}: {e.strerror}; the state folder's "
+                         "permissions do not let you in (ask its owner to share it with "
+                         "your group)") from None
+    return found if len(found) == 1 else []
 
 
 def pending(state_dir: str | None, *, as_json: bool) -> int:
@@ -47,7 +67,23 @@ def pending(state_dir: str | None, *, as_json: bool) -> int:
 
 def answer(state_dir: str | None, audit_log: str | None, run_ref: str, *, approve: bool,
            comment: str | None) -> int:
-    """Approve or deny as the user running this command (taken from the OS)."""
+    """Approve or deny as the user running this command (taken from the OS).
+
+    The answer goes to whoever waits for it — through its socket, where the kernel tells it
+    who we are — or, when nobody waits, straight into the state store.
+    """
+    folder = paths.state_dir_from_env(state_dir)
+    for sock in _sockets_for(folder, run_ref):
+        try:
+            reply = control.request(sock, {"op": "approve" if approve else "deny",
+                                           "run_id": sock.stem, "comment": comment})
+        except control.ControlUnavailable:
+            continue
+        if reply.ok:
+            print(reply.message)
+        else:
+            print(f"opsrun: {reply.message}", file=sys.stderr)
+        return reply.exit_code
     who = identity.current()
     with open_run_context(state_dir, audit_log, {}) as rc:
         q = give_answer(rc.store, rc.audit, run_ref, approve=approve, who=who, comment=comment)

@@ -111,12 +111,15 @@ def tail(state_dir: str | None, audit_log: str | None, follow: bool, lines: int 
     if not follow:
         _note_if_missing(log_path)
     with _reading(log_path):
-        found = _last_lines(log_path, lines)
+        # Open the file to follow first, and show the last records up to where it stands:
+        # what is appended meanwhile is then printed once, by the follower.
+        f = _open_at_end(log_path) if follow else None
+        found = _last_lines(log_path, lines, None if f is None else f.tell())
         records = [r for r in (_record(x) for x in found) if r is not None]
         _print_records(records, as_json, header=True)
         sys.stdout.flush()
         if follow:
-            _follow(log_path, as_json, poll_s, stop or threading.Event())
+            _follow(log_path, f, as_json, poll_s, stop or threading.Event())
     return int(exit_codes.OK)
 
 
@@ -174,11 +177,12 @@ def _all_lines(log_path: Path) -> Iterator[bytes]:
             continue
 
 
-def _last_lines(log_path: Path, count: int) -> list[bytes]:
+def _last_lines(log_path: Path, count: int, current_size: int | None = None) -> list[bytes]:
     out: list[bytes] = []
     for file in reversed(_files(log_path)):
         try:
-            data = _tail_bytes(file, count - len(out))
+            data = _tail_bytes(file, count - len(out),
+                               current_size if file == log_path else None)
         except FileNotFoundError:
             continue
         out[:0] = data
@@ -187,9 +191,9 @@ def _last_lines(log_path: Path, count: int) -> list[bytes]:
     return out[-count:] if count else []
 
 
-def _tail_bytes(file: Path, count: int) -> list[bytes]:
+def _tail_bytes(file: Path, count: int, size: int | None = None) -> list[bytes]:
     with open(file, "rb") as f:
-        size = f.seek(0, os.SEEK_END)
+        size = f.seek(0, os.SEEK_END) if size is None else size
         window = 64 * 1024
         while True:
             start = max(0, size - window)
@@ -202,25 +206,63 @@ def _tail_bytes(file: Path, count: int) -> list[bytes]:
             window *= 8
 
 
-def _follow(log_path: Path, as_json: bool, poll_s: float, stop: threading.Event) -> None:
-    """Print records as they are appended, across segment rotations, until `stop`."""
-    f = _open_at_end(log_path)
+def _follow(log_path: Path, f: Any, as_json: bool, poll_s: float,
+            stop: threading.Event) -> None:
+    """Print records appended to `f` and its successors, across rotations, until `stop`."""
     pending = b""
     while not stop.wait(poll_s):
         if f is None:
             f = _open_at_end(log_path, start=True)
             continue
         pending = _print_new(f.read(), pending, as_json)
-        try:
-            rotated = os.stat(log_path).st_ino != os.fstat(f.fileno()).st_ino
-        except FileNotFoundError:
-            rotated = False  # between the rename and the new file: look again next time
-        if rotated:
-            pending = _print_new(f.read(), pending, as_json)  # the old file's last words
+        if _moved(log_path, f):
+            _print_rest(f.read(), pending, as_json)  # the old file's last words
+            pending = b""
+            followed = os.fstat(f.fileno()).st_ino
             f.close()
-            f = _open_at_end(log_path, start=True)
+            f = _catch_up(log_path, followed, as_json)
     if f is not None:
         f.close()
+
+
+def _moved(log_path: Path, f: Any) -> bool:
+    try:
+        return os.stat(log_path).st_ino != os.fstat(f.fileno()).st_ino
+    except FileNotFoundError:
+        return False  # between the rename and the new file: look again next time
+
+
+def _catch_up(log_path: Path, followed: int, as_json: bool) -> Any:
+    """Print the segments closed after the file that was followed; open the current one.
+
+    Several rotations may have happened between two looks, and more may happen while
+    catching up: repeat until the list of segments holds still.
+    """
+    while True:
+        segments = list_segments(log_path)
+        inodes = [_inode(p) for _, p in segments]
+        if followed in inodes:
+            for _, path in segments[inodes.index(followed) + 1:]:
+                with open(path, "rb") as closed:
+                    _print_rest(closed.read(), b"", as_json)
+                followed = _inode(path)
+        f = _open_at_end(log_path, start=True)
+        if [n for n, _ in list_segments(log_path)] == [n for n, _ in segments]:
+            return f
+        if f is not None:
+            f.close()  # rotated again meanwhile: what was opened is a segment now
+
+
+def _inode(path: Path) -> int:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return -1
+
+
+def _print_rest(data: bytes, pending: bytes, as_json: bool) -> None:
+    if _print_new(data, pending, as_json):
+        print("(an incomplete record at the end of a segment was skipped)", file=sys.stderr)
 
 
 def _open_at_end(log_path: Path, start: bool = False) -> Any:

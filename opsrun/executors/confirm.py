@@ -6,11 +6,13 @@ import select
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import IO, Any
 
 from opsrun import run_types as rt
-from opsrun.approvals import Waiter, approvers_record, describe_approvers, refusal
+from opsrun.approvals import Waiter, approvers_record, describe_approvers, give_answer, refusal
 from opsrun.identity import Identity
 from opsrun.terminal_text import safe
 
@@ -30,11 +32,12 @@ class WaitingConfirmer:
     """Record the question and wait for `opsrun approve/deny` (or park the run: the daemon)."""
 
     def __init__(self, waiter: Waiter, *, park: bool = False,
-                 runbook_record: Callable[[str], dict[str, Any] | None] = lambda rid: None
-                 ) -> None:
+                 runbook_record: Callable[[str], dict[str, Any] | None] = lambda rid: None,
+                 socket_dir: Path | None = None) -> None:
         self.waiter = waiter
         self.park = park
         self.runbook_record = runbook_record
+        self.socket_dir = socket_dir  # where to serve answers from other users
 
     def confirm(self, request: rt.ConfirmRequest, cancel: threading.Event) -> rt.Answer:
         store = self.waiter.store
@@ -45,8 +48,9 @@ class WaitingConfirmer:
             if self.park:
                 raise rt.RunParked(request.step_id)
             self.waiter.notify(waiting_message(request, q.deadline is not None))
-            answered = self.waiter.wait(q, request.on_timeout, cancel,
-                                        self.runbook_record(request.run_id))
+            with self._serving(request.run_id):
+                answered = self.waiter.wait(q, request.on_timeout, cancel,
+                                            self.runbook_record(request.run_id))
             if answered is None:
                 store.update_run(request.run_id, state=rt.RUNNING)
                 return rt.Answer(False, request.starter.user, request.starter.uid, "cancel")
@@ -54,6 +58,38 @@ class WaitingConfirmer:
             store.update_run(request.run_id, state=rt.RUNNING)
         return rt.Answer(q.answer == "approved", q.answered_by or "?", q.answered_uid,
                          q.how or "command", q.comment, recorded=True)
+
+
+    @contextmanager
+    def _serving(self, run_id: str) -> Iterator[None]:
+        """While waiting, take answers over `runs/<id>.sock` (identity from SO_PEERCRED)."""
+        if self.socket_dir is None:
+            yield
+            return
+        from opsrun import control
+
+        def handle(req: dict[str, Any], who: Identity) -> dict[str, Any]:
+            if req.get("op") not in ("approve", "deny") or req.get("run_id") != run_id:
+                return {"ok": False, "message": f"this socket answers run {run_id} only",
+                        "exit_code": 2}
+            approve = req["op"] == "approve"
+            comment = req.get("comment") if isinstance(req.get("comment"), str) else None
+            q = give_answer(self.waiter.store, self.waiter.audit, run_id, approve=approve,
+                            who=who, comment=comment)
+            verdict = "approved" if approve else "denied"
+            return {"ok": True, "exit_code": 0,
+                    "message": f"run {run_id}: step {q.step_id!r} {verdict} by {who.user}"}
+
+        server = control.Server(self.socket_dir / f"{run_id}.sock", handle)
+        try:
+            server.start()
+        except OSError:
+            yield  # answers still work through the store for whoever can write it
+            return
+        try:
+            yield
+        finally:
+            server.stop()
 
 
 def waiting_message(request: rt.ConfirmRequest, has_deadline: bool) -> str:
