@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from opsrun.errors import Problem
+from opsrun.errors import Problem, RunbookInvalid
 from opsrun.runbook import load_runbook, load_runbooks
-from opsrun.errors import RunbookInvalid
 from opsrun.yaml_load import MAX_FILE_BYTES
 from tests.helpers.cli import no_traceback, opsrun
 
