@@ -155,8 +155,8 @@ def test_tail_follows_across_a_rotation(state: Path) -> None:
     try:
         assert seen.get(timeout=30) == 7  # the existing last record
         with Store.open(state) as store:
-            log = AuditLog(state / "audit.jsonl", store=store, max_segment_bytes=2500)
-            for i in range(12):  # enough to start new segments while tail watches
+            log = AuditLog(state / "audit.jsonl", store=store, max_segment_bytes=900)
+            for i in range(12):  # many rotations, several between two looks of tail
                 log.append("step.finished", n=i)
         assert list(state.glob("audit-*.jsonl"))
         got = [seen.get(timeout=30) for _ in range(12 + len(list(state.glob("audit-*.jsonl"))))]
