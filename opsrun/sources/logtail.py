@@ -89,7 +89,7 @@ class LineMatcher:
             return out
         lines = buf.decode("utf-8", "replace").split("\n")
         lines.pop()
-        if "\r" in buf:  # cheap test on the bytes first: most logs have no CR
+        if b"\r" in buf:  # most logs have no CR: skip the per-line strip
             lines = [s[:-1] if s.endswith("\r") else s for s in lines]
         return [(i, s, m.groupdict()) for i, s in enumerate(lines)
                 if (m := search(s)) is not None]
@@ -198,6 +198,8 @@ class LogSource:
         self._globbed_at = -GLOB_EVERY_S
         self._started = False
         self._failed = False  # emit raised: what was read since the last commit is not taken
+        self.ready = threading.Event()
+        """Set once every file present at the start has its starting position."""
 
     def run(self, stop: threading.Event, emit: Emit) -> None:
         """Follow until `stop` is set, then store every position."""
@@ -212,6 +214,7 @@ class LogSource:
         if now - self._globbed_at >= GLOB_EVERY_S:
             self._globbed_at = now
             self._discover()
+            self.ready.set()
         events: list[Event] = []
         total = 0
         for f in self._follows.values():
@@ -329,9 +332,12 @@ class LogSource:
             f.reader = _open(f.path, 0, 0)  # appeared (again): all of it is new
             if f.reader is None:
                 return total
-        got = self._read(f, f.reader, events)
+        reader = f.reader
+        got = self._read(f, reader, events)
         if not got:
-            self._check_rotation(f, f.reader, events, now)
+            self._check_rotation(f, reader, events, now)
+            if f.reader is not None and f.reader is not reader:
+                got = self._read(f, f.reader, events)  # the new file, at once
         return total + got
 
     def _read(self, f: _Follow, r: _Reader, events: list[Event]) -> int:
