@@ -315,6 +315,29 @@ def test_fail_closed_when_the_file_size_limit_is_hit(state: Path) -> None:
     assert AuditLog(path).append("a.b")["seq"] == 2 + int(count)
 
 
+def test_fail_closed_when_the_disk_is_full(tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(small)],
+            capture_output=True).returncode != 0:
+        pytest.skip("needs root that may mount a small tmpfs")
+    log = AuditLog(small / "audit.jsonl")
+    try:
+        written = 0
+        with pytest.raises(AuditWriteError, match="disk is full.*|No space left"):
+            for _ in range(1000):
+                log.append("step.output", stdout="x" * 900)
+                written += 1
+        assert written > 10
+        assert len(lines(small / "audit.jsonl")) == written  # nothing partial
+        result = verify_log(small / "audit.jsonl")
+        assert result.ok and result.warnings == [] and result.records == written
+    finally:
+        log.close()
+        subprocess.run(["umount", str(small)], check=True)
+
+
 def test_fail_closed_when_the_folder_is_read_only(tmp_path: Path) -> None:
     def attempt(folder: Path) -> str:
         try:
