@@ -15,7 +15,7 @@ _opsrun() {
         w="${COMP_WORDS[i]}"
         if ((skip)); then skip=0; continue; fi
         case "$w" in
-            --audit-log|--comment|--event|--format|--head|--kind|--limit|--lines|--param|--run|--runbook|--runbooks|--secrets-file|--since|--state|--state-dir|-m|-n|-p|-r) skip=1 ;;
+            --audit-log|--comment|--event|--format|--head|--kind|--limit|--lines|--param|--run|--runbook|--runbooks|--secrets-file|--since|--state|--state-dir|--step|-m|-n|-p|-r) skip=1 ;;
             -*) ;;
             *) [[ -z $path ]] && path="$w" || { [[ $path != *" "* ]] && case "$path $w" in "audit head"|"audit show"|"audit tail"|"audit verify") path="$path $w";; esac; } ;;
         esac
@@ -37,6 +37,7 @@ _opsrun() {
         --since) return ;;
         --state) return ;;
         --state-dir) COMPREPLY=($(compgen -d -- "$cur")); return ;;
+        --step) return ;;
         -m) return ;;
         -n) return ;;
         -p) return ;;
@@ -44,7 +45,7 @@ _opsrun() {
     esac
     case "$path" in
         "") COMPREPLY=($(compgen -W 'approve audit cancel completion deny list logs pending resume run runs schema show validate --version --debug' -- "$cur")) ;;
-        "approve") COMPREPLY=($(compgen -W '--comment -m --state-dir --audit-log' -- "$cur") $(compgen -f -- "$cur")) ;;
+        "approve") COMPREPLY=($(compgen -W '--comment -m --step --state-dir --audit-log' -- "$cur") $(compgen -f -- "$cur")) ;;
         "audit") COMPREPLY=($(compgen -W 'head show tail verify' -- "$cur")) ;;
         "audit head") COMPREPLY=($(compgen -W '--state-dir --audit-log --json' -- "$cur")) ;;
         "audit show") COMPREPLY=($(compgen -W '--state-dir --audit-log --run --runbook --kind --since --limit -n --json' -- "$cur")) ;;
@@ -52,7 +53,7 @@ _opsrun() {
         "audit verify") COMPREPLY=($(compgen -W '--state-dir --audit-log --from-start --head --json' -- "$cur")) ;;
         "cancel") COMPREPLY=($(compgen -W '--state-dir --audit-log' -- "$cur") $(compgen -f -- "$cur")) ;;
         "completion") COMPREPLY=($(compgen -W 'bash zsh fish' -- "$cur")) ;;
-        "deny") COMPREPLY=($(compgen -W '--comment -m --state-dir --audit-log' -- "$cur") $(compgen -f -- "$cur")) ;;
+        "deny") COMPREPLY=($(compgen -W '--comment -m --step --state-dir --audit-log' -- "$cur") $(compgen -f -- "$cur")) ;;
         "list") COMPREPLY=($(compgen -W '--runbooks -r --json' -- "$cur")) ;;
         "logs") COMPREPLY=($(compgen -W '--json --state-dir' -- "$cur") $(compgen -f -- "$cur")) ;;
         "pending") COMPREPLY=($(compgen -W '--json --state-dir' -- "$cur")) ;;

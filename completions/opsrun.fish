@@ -26,6 +26,7 @@ complete -c opsrun -n 'not __fish_seen_subcommand_from approve audit cancel comp
 complete -c opsrun -n 'not __fish_seen_subcommand_from approve audit cancel completion deny list logs pending resume run runs schema show validate' -a show -d 'Show a runbook as a readable plan: triggers, params, steps and their conditions.'
 complete -c opsrun -n 'not __fish_seen_subcommand_from approve audit cancel completion deny list logs pending resume run runs schema show validate' -a validate -d 'Check runbooks and report every problem as file:line:col.'
 complete -c opsrun -n '__fish_seen_subcommand_from approve' -l comment -s m -r -d 'Why (recorded).'
+complete -c opsrun -n '__fish_seen_subcommand_from approve' -l step -r -d 'Answer only if the run waits on this step (guards against answering a later question).'
 complete -c opsrun -n '__fish_seen_subcommand_from approve' -l state-dir -r -F -d 'State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).'
 complete -c opsrun -n '__fish_seen_subcommand_from approve' -l audit-log -r -F -d 'Audit log file (default: audit.jsonl in the state folder).'
 complete -c opsrun -n '__fish_seen_subcommand_from approve' -F
@@ -59,6 +60,7 @@ complete -c opsrun -n '__fish_seen_subcommand_from cancel' -l audit-log -r -F -d
 complete -c opsrun -n '__fish_seen_subcommand_from cancel' -F
 complete -c opsrun -n '__fish_seen_subcommand_from completion' -a 'bash zsh fish'
 complete -c opsrun -n '__fish_seen_subcommand_from deny' -l comment -s m -r -d 'Why (recorded).'
+complete -c opsrun -n '__fish_seen_subcommand_from deny' -l step -r -d 'Answer only if the run waits on this step (guards against answering a later question).'
 complete -c opsrun -n '__fish_seen_subcommand_from deny' -l state-dir -r -F -d 'State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).'
 complete -c opsrun -n '__fish_seen_subcommand_from deny' -l audit-log -r -F -d 'Audit log file (default: audit.jsonl in the state folder).'
 complete -c opsrun -n '__fish_seen_subcommand_from deny' -F

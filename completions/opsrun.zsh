@@ -57,6 +57,7 @@ _opsrun() {
 _opsrun_approve() {
   _arguments \
     '(--comment -m)'{--comment,-m}'[Why (recorded).]:value: ' \
+    '(--step)'--step'[Answer only if the run waits on this step (guards against answering a later question).]:value: ' \
     '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/' \
     '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
     '*:file:_files'
@@ -137,6 +138,7 @@ _opsrun_completion() {
 _opsrun_deny() {
   _arguments \
     '(--comment -m)'{--comment,-m}'[Why (recorded).]:value: ' \
+    '(--step)'--step'[Answer only if the run waits on this step (guards against answering a later question).]:value: ' \
     '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/' \
     '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
     '*:file:_files'

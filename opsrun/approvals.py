@@ -67,12 +67,17 @@ def resolve_run_id(store: Store, ref: str) -> str:
 
 
 def give_answer(store: Store, audit: AuditLog, run_ref: str, *, approve: bool, who: Identity,
-                comment: str | None, how: str = "command") -> ApprovalRecord:
-    """Answer the question a run waits on, as `who`; raise AnswerRefused when not accepted."""
+                comment: str | None, how: str = "command",
+                step_id: str | None = None) -> ApprovalRecord:
+    """Answer the question a run waits on (or only its step `step_id`), as `who`.
+
+    Raises AnswerRefused when the answer is not accepted.
+    """
     run_id = resolve_run_id(store, run_ref)
-    pending = store.pending_approvals(run_id)
+    pending = [q for q in store.pending_approvals(run_id)
+               if step_id is None or q.step_id == step_id]
     if not pending:
-        raise AnswerRefused(_nothing_waits(store, run_id))
+        raise AnswerRefused(_nothing_waits(store, run_id, step_id))
     q = pending[0]
     reason = refusal(q.approvers, who, q.starter)
     run = store.get_run(run_id)
@@ -85,7 +90,7 @@ def give_answer(store: Store, audit: AuditLog, run_ref: str, *, approve: bool, w
     answer = "approved" if approve else "denied"
     if not store.answer_approval(run_id, answer, answered_by=who.user, answered_uid=who.uid,
                                  how=how, step_id=q.step_id, comment=comment):
-        raise AnswerRefused(_nothing_waits(store, run_id))
+        raise AnswerRefused(_nothing_waits(store, run_id, step_id))
     try:
         audit.append("confirm.answered", run_id=run_id, runbook=runbook, step_id=q.step_id,
                      approved=approve, answered_by=who.user, answered_uid=who.uid, how=how,
@@ -100,14 +105,15 @@ def give_answer(store: Store, audit: AuditLog, run_ref: str, *, approve: bool, w
     return latest
 
 
-def _nothing_waits(store: Store, run_id: str) -> str:
+def _nothing_waits(store: Store, run_id: str, step_id: str | None = None) -> str:
     run = store.get_run(run_id)
-    answered = [a for a in store.approvals_of(run_id) if a.answer is not None]
+    answered = [a for a in store.approvals_of(run_id) if a.answer is not None
+                and (step_id is None or a.step_id == step_id)]
     if answered:
         a = answered[-1]
         when = a.answered_at.strftime("%Y-%m-%d %H:%M:%S UTC") if a.answered_at else "?"
-        return (f"run {run_id} was already answered: {a.answer} by {a.answered_by} "
-                f"({a.how}) at {when}")
+        return (f"run {run_id} was already answered: step {a.step_id!r} {a.answer} by "
+                f"{a.answered_by} ({a.how}) at {when}")
     state = run.state if run else "unknown"
     return f"run {run_id} is not waiting for an answer (it is {state})"
 

@@ -332,12 +332,17 @@ def _pending(
     _finish(ctx, lambda: approvals.pending(state_dir, as_json=as_json))
 
 
-def _answer(ctx: typer.Context, run_id: str, comment: Optional[str], state_dir: Optional[str],
-            audit_log: Optional[str], approve: bool) -> None:
+def _answer(ctx: typer.Context, run_id: str, comment: Optional[str], step: Optional[str],
+            state_dir: Optional[str], audit_log: Optional[str], approve: bool) -> None:
     from opsrun.commands import approvals
 
     _finish(ctx, lambda: approvals.answer(state_dir, audit_log, run_id, approve=approve,
-                                          comment=comment))
+                                          comment=comment, step_id=step))
+
+
+def _step_opt() -> Any:
+    return typer.Option(None, "--step", help="Answer only if the run waits on this step "
+                                             "(guards against answering a later question).")
 
 
 @app.command("approve")
@@ -345,11 +350,12 @@ def _approve(
     ctx: typer.Context,
     run_id: str = typer.Argument(..., help="Run id (or its first characters)."),
     comment: Optional[str] = typer.Option(None, "--comment", "-m", help="Why (recorded)."),
+    step: Optional[str] = _step_opt(),
     state_dir: Optional[str] = _state_dir_opt(),
     audit_log: Optional[str] = _audit_log_opt(),
 ) -> None:
     """Approve the step a run waits on, as yourself."""
-    _answer(ctx, run_id, comment, state_dir, audit_log, True)
+    _answer(ctx, run_id, comment, step, state_dir, audit_log, True)
 
 
 @app.command("deny")
@@ -357,11 +363,12 @@ def _deny(
     ctx: typer.Context,
     run_id: str = typer.Argument(..., help="Run id (or its first characters)."),
     comment: Optional[str] = typer.Option(None, "--comment", "-m", help="Why (recorded)."),
+    step: Optional[str] = _step_opt(),
     state_dir: Optional[str] = _state_dir_opt(),
     audit_log: Optional[str] = _audit_log_opt(),
 ) -> None:
     """Deny the step a run waits on, as yourself."""
-    _answer(ctx, run_id, comment, state_dir, audit_log, False)
+    _answer(ctx, run_id, comment, step, state_dir, audit_log, False)
 
 
 # ── shell completion ────────────────────────────────────────────────────────

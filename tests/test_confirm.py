@@ -171,7 +171,7 @@ def test_wait_then_approve(tmp_path: Path, env: dict[str, str], state: Path) -> 
     assert opsrun("approve", q2["run_id"], env=env).returncode == 0
     out, err = p.communicate(timeout=30)
     assert p.returncode == 0, err
-    assert f"opsrun approve {q['run_id']}" in err  # it told us how to answer
+    assert f"opsrun approve {q['run_id']} --step ask" in err  # it told us how to answer
     rec = [r for r in audit(state) if r["kind"] == "confirm.answered"][0]
     assert (rec["approved"], rec["how"], rec["comment"], rec["answered_uid"]) == \
         (True, "command", "ticket OPS-1", os.getuid())
@@ -250,7 +250,7 @@ def test_two_answers_race(tmp_path: Path, env: dict[str, str], state: Path) -> N
     q = wait_pending(env)
     results: list[subprocess.CompletedProcess[str]] = []
     threads = [threading.Thread(target=lambda verb=verb: results.append(
-        opsrun(verb, q["run_id"], env=env))) for verb in ("approve", "deny")]
+        opsrun(verb, q["run_id"], "--step", "ask", env=env))) for verb in ("approve", "deny")]
     for t in threads:
         t.start()
     for t in threads:

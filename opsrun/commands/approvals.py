@@ -66,7 +66,7 @@ def pending(state_dir: str | None, *, as_json: bool) -> int:
 
 
 def answer(state_dir: str | None, audit_log: str | None, run_ref: str, *, approve: bool,
-           comment: str | None) -> int:
+           comment: str | None, step_id: str | None = None) -> int:
     """Approve or deny as the user running this command (taken from the OS).
 
     The answer goes to whoever waits for it — through its socket, where the kernel tells it
@@ -76,7 +76,8 @@ def answer(state_dir: str | None, audit_log: str | None, run_ref: str, *, approv
     for sock in _sockets_for(folder, run_ref):
         try:
             reply = control.request(sock, {"op": "approve" if approve else "deny",
-                                           "run_id": sock.stem, "comment": comment})
+                                           "run_id": sock.stem, "comment": comment,
+                                           "step_id": step_id})
         except control.ControlUnavailable:
             continue
         if reply.ok:
@@ -86,7 +87,8 @@ def answer(state_dir: str | None, audit_log: str | None, run_ref: str, *, approv
         return reply.exit_code
     who = identity.current()
     with open_run_context(state_dir, audit_log, {}) as rc:
-        q = give_answer(rc.store, rc.audit, run_ref, approve=approve, who=who, comment=comment)
+        q = give_answer(rc.store, rc.audit, run_ref, approve=approve, who=who, comment=comment,
+                        step_id=step_id)
     verdict = "approved" if approve else "denied"
     print(f"run {q.run_id}: step {q.step_id!r} {verdict} by {who.user}")
     return 0

@@ -74,8 +74,9 @@ class WaitingConfirmer:
                         "exit_code": 2}
             approve = req["op"] == "approve"
             comment = req.get("comment") if isinstance(req.get("comment"), str) else None
+            step = req.get("step_id") if isinstance(req.get("step_id"), str) else None
             q = give_answer(self.waiter.store, self.waiter.audit, run_id, approve=approve,
-                            who=who, comment=comment)
+                            who=who, comment=comment, step_id=step)
             verdict = "approved" if approve else "denied"
             return {"ok": True, "exit_code": 0,
                     "message": f"run {run_id}: step {q.step_id!r} {verdict} by {who.user}"}
@@ -98,8 +99,10 @@ def waiting_message(request: rt.ConfirmRequest, has_deadline: bool) -> str:
     for command in request.guarded:
         lines.append(f"  then: {safe(command, keep_newlines=False)}")
     lines.append(f"  who may answer: {describe_approvers(approvers_record(request.approvers))}")
-    lines.append(f"  answer with:  opsrun approve {request.run_id} [--comment TEXT]")
-    lines.append(f"           or:  opsrun deny {request.run_id} [--comment TEXT]")
+    lines.append(f"  answer with:  opsrun approve {request.run_id} --step {request.step_id} "
+                 "[--comment TEXT]")
+    lines.append(f"           or:  opsrun deny {request.run_id} --step {request.step_id} "
+                 "[--comment TEXT]")
     if request.timeout_s is not None and has_deadline:
         from opsrun.durations import format_duration
 
