@@ -128,10 +128,17 @@ class AuditLog:
             return []
         with self._thread_lock:
             self._after_fork()
-            with file_lock.flock(self._lock(), timeout_s=self.lock_timeout_s,
-                                 what=str(self.lock_path)):
-                tip, preamble = self._prepare()
-                written = self._write(tip, preamble + bodies, bodies[0][0]["kind"])
+            try:
+                with file_lock.flock(self._lock(), timeout_s=self.lock_timeout_s,
+                                     what=str(self.lock_path)):
+                    tip, preamble = self._prepare()
+                    written = self._write(tip, preamble + bodies, bodies[0][0]["kind"])
+            except AuditWriteError:
+                raise
+            except StateError as e:
+                # A lock held too long, a state store that cannot be read: either way the
+                # record is not written, and callers look for this one error.
+                raise AuditWriteError(f"{e}; the audit record was not written") from e
         return written[len(preamble):]
 
     def head(self) -> AuditHead | None:

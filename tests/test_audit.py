@@ -452,3 +452,18 @@ def test_sigkill_in_the_middle_of_appending(state: Path) -> None:
         after = verify_log(path, store=s)
     assert after.ok and {w.reason for w in after.warnings} <= {"torn_line"}
     assert after.last_seq == rec["seq"]
+
+
+def test_a_lock_held_too_long_fails_closed(state: Path) -> None:
+    log = AuditLog(state / "audit.jsonl", lock_timeout_s=0.2)
+    log.append("a.b")
+    import fcntl
+
+    fd = os.open(state / "audit.jsonl.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another process (a hung opsrun?) holds it
+        with pytest.raises(AuditWriteError, match="held by another process.*not written"):
+            log.append("a.b")
+    finally:
+        os.close(fd)
+    assert log.append("a.b")["seq"] == 2
