@@ -282,9 +282,9 @@ def test_big_output_memory_bounded(tmp_path: Path, env: dict[str, str]) -> None:
         steps:
           - id: big
             run: |
-              head -c 50000000 /dev/zero | tr '\\0' 'x'
+              head -c 80000000 /dev/zero | tr '\\0' 'x'
               echo
-              seq 1 2000000
+              seq 1 3000000
         """)
     probe = ("import resource, subprocess, sys\n"
              f"r = subprocess.run({command('run', str(rb), '--json')!r}, stdout=subprocess.PIPE,"
@@ -296,7 +296,7 @@ def test_big_output_memory_bounded(tmp_path: Path, env: dict[str, str]) -> None:
                           capture_output=True, text=True, timeout=300)
     code, rss_kb, out_len = map(int, done.stdout.split())
     assert code == 0, done.stderr
-    assert rss_kb < 150_000, f"peak RSS {rss_kb} kB for ~65 MB of output"
+    assert rss_kb < 150_000, f"peak RSS {rss_kb} kB for ~100 MB of output"
     assert out_len < 1_000_000  # the kept output is the tail, not everything
 
 
@@ -371,3 +371,35 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+def test_live_view_on_a_terminal(repo_root: Path, env: dict[str, str]) -> None:
+    """On a terminal (and without NO_COLOR) the rich view: marks, output, a summary."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    full_env = {k: v for k, v in {**os.environ, **env}.items() if k != "NO_COLOR"}
+    full_env["TERM"] = "xterm-256color"
+    p = subprocess.Popen(command("run", "hello", "-p", "name=Tty"), cwd=repo_root,
+                         stdin=slave, stdout=slave, stderr=slave, env=full_env)
+    os.close(slave)
+    text = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 30)
+        if not ready:
+            break
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        text += data
+    assert p.wait(timeout=30) == 0
+    os.close(master)
+    out = text.decode(errors="replace")
+    assert "\x1b[" in out  # colour on a terminal
+    assert "Hello, Tty!" in out
+    assert "✓" in out and "Say hello" in out
+    assert "succeeded" in out and "outcome" in out  # the summary table
