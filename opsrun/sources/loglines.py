@@ -1,0 +1,315 @@
+"""Reading one log file in big chunks, and matching a trigger's `match:` a chunk at a time.
+
+`Reader` holds one open file: where its complete lines end (`offset`), the unfinished
+last line, the line count, and the last bytes read (to notice the file being rewritten).
+Lines over MAX_LINE bytes are cut to that length, so memory stays bounded.
+
+`LineMatcher` finds the matching lines of a chunk. The meaning is always Python's `pattern.search(line)` on each line (without its newline
+and a trailing CR). Three ways get there, the fastest that is exact for the pattern:
+
+1. When every match must contain a literal text of 3+ bytes (`Out of memory: Killed
+   process` in `Out of memory: Killed process \\d+`), `bytes.find` looks for it in the raw
+   chunk; only the lines that hold it are decoded and searched. With IGNORECASE the
+   literal keeps to ASCII characters other than i, k and s (the only ones Unicode case
+   folding gives non-ASCII partners: İ ı K ſ) and is looked for in the lowered chunk.
+2. Otherwise, when the pattern cannot tell a line inside a chunk from a line alone (no
+   `\\A`, `\\Z`, lookaround, atomic group, possessive repeat or conditional), the pattern
+   (with MULTILINE) searches the decoded chunk; each line a hit touches is then searched
+   alone, and the search goes on from the next line. A line that matches alone matches in
+   the chunk at the same place, so no line is missed; hits that span lines are dropped.
+3. Otherwise each line is searched alone.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from opsrun.sources.base import log
+
+try:  # the regex parser of the standard library, used to read a pattern's structure
+    import re._constants as _sre  # type: ignore[import-not-found]
+    import re._parser as _sre_parse  # type: ignore[import-not-found]
+except ImportError:  # Python 3.10
+    import sre_constants as _sre  # type: ignore[no-redef]
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
+
+Found = tuple[int, str, dict[str, Any]]  # line index (or number), text, named groups
+
+CHUNK = 1 << 20
+MAX_LINE = 1 << 20  # a longer line is cut to this many bytes
+TAIL = 64  # last bytes read, kept to notice a file rewritten under us
+
+_UNSAFE = {getattr(_sre, name) for name in ("ASSERT", "ASSERT_NOT", "ATOMIC_GROUP",
+                                            "POSSESSIVE_REPEAT", "GROUPREF_EXISTS")
+           if hasattr(_sre, name)}
+_STRING_EDGES = {_sre.AT_BEGINNING_STRING, _sre.AT_END_STRING}
+_FOLDS_BEYOND_ASCII = frozenset("iksIKS")
+
+
+class LineMatcher:
+    """`scan(chunk)` finds the lines of a chunk that a pattern matches."""
+
+    def __init__(self, pattern: re.Pattern[str] | None) -> None:
+        self.pattern = pattern
+        self.literal = required_literal(pattern) if pattern is not None else None
+        self.folded = pattern is not None and bool(pattern.flags & re.IGNORECASE)
+        self.chunk_pattern = None
+        if pattern is not None and chunk_safe(pattern):
+            # A leading \b makes the engine try every position; without it the search
+            # finds a superset of the lines, and each is checked with the real pattern.
+            text = pattern.pattern
+            hunt = text[2:] if text.startswith(("\\b", "\\B")) and len(text) > 2 else text
+            self.chunk_pattern = re.compile(hunt, pattern.flags | re.MULTILINE)
+
+    @property
+    def strategy(self) -> str:
+        """Which way `scan` goes: literal, chunk, line or all."""
+        if self.pattern is None:
+            return "all"
+        return "literal" if self.literal else "chunk" if self.chunk_pattern else "line"
+
+    def scan(self, buf: bytes) -> list[Found]:
+        """Each matching line of `buf` (which ends with a newline): index, text, groups."""
+        if self.pattern is None:
+            return [(i, _text(b), {}) for i, b in enumerate(buf.split(b"\n")[:-1])]
+        if self.literal is not None:
+            return self._by_literal(buf, self.literal)
+        text = buf.decode("utf-8", "replace")
+        if self.chunk_pattern is not None:
+            return self._by_chunk(text)
+        lines = text.split("\n")
+        lines.pop()
+        if "\r" in text:
+            lines = [s.removesuffix("\r") for s in lines]
+        search = self.pattern.search
+        return [(i, s, m.groupdict()) for i, s in enumerate(lines)
+                if (m := search(s)) is not None]
+
+    def _by_literal(self, buf: bytes, literal: bytes) -> list[Found]:
+        assert self.pattern is not None
+        search, out, count, counted = self.pattern.search, [], 0, 0
+        hay = buf.lower() if self.folded else buf  # ASCII lowering keeps every offset
+        at = hay.find(literal)
+        while at != -1:
+            start = buf.rfind(b"\n", 0, at) + 1
+            end = buf.find(b"\n", at)
+            count += buf.count(b"\n", counted, start)
+            counted = start
+            text = _text(buf[start:end])
+            if (m := search(text)) is not None:
+                out.append((count, text, m.groupdict()))
+            at = hay.find(literal, end + 1)
+        return out
+
+    def _by_chunk(self, text: str) -> list[Found]:
+        assert self.pattern is not None and self.chunk_pattern is not None
+        search, hunt, out, count, counted = (self.pattern.search, self.chunk_pattern.search,
+                                             [], 0, 0)
+        pos = 0
+        while (hit := hunt(text, pos)) is not None:
+            at = hit.start()
+            end = text.find("\n", at)
+            if end == -1:
+                break  # an empty match after the last newline: no line is there
+            start = text.rfind("\n", 0, at) + 1
+            count += text.count("\n", counted, start)
+            counted = start
+            line = text[start:end].removesuffix("\r")
+            if (m := search(line)) is not None:
+                out.append((count, line, m.groupdict()))
+            pos = end + 1
+        return out
+
+
+def required_literal(pattern: re.Pattern[str]) -> bytes | None:
+    """The longest text every match must contain (3+ bytes) as UTF-8, or None.
+
+    For an IGNORECASE pattern the text is lowered and holds only ASCII characters whose
+    case partners are all ASCII.
+    """
+    fold = bool(pattern.flags & re.IGNORECASE)
+    unicode_fold = fold and not pattern.flags & re.ASCII
+    parsed = _parse(pattern)
+    if parsed is None:
+        return None
+    best, run = "", ""
+    for op, av in _flat(parsed):
+        c = chr(av) if op is _sre.LITERAL else ""
+        usable = c and c not in "\n\r\ufffd" and not (
+            fold and (ord(c) > 127 or (unicode_fold and c in _FOLDS_BEYOND_ASCII)))
+        if usable:
+            run += c
+            best = max(best, run, key=len)
+        else:
+            run = ""
+    data = best.lower().encode("ascii") if fold else best.encode("utf-8")
+    return data if len(data) >= 3 else None
+
+
+def chunk_safe(pattern: re.Pattern[str]) -> bool:
+    """Whether the pattern matches a line inside a chunk wherever it matches it alone."""
+    parsed = _parse(pattern)
+    if parsed is None:
+        return False
+    for op, av in _walk(parsed):
+        if op in _UNSAFE or (op is _sre.AT and av in _STRING_EDGES):
+            return False
+    return True
+
+
+def _parse(pattern: re.Pattern[str]) -> Any:
+    try:
+        return _sre_parse.parse(pattern.pattern, pattern.flags)
+    except Exception:  # an internal parser: when in doubt, take the plain way
+        return None
+
+
+def _flat(items: Any) -> Iterator[tuple[Any, Any]]:
+    """The top-level sequence, with plain groups opened (they are as required as it)."""
+    for op, av in items:
+        if op is _sre.SUBPATTERN and not (av[1] & re.IGNORECASE):
+            yield from _flat(av[3])
+        else:
+            yield op, av
+
+
+def _walk(items: Any) -> Iterator[tuple[Any, Any]]:
+    """Every node of a parsed pattern."""
+    for op, av in items:
+        yield op, av
+        for sub in _subpatterns(av):
+            yield from _walk(sub)
+
+
+def _subpatterns(av: Any) -> Iterator[Any]:
+    if isinstance(av, _sre_parse.SubPattern):
+        yield av
+    elif isinstance(av, (tuple, list)):
+        for x in av:
+            yield from _subpatterns(x)
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace").removesuffix("\r")
+
+
+@dataclass
+class Reader:
+    """One open log file and how far it is handled."""
+
+    path: str
+    fd: int
+    dev: int
+    ino: int
+    offset: int  # just after the last complete line handled
+    read_pos: int  # how far the file was read: offset + the unfinished line
+    lineno: int | None  # complete lines before `offset`; None until a match needs it
+    partial: bytes = b""
+    skipping: bool = False  # inside an over-long line, dropping bytes until its newline
+    tail: bytes = b""
+    idle_since: float = 0.0
+
+    @classmethod
+    def open(cls, path: str, offset: int | None, lineno: int | None) -> Reader | None:
+        """Open a file at `offset` (None: after its last complete line), or None."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        size = os.fstat(fd).st_size
+        skipping = False
+        if offset is None:
+            look = os.pread(fd, min(size, 65536), size - min(size, 65536))
+            nl = look.rfind(b"\n")
+            skipping = nl < 0 and size > len(look)  # in a line too long to see its start
+            offset = size if skipping else size - len(look) + nl + 1
+        st = os.fstat(fd)
+        r = cls(path, fd, st.st_dev, st.st_ino, offset, offset, lineno, skipping=skipping)
+        r.tail = os.pread(fd, min(TAIL, offset), offset - min(TAIL, offset))
+        return r
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def rewritten(self) -> bool:
+        """Whether the bytes last read are no longer there (truncated, maybe regrown)."""
+        if not self.tail:
+            return False
+        return os.pread(self.fd, len(self.tail), self.read_pos - len(self.tail)) != self.tail
+
+    def restart(self) -> None:
+        """Read again from the start of the file (it was truncated)."""
+        self.offset = self.read_pos = 0
+        self.lineno, self.partial, self.skipping, self.tail = 0, b"", False, b""
+
+    def read(self, matcher: LineMatcher, budget: int) -> tuple[list[Found], int]:
+        """Read up to `budget` bytes; the matching complete lines (numbered) and bytes read."""
+        found: list[Found] = []
+        total = 0
+        while total < budget:
+            data = os.pread(self.fd, CHUNK, self.read_pos)
+            if not data:
+                break
+            total += len(data)
+            self._take(data, matcher, found)
+            if len(data) < CHUNK:
+                break
+        return found, total
+
+    def finish(self, matcher: LineMatcher) -> list[Found]:
+        """The unfinished last line of a file nobody writes any more, as a line."""
+        found: list[Found] = []
+        if self.partial and not self.skipping:
+            self._lines(self.partial + b"\n", self.read_pos, matcher, found)
+            self.partial = b""
+        return found
+
+    def _take(self, data: bytes, matcher: LineMatcher, found: list[Found]) -> None:
+        self.read_pos += len(data)
+        self.tail = (self.tail + data[-TAIL:])[-TAIL:]
+        last = data.rfind(b"\n")
+        if last < 0:
+            if not self.skipping:
+                self.partial += data
+                self._cut()
+            return
+        head, rest = data[:last + 1], data[last + 1:]
+        if self.skipping:  # the over-long line ends at the first newline
+            head = head[head.find(b"\n") + 1:]
+            buf = (self.partial + b"\n" if self.partial else b"") + head
+            self.skipping = False
+        else:
+            buf = self.partial + head
+        self.partial = rest
+        self._cut()
+        self._lines(buf, self.read_pos - len(data) + last + 1, matcher, found)
+
+    def _cut(self) -> None:
+        if len(self.partial) > MAX_LINE:
+            log.warning("log %s: a line longer than %d bytes is cut", self.path, MAX_LINE)
+            self.partial, self.skipping = self.partial[:MAX_LINE], True
+
+    def _lines(self, buf: bytes, end: int, matcher: LineMatcher, found: list[Found]) -> None:
+        hits = matcher.scan(buf) if buf else []
+        if hits:
+            if self.lineno is None:
+                self.lineno = _count_lines(self.fd, self.offset)
+            base = self.lineno + 1
+            found.extend((base + index, text, groups) for index, text, groups in hits)
+        if self.lineno is not None:
+            self.lineno += buf.count(b"\n")
+        self.offset = end
+
+
+def _count_lines(fd: int, end: int) -> int:
+    count, pos = 0, 0
+    while pos < end:
+        data = os.pread(fd, min(CHUNK * 4, end - pos), pos)
+        if not data:
+            break
+        count += data.count(b"\n")
+        pos += len(data)
+    return count
