@@ -79,7 +79,8 @@ class LineMatcher:
             return self._by_literal(buf, self.literal)
         text = buf.decode("utf-8", "replace")
         if self.chunk_pattern is not None:
-            return self._by_chunk(text)
+            # lines are matched without a trailing CR, so the chunk must not have them
+            return self._by_chunk(text.replace("\r\n", "\n") if "\r" in text else text)
         lines = text.split("\n")
         lines.pop()
         if "\r" in text:
@@ -117,7 +118,7 @@ class LineMatcher:
             start = text.rfind("\n", 0, at) + 1
             count += text.count("\n", counted, start)
             counted = start
-            line = text[start:end].removesuffix("\r")
+            line = text[start:end]
             if (m := search(line)) is not None:
                 out.append((count, line, m.groupdict()))
             pos = end + 1

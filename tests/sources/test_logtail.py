@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from opsrun.event import Event
 from opsrun.runbook import LogTrigger
@@ -372,3 +374,38 @@ def test_the_prefilter_gives_the_same_answers() -> None:
     slow.literal = None
     assert fast.scan(buf) == slow.scan(buf)
     assert [i for i, _, _ in fast.scan(buf)] == list(range(0, 200, 7))
+
+
+@pytest.mark.parametrize(("pattern", "safe"), [
+    (r"ERROR \d+", True), (r"^\s*$", True), (r"[^x]+y", True), (r"(a|b)\1", True),
+    (r"\Afoo", False), (r"foo\Z", False), (r"foo(?=bar)", False), (r"(?<!x)foo", False),
+    (r"(?>a+)b", False), (r"a++b", False), (r"(a)?(?(1)b|c)", False),
+])
+def test_chunk_safe(pattern: str, safe: bool) -> None:
+    assert chunk_safe(re.compile(pattern)) is safe
+
+
+STRATEGY_PATTERNS = [
+    r"ERROR (?P<code>\d+)", r"^\s*$", r"^$", r"[^x]+y$", r"\bab\b", r"\Bb", r"b\s+a",
+    r"(?i)AbC", r"(?i)kiss", r"a.*b", r"(?s)a.b", r"\d{2,}$", r"^a", r"é+", r"\W", r"x*",
+    r"(?P<w>\w+) \1", r"(?m)b$", r"\r",
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(alphabet="ab xyé1ERO\r\tKkſ\u212a", max_size=12), max_size=25))
+def test_every_strategy_finds_the_lines_plain_search_finds(lines: list[str]) -> None:
+    buf = "".join(line + "\n" for line in lines).encode("utf-8")
+    for pattern in STRATEGY_PATTERNS:
+        compiled = re.compile(pattern)
+        expected = []
+        for i, line in enumerate(lines):
+            text = line.removesuffix("\r")
+            if (m := compiled.search(text)) is not None:
+                expected.append((i, text, m.groupdict()))
+        matcher = LineMatcher(compiled)
+        assert matcher.scan(buf) == expected, (pattern, matcher.strategy)
+        matcher.literal = None
+        assert matcher.scan(buf) == expected, (pattern, "chunk")
+        matcher.chunk_pattern = None
+        assert matcher.scan(buf) == expected, (pattern, "line")
