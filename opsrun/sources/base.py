@@ -20,10 +20,12 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from opsrun.event import Event
-from opsrun.store import LogPosition
+
+if TYPE_CHECKING:
+    from opsrun.store import LogPosition
 
 log = logging.getLogger("opsrun.sources")
 

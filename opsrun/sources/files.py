@@ -267,7 +267,7 @@ class FileSource:
                     self._cond.notify_all()
 
     def _files_below(self, folder: str) -> list[str]:
-        found = []
+        found: list[str] = []
         for root, _, names in os.walk(folder):
             found.extend(p for p in (os.path.join(root, n) for n in names)
                          if any(w.wants(p) for w in self._watches))

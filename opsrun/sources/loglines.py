@@ -23,18 +23,20 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from opsrun.sources.base import log
 
-try:  # the regex parser of the standard library, used to read a pattern's structure
+# The regex parser of the standard library, used to read a pattern's structure.
+if sys.version_info >= (3, 11):
     import re._constants as _sre  # type: ignore[import-not-found]
     import re._parser as _sre_parse  # type: ignore[import-not-found]
-except ImportError:  # Python 3.10
-    import sre_constants as _sre  # type: ignore[no-redef]
-    import sre_parse as _sre_parse  # type: ignore[no-redef]
+else:
+    import sre_constants as _sre
+    import sre_parse as _sre_parse
 
 Found = tuple[int, str, dict[str, Any]]  # line index (or number), text, named groups
 
