@@ -37,7 +37,7 @@ from opsrun.globs import PathGlob, compile_glob, ignored
 from opsrun.runbook import FileTrigger
 from opsrun.sources.base import Emit, log
 
-STEP_MS = 10  # quiet time after which watchfiles hands over what it collected
+STEP_MS = 20  # quiet time before watchfiles hands changes over; also its idle tick
 GROUP_MS = 100  # the longest it collects before handing over, under constant change
 POLL_DELAY_MS = 500  # scan interval once the watch limit forced polling
 FLOOD = 2000  # changes in one batch after which events may have been dropped: rescan
@@ -340,10 +340,14 @@ def _is_limit(error: BaseException) -> bool:
 
 
 def _stat(path: str) -> _Stat | None:
+    # Follow symlinks: a config file whose link is switched to a new target has changed.
     try:
-        st = os.lstat(path)
+        st = os.stat(path)
     except OSError:
-        return None
+        try:
+            st = os.lstat(path)  # a dangling link still exists
+        except OSError:
+            return None
     if stat.S_ISDIR(st.st_mode):
         return None
     return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

@@ -130,7 +130,7 @@ def test_debounce_collects_a_burst_and_waits(tmp_path: Path) -> None:
     fast_at = got.times[[e.data["trigger"] for e in got.events].index("fast")]
     slow_at = got.times[[e.data["trigger"] for e in got.events].index("slow")]
     assert got.seen("slow") == [("modified", "data.csv")]
-    assert slow_at - start >= 0.55  # the 600 ms quiet time, less watchfiles' 10 ms step
+    assert slow_at - start >= 0.55  # the 600 ms quiet time, less watchfiles' 20 ms step
     assert fast_at - start < 0.55
 
 
