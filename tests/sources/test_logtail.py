@@ -292,6 +292,28 @@ def test_a_restart_resumes_from_the_stored_position(tmp_path: Path) -> None:
     assert got.events[-1].data["lineno"] == 101
 
 
+def test_a_restart_in_the_middle_of_a_running_writer(tmp_path: Path) -> None:
+    log = tmp_path / "app.log"
+    log.write_text("")
+    writer = Writer(log, reopen=None)
+    with Store.open(tmp_path / "state") as store:
+        first = LogSource([(KEY, trig(log))], store, poll_interval_s=0.01)
+        with following(first) as before:
+            assert first.ready.wait(5)
+            writer.start()
+            wait_for(lambda: len(before.events) >= 300)
+        first.close()  # stopped (positions stored) while the writer goes on
+        second = LogSource([(KEY, trig(log))], store, poll_interval_s=0.01)
+        with following(second) as after:
+            wait_for(lambda: len(after.events) >= 300)
+            writer.stop.set()
+            writer.join(10)
+            wait_for(lambda: len(before.events) + len(after.events) >= writer.count)
+        second.close()
+    both = before.numbers + after.numbers
+    assert both == list(range(writer.count))  # in order, none lost, none twice
+
+
 def test_events_not_taken_are_delivered_again(tmp_path: Path, store: Store) -> None:
     log = tmp_path / "app.log"
     log.write_text("")
