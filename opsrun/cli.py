@@ -371,6 +371,132 @@ def _deny(
     _answer(ctx, run_id, comment, step, state_dir, audit_log, False)
 
 
+# ── events: emit, dispatch, sources ────────────────────────────────────────
+
+@app.command("emit")
+def _emit(
+    ctx: typer.Context,
+    event: Optional[str] = typer.Argument(None, help="One event as JSON, or - to read JSON "
+                                                     "lines from stdin."),
+    state_dir: Optional[str] = _state_dir_opt(),
+    audit_log: Optional[str] = _audit_log_opt(),
+) -> None:
+    """Queue JSON events for `opsrun watch` (they wait if it is not running)."""
+    from opsrun.commands import events
+
+    _finish(ctx, lambda: events.emit(event, state_dir=state_dir, audit_log=audit_log))
+
+
+@app.command("dispatch")
+def _dispatch(
+    ctx: typer.Context,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print which runbooks each event "
+                                                          "would start; run nothing."),
+    parallel: int = typer.Option(1, "--parallel", min=1, help="Runs at once (default 1: "
+                                                               "in order)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    runbooks: Optional[Path] = _runbooks_opt(),
+    state_dir: Optional[str] = _state_dir_opt(),
+    audit_log: Optional[str] = _audit_log_opt(),
+    secrets_file: Optional[str] = typer.Option(None, "--secrets-file",
+                                               envvar="OPSRUN_SECRETS_FILE",
+                                               help="NAME=value file of secrets (mode 0600)."),
+) -> None:
+    """Read JSON lines on stdin and run each event's runbooks here; exit with the worst code."""
+    from opsrun import paths as paths_mod
+    from opsrun.commands import events
+
+    folder = paths_mod.runbooks_dir_from_env(runbooks)
+    _finish(ctx, lambda: events.dispatch(folder, dry_run=dry_run, parallel=parallel,
+                                         state_dir=state_dir, audit_log=audit_log,
+                                         secrets_file=secrets_file, as_json=as_json))
+
+
+@app.command("sources")
+def _sources(
+    ctx: typer.Context,
+    runbooks: Optional[Path] = _runbooks_opt(),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Show what `opsrun watch` would watch, and the next fires of each schedule."""
+    from opsrun import paths as paths_mod
+    from opsrun.commands import sources
+
+    folder = paths_mod.runbooks_dir_from_env(runbooks)
+    _finish(ctx, lambda: sources.main(folder, as_json=as_json))
+
+
+# ── the service: watch, status, systemd-unit ───────────────────────────────
+
+@app.command("watch")
+def _watch(
+    ctx: typer.Context,
+    runbooks: Optional[Path] = _runbooks_opt(),
+    state_dir: Optional[str] = _state_dir_opt(),
+    audit_log: Optional[str] = _audit_log_opt(),
+    stdin: bool = typer.Option(False, "--stdin", help="Also read JSON events, one per line, "
+                                                      "from stdin."),
+    max_parallel: Optional[int] = typer.Option(None, "--max-parallel", min=1,
+                                               help="Runs running at once (default: cores "
+                                                    "× 4)."),
+    drain_limit: str = typer.Option("60s", "--drain-limit",
+                                    help="On SIGTERM, how long running runs may take to "
+                                         "finish before they are interrupted."),
+    log_format: str = typer.Option("plain", "--log-format", help="plain or json."),
+    secrets_file: Optional[str] = typer.Option(None, "--secrets-file",
+                                               envvar="OPSRUN_SECRETS_FILE",
+                                               help="NAME=value file of secrets (mode 0600)."),
+) -> None:
+    """Watch every source of every runbook and run the runbooks whose triggers match."""
+    from opsrun import paths as paths_mod
+    from opsrun.commands import watch as watch_cmd
+    from opsrun.daemon import WatchOptions
+    from opsrun.durations import DurationError, parse_duration
+
+    try:
+        drain_s = parse_duration(drain_limit)
+    except DurationError as e:
+        raise typer.BadParameter(str(e), param_hint="--drain-limit") from None
+    opts = WatchOptions(paths_mod.runbooks_dir_from_env(runbooks), stdin=stdin,
+                        drain_limit_s=drain_s)
+    if max_parallel:
+        opts.max_parallel = max_parallel
+    _finish(ctx, lambda: watch_cmd.watch(opts, state_dir=state_dir, audit_log=audit_log,
+                                         secrets_file=secrets_file, log_format=log_format))
+
+
+@app.command("status")
+def _status(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    state_dir: Optional[str] = _state_dir_opt(),
+) -> None:
+    """Show whether `opsrun watch` runs, and its sources, runs and queue."""
+    from opsrun.commands import watch as watch_cmd
+
+    _finish(ctx, lambda: watch_cmd.status(state_dir, as_json=as_json))
+
+
+@app.command("systemd-unit")
+def _systemd_unit(
+    ctx: typer.Context,
+    user: bool = typer.Option(False, "--user", help="A unit for `systemctl --user`."),
+    runbooks: Optional[str] = typer.Option(None, "--runbooks", "-r",
+                                           help="Runbooks folder the unit watches."),
+    drain_limit: str = typer.Option("60s", "--drain-limit", help="Drain limit on stop."),
+) -> None:
+    """Print a systemd unit file for `opsrun watch`."""
+    from opsrun.commands import watch as watch_cmd
+    from opsrun.durations import DurationError, parse_duration
+
+    try:
+        drain_s = parse_duration(drain_limit)
+    except DurationError as e:
+        raise typer.BadParameter(str(e), param_hint="--drain-limit") from None
+    _finish(ctx, lambda: watch_cmd.systemd_unit(user=user, runbooks=runbooks,
+                                                drain_s=drain_s))
+
+
 # ── shell completion ────────────────────────────────────────────────────────
 
 @app.command("completion")

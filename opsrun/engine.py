@@ -151,7 +151,11 @@ class _Run:
         self.ordinal = self.req.resume_at
         state, failed = self._walk(self.rb.steps[self.req.resume_at:], cleanup=False)
         result.state = state
-        if state == rt.FAILED:
+        if state in (rt.CANCELLED, rt.INTERRUPTED):
+            result.failed_step = failed
+            result.error = f"{state} at step {failed!r}" + (
+                f": {self.cancel.why}" if getattr(self.cancel, "why", None) else "")
+        elif state == rt.FAILED:
             result.failed_step = failed
             result.error = result.error or self._error_of(failed)
             self.ctx["run"]["failed_step"] = failed
@@ -180,7 +184,7 @@ class _Run:
             ordinal = self.ordinal
             self.ordinal += 1
             if self.cancel.is_set():
-                return rt.CANCELLED, step.id
+                return rt.cancel_reason(self.cancel), step.id
             if self._run_timed_out() and not cleanup:
                 return rt.FAILED, step.id
             self.e.emit("run.progress", self._run_fields(current_step=ordinal))
@@ -188,7 +192,7 @@ class _Run:
             self.results.append(r)
             self.steps_ctx[step.id] = r.context()
             if r.outcome == rt.STEP_CANCELLED:
-                return rt.CANCELLED, step.id
+                return rt.cancel_reason(self.cancel), step.id
             if cleanup:
                 continue
             if r.outcome == rt.STEP_DENIED:
@@ -342,11 +346,13 @@ class _Run:
                                     step.timeout_s, step.on_timeout, self.req.starter)
         if self.e.confirmer is None:
             return self._fail_before_start(step, base, "no way to ask for confirmation here")
-        self.e.emit("confirm.asked", {**base, "question": question,
-                                      "guarded": list(request.guarded),
-                                      "approvers": _approvers_record(step),
-                                      "timeout_s": step.timeout_s,
-                                      "on_timeout": step.on_timeout})
+        asked_before = getattr(self.e.confirmer, "already_asked", lambda r, s: False)
+        if not asked_before(self.req.run_id, step.id):  # a resumed run asked it already
+            self.e.emit("confirm.asked", {**base, "question": question,
+                                          "guarded": list(request.guarded),
+                                          "approvers": _approvers_record(step),
+                                          "timeout_s": step.timeout_s,
+                                          "on_timeout": step.on_timeout})
         t0 = time.monotonic()
         answer = self.e.confirmer.confirm(request, self.cancel)
         # An answer given from another process was audited there; say the run went on.

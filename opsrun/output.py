@@ -254,3 +254,8 @@ class _Silent:
 
     def output(self, step_id: str, stream: str, text: str, host: str | None) -> None:
         pass
+
+
+def json_line(data: Any) -> str:
+    """One compact JSON document on one line (for streams of results)."""
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False, default=str)

@@ -33,6 +33,11 @@ def request_for(store: Store, run: RunRecord) -> RunRequest:
     if run.state not in RESUMABLE:
         raise UsageError(f"run {run.id} is {run.state}; only waiting or interrupted runs can "
                          "be resumed")
+    return load_request(store, run)
+
+
+def load_request(store: Store, run: RunRecord) -> RunRequest:
+    """The request of a recorded run, at its current step, with the results before it."""
     rb = runbook_of(store, run)
     at = run.current_step or 0
     if at >= len(rb.steps):

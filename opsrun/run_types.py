@@ -1,6 +1,7 @@
 """Plain data of runs: states, step outcomes, results, and what the engine reports."""
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,6 +22,24 @@ EXIT_CODES = {
     TIMED_OUT: exit_codes.DENIED, CANCELLED: exit_codes.INTERRUPTED,
     INTERRUPTED: exit_codes.INTERRUPTED,
 }
+
+
+class Cancel(threading.Event):
+    """A cancel signal that says why: `cancelled` (a person), or `interrupted` (shutdown)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reason = CANCELLED
+        self.why: str | None = None
+
+    def cancel(self, reason: str = CANCELLED, why: str | None = None) -> None:
+        self.reason, self.why = reason, why
+        self.set()
+
+
+def cancel_reason(event: threading.Event) -> str:
+    """The run state a cancelled run ends in."""
+    return getattr(event, "reason", CANCELLED)
 
 
 @dataclass

@@ -479,6 +479,28 @@ class Store:
             return sum(c.execute("DELETE FROM event_queue WHERE id = ?", (i,)).rowcount
                        for i in ids)
 
+    def accept_queued(self, queue_id: int, runs: Sequence[Mapping[str, Any]]) -> bool:
+        """Record the runs a queued event starts and remove the event, in one transaction.
+
+        False (and nothing recorded) when the event is no longer in the queue: another
+        process took it first. So an emitted event starts its runs exactly once.
+        """
+        now = _ts(_now())
+        with self._write("accepting a queued event") as c:
+            gone = c.execute("DELETE FROM event_queue WHERE id = ?", (queue_id,)).rowcount == 0
+            if gone:
+                return False
+            for r in runs:
+                _check_state(r.get("state", "queued"))
+                c.execute("INSERT INTO runs (id, runbook, runbook_path, runbook_sha256, state, "
+                          "event, params, started_by, started_uid, trigger, created_at) "
+                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                          (r["run_id"], r["runbook"], r.get("runbook_path"),
+                           r.get("runbook_sha256"), r.get("state", "queued"),
+                           _json(r.get("event")), _json(r.get("params") or {}),
+                           r.get("started_by"), r.get("started_uid"), r.get("trigger"), now))
+        return True
+
     def queue_length(self) -> int:
         """How many events are in the queue, leased or not."""
         with self._read("counting the event queue") as c:

@@ -73,10 +73,12 @@ def answer(state_dir: str | None, audit_log: str | None, run_ref: str, *, approv
     who we are — or, when nobody waits, straight into the state store.
     """
     folder = paths.state_dir_from_env(state_dir)
-    for sock in _sockets_for(folder, run_ref):
+    sockets = [folder / paths.CONTROL_SOCKET, *_sockets_for(folder, run_ref)]
+    for sock in sockets:
         try:
+            run_id = run_ref if sock.name == paths.CONTROL_SOCKET else sock.stem
             reply = control.request(sock, {"op": "approve" if approve else "deny",
-                                           "run_id": sock.stem, "comment": comment,
+                                           "run_id": run_id, "comment": comment,
                                            "step_id": step_id})
         except control.ControlUnavailable:
             continue

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -135,8 +136,17 @@ def resume_run(state_dir: str | None, audit_log: str | None, run_ref: str, *, ye
 
 def cancel_run(state_dir: str | None, audit_log: str | None, run_ref: str) -> int:
     """Cancel a run: stop the process driving it, or close a run nobody drives."""
-    from opsrun import identity
+    from opsrun import control, identity
 
+    try:
+        reply = control.request(paths.state_dir_from_env(state_dir) / paths.CONTROL_SOCKET,
+                                {"op": "cancel", "run_id": run_ref})
+    except control.ControlUnavailable:
+        reply = None
+    if reply is not None and not reply.data.get("not_here"):
+        print(reply.message if reply.ok else f"opsrun: {reply.message}",
+              file=sys.stdout if reply.ok else sys.stderr)
+        return reply.exit_code
     with open_run_context(state_dir, audit_log, {}) as rc:
         run_id = resolve_run_id(rc.store, run_ref)
         run = rc.store.get_run(run_id)

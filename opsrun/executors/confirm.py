@@ -39,6 +39,10 @@ class WaitingConfirmer:
         self.runbook_record = runbook_record
         self.socket_dir = socket_dir  # where to serve answers from other users
 
+    def already_asked(self, run_id: str, step_id: str) -> bool:
+        """Whether this step of this run has its question recorded (a resumed run)."""
+        return self.waiter.store.latest_approval(run_id, step_id) is not None
+
     def confirm(self, request: rt.ConfirmRequest, cancel: threading.Event) -> rt.Answer:
         store = self.waiter.store
         q = self.waiter.ask(request.run_id, request.step_id, request.question,
@@ -124,6 +128,9 @@ class PromptConfirmer:
         self.stdin = stdin or sys.stdin
         self.out = out or sys.stdout
         self.on_refused = on_refused
+
+    def already_asked(self, run_id: str, step_id: str) -> bool:
+        return self.fallback.already_asked(run_id, step_id)
 
     def confirm(self, request: rt.ConfirmRequest, cancel: threading.Event) -> rt.Answer:
         why = refusal(approvers_record(request.approvers), self.who, request.starter.user)

@@ -43,6 +43,7 @@ POLL_DELAY_MS = 500  # scan interval once the watch limit forced polling
 FLOOD = 2000  # changes in one batch after which events may have been dropped: rescan
 _WAKE_S = 0.1  # the longest the flush loop waits before looking at `stop` again
 ADDED = 1  # watchfiles' Change.added
+IN_FLIGHT_S = 2.0  # a change younger than this, found by a rescan, is not called missed
 
 _Stat = tuple[int, int, int, int, int]  # inode, device, size, mtime_ns, ctime_ns
 
@@ -136,13 +137,19 @@ class FileSource:
         with self._cond:
             old = dict(self._snapshot)
         changed = sorted(p for p in old.keys() | current.keys() if old.get(p) != current.get(p))
-        if changed:
-            shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more"
-                                              if len(changed) > 5 else "")
-            level = log.info if reason == "watch started" else log.warning
-            level("file source: a rescan (%s) found %d change(s) that inotify had not "
-                  "reported: %s", reason, len(changed), shown)
-            self._feed(changed)
+        if not changed:
+            return 0
+        self._feed(changed)
+        # A change made a moment ago may simply still be on its way from the kernel.
+        recent = time.time_ns() - int(IN_FLIGHT_S * 1e9)
+        missed = [p for p in changed if p not in current or current[p][3] < recent]
+        if reason == "watch started":
+            log.info("file source: %d change(s) while the watch was being set up: %s",
+                     len(changed), _some(changed))
+        elif missed:
+            log.warning("file source: a rescan found %d change(s) that inotify had not "
+                        "reported (its event queue may have overflowed): %s", len(missed),
+                        _some(missed))
         return len(changed)
 
     # ── collecting changes ──────────────────────────────────────────────────
@@ -330,6 +337,10 @@ class FileSource:
                 with self._cond:
                     self._cond.wait(_WAKE_S)
         self._rescan_at = self._clock()
+
+
+def _some(paths: list[str]) -> str:
+    return ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
 
 
 def _is_limit(error: BaseException) -> bool:

@@ -1,0 +1,178 @@
+"""opsrun emit / dispatch: JSON events into the service's queue, or run right here.
+
+    opsrun emit '{"type": "alert", "severity": "critical"}'
+    tail -F app.log | jq -c … | opsrun dispatch
+
+A line that is not an acceptable event is reported with its line number and reason on
+stderr and recorded as `event.rejected`; the lines after it are still taken.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from opsrun import identity, output, paths, secrets
+from opsrun.audit import AuditLog
+from opsrun.concurrency import Job, Scheduler
+from opsrun.errors import UsageError
+from opsrun.event import Event, EventRejected, parse_json_event
+from opsrun.matcher import Matcher
+from opsrun.runbook import load_runbooks
+from opsrun.sources.stdin_json import Rejection, read_events
+
+BATCH = 10_000
+
+
+def emit(arg: str | None, *, state_dir: str | None, audit_log: str | None) -> int:
+    """Put events on the durable queue for `opsrun watch`; works while it is down."""
+    items = list(_events_from_arg(arg))
+    events = [e for e in items if isinstance(e, Event)]
+    rejected = [r for r in items if isinstance(r, Rejection)]
+    for r in rejected:
+        print(f"opsrun: {_where(arg)}{r}", file=sys.stderr)
+    queued = _send_to_service(state_dir, events) if events else 0
+    if queued is None:  # no service answers: straight into the queue it will drain
+        from opsrun.run_setup import open_run_context
+
+        with open_run_context(state_dir, audit_log, {}) as rc:
+            for r in rejected:
+                _audit_rejection(rc.audit, r, "emit")
+            for start in range(0, len(events), BATCH):
+                rc.store.enqueue_events([e.data for e in events[start:start + BATCH]],
+                                        source={"via": "opsrun emit",
+                                                "user": identity.current().user})
+        queued = len(events)
+        where = "the queue (no service is running; it will take them when it starts)"
+    else:
+        where = "the running service"
+        if rejected:
+            from opsrun.run_setup import open_run_context
+
+            with open_run_context(state_dir, audit_log, {}) as rc:
+                for r in rejected:
+                    _audit_rejection(rc.audit, r, "emit")
+    if events:
+        print(f"queued {queued} event{'s' * (queued != 1)} for {where}")
+    return 2 if rejected else 0
+
+
+def _where(arg: str | None) -> str:
+    return "stdin " if arg in (None, "-") else ""
+
+
+def _events_from_arg(arg: str | None) -> Iterator[Event | Rejection]:
+    if arg is None and sys.stdin.isatty():
+        raise UsageError("give an event as JSON, or - to read JSON lines from stdin")
+    if arg is None or arg == "-":
+        yield from read_events(sys.stdin.buffer)
+        return
+    try:
+        yield parse_json_event(arg.encode("utf-8", "surrogateescape"))
+    except EventRejected as e:
+        raise UsageError(f"the event was rejected: {e}") from None
+
+
+def _send_to_service(state_dir: str | None, events: list[Event]) -> int | None:
+    from opsrun import control
+
+    sock = paths.state_dir_from_env(state_dir) / paths.CONTROL_SOCKET
+    total = 0
+    for start in range(0, len(events), BATCH):
+        batch = [e.data for e in events[start:start + BATCH]]
+        try:
+            reply = control.request(sock, {"op": "emit", "events": batch}, timeout_s=120)
+        except control.ControlUnavailable:
+            if total:
+                raise UsageError(f"the service stopped after taking {total} events; "
+                                 "emit the rest again") from None
+            return None
+        if not reply.ok:
+            raise UsageError(reply.message)
+        total += len(batch)
+    return total
+
+
+def _audit_rejection(audit: AuditLog, r: Rejection, source: str) -> None:
+    audit.append("event.rejected", source=source, lineno=r.lineno, reason=r.reason,
+                 excerpt=r.excerpt)
+
+
+# ── dispatch ───────────────────────────────────────────────────────────────
+
+def dispatch(folder: Path, *, dry_run: bool, parallel: int, state_dir: str | None,
+             audit_log: str | None, secrets_file: str | None, as_json: bool) -> int:
+    """Read JSON lines on stdin and run each event's runbooks in this process."""
+    if sys.stdin.isatty():
+        raise UsageError("dispatch reads JSON lines on stdin; pipe events into it")
+    runbooks, problems = load_runbooks([folder])
+    for p in problems:
+        print(f"opsrun: {p}", file=sys.stderr)
+    if problems:
+        raise UsageError(f"{len({p.file for p in problems})} runbook(s) in {folder} do not "
+                         "validate; fix them first (opsrun validate)")
+    matcher = Matcher(runbooks)
+    if dry_run:
+        return _dry_run(matcher, read_events(sys.stdin.buffer), as_json=as_json)
+    return _run_all(matcher, parallel, state_dir, audit_log, secrets_file, as_json)
+
+
+def _dry_run(matcher: Matcher, items: Iterable[Event | Rejection], *, as_json: bool) -> int:
+    rejected = False
+    lineno = 0
+    for item in items:
+        if isinstance(item, Rejection):
+            rejected = True
+            print(f"opsrun: stdin {item}", file=sys.stderr)
+            lineno = item.lineno
+            continue
+        lineno += 1
+        names = [m.runbook.name for m in matcher.match(item)]
+        if as_json:
+            sys.stdout.write(output.json_line({"event_id": item.id, "runbooks": names}) + "\n")
+        else:
+            print(f"event {item.id}: " + (", ".join(names) if names else "no runbook matches"))
+    return 2 if rejected else 0
+
+
+def _run_all(matcher: Matcher, parallel: int, state_dir: str | None, audit_log: str | None,
+             secrets_file: str | None, as_json: bool) -> int:
+    from opsrun.dispatch import Dispatcher
+    from opsrun.engine import RunRequest
+    from opsrun.run_setup import driving, open_run_context
+
+    secret_values = secrets.load(Path(secrets_file) if secrets_file else None)
+    codes: list[int] = []
+    results: list[dict[str, Any]] = []
+    lock = threading.Lock()
+    with open_run_context(state_dir, audit_log, secret_values) as rc:
+        reporter = output.reporter(as_json)
+        eng = rc.engine([reporter], confirmer=rc.waiting_confirmer())
+        scheduler = Scheduler(parallel)
+
+        def start(job: Job, request: RunRequest) -> None:
+            with driving(rc.state_dir, request.run_id):
+                result = eng.run(request, job.cancel)
+            with lock:
+                codes.append(result.exit_code)
+                results.append({"run_id": result.run_id, "runbook": result.runbook,
+                                "state": result.state, "exit_code": result.exit_code,
+                                "event_id": request.event.id})
+
+        dispatcher = Dispatcher(rc, scheduler, start, identity.current(),
+                                matcher=matcher)
+        for item in read_events(sys.stdin.buffer):
+            if isinstance(item, Rejection):
+                print(f"opsrun: stdin {item}", file=sys.stderr)
+                _audit_rejection(rc.audit, item, "dispatch")
+                codes.append(2)
+                continue
+            dispatcher.dispatch(item)
+            if parallel == 1:
+                scheduler.wait_idle()
+        scheduler.wait_idle()
+    if as_json:
+        output.print_json({"version": 1, "runs": results})
+    return max(codes, default=0)

@@ -1,0 +1,85 @@
+"""opsrun watch / status / systemd-unit: the service, how it is doing, how to install it."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from opsrun import control, output, paths, secrets
+from opsrun.daemon import Daemon, WatchOptions
+from opsrun.daemon_log import DaemonLog
+from opsrun.errors import UsageError
+from opsrun.run_setup import open_run_context
+from opsrun.systemd import Notifier, unit_file
+
+
+def watch(opts: WatchOptions, *, state_dir: str | None, audit_log: str | None,
+          secrets_file: str | None, log_format: str) -> int:
+    """Run the service until SIGTERM."""
+    if log_format not in ("plain", "json"):
+        raise UsageError("--log-format is plain or json")
+    if not opts.runbooks_dir.is_dir():
+        raise UsageError(f"the runbooks folder {opts.runbooks_dir} does not exist "
+                         "(give --runbooks DIR)")
+    log = DaemonLog(log_format)
+    logging.getLogger("opsrun").addHandler(log.handler())
+    logging.getLogger("opsrun").setLevel(logging.INFO)
+    logging.getLogger("opsrun").propagate = False
+    secret_values = secrets.load(Path(secrets_file) if secrets_file else None)
+    with open_run_context(state_dir, audit_log, secret_values) as rc:
+        return Daemon(opts, rc, log, Notifier()).run()
+
+
+def status(state_dir: str | None, *, as_json: bool) -> int:
+    """How the running service is doing; exit 1 when none runs."""
+    folder = paths.state_dir_from_env(state_dir)
+    try:
+        reply = control.request(folder / paths.CONTROL_SOCKET, {"op": "status"}, timeout_s=10)
+    except control.ControlUnavailable:
+        if as_json:
+            output.print_json({"version": 1, "running": False})
+        else:
+            print(f"opsrun watch is not running (no service answers on "
+                  f"{folder / paths.CONTROL_SOCKET})")
+        return 1
+    s = reply.data.get("status", {})
+    if as_json:
+        output.print_json({"version": 1, "running": True, **s})
+        return 0
+    print(f"opsrun watch is running (pid {s.get('pid')}, up {_up(s.get('uptime_s', 0))})")
+    print(f"  runbooks:    {len(s.get('runbooks', []))} ({', '.join(s.get('runbooks', []))})")
+    print("  sources:     " + ", ".join(f"{k} ({v})" if v > 1 else k
+                                        for k, v in s.get("sources", {}).items()))
+    print(f"  runs:        {s.get('running')} running (max {s.get('max_parallel')}), "
+          f"{s.get('waiting')} waiting for an answer, {s.get('queued')} queued")
+    print(f"  event queue: {s.get('event_queue')}")
+    return 0
+
+
+def _up(seconds: float) -> str:
+    from opsrun.durations import format_duration
+
+    return format_duration(seconds)
+
+
+def systemd_unit(*, user: bool, runbooks: str | None, drain_s: float) -> int:
+    print(unit_file(user=user, runbooks=runbooks, drain_s=drain_s), end="")
+    return 0
+
+
+def send(state_dir: str | None, payload: dict[str, object]) -> control.Reply | None:
+    """A request to the running service, or None when none runs."""
+    folder = paths.state_dir_from_env(state_dir)
+    try:
+        return control.request(folder / paths.CONTROL_SOCKET, payload)
+    except control.ControlUnavailable:
+        return None
+
+
+def print_reply(reply: control.Reply) -> int:
+    if reply.ok:
+        print(reply.message)
+    else:
+        print(f"opsrun: {reply.message}", file=sys.stderr)
+    return reply.exit_code
+

@@ -1,0 +1,348 @@
+"""`opsrun watch`: the sources, a scheduler of runs, and the same engine as `opsrun run`.
+
+Life of the service:
+- start: load the runbooks (refuse to start if none is valid), recover what the last
+  process left (running → interrupted, waiting runs adopted, queued runs started),
+  open the control socket, start every source, then tell systemd READY=1;
+- run: events become recorded runs (dispatch.py) scheduled under --max-parallel and each
+  runbook's concurrency policy; a run waiting for an answer holds no slot and is resumed
+  when the answer (or its deadline) comes; runbook edits and SIGHUP reload;
+- stop (SIGTERM/SIGINT): take no new events, let running runs finish up to the drain
+  limit, then interrupt them (recorded as `interrupted`), and exit 0.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from opsrun import identity, resume, run_types as rt
+from opsrun.approvals import Waiter
+from opsrun.concurrency import Job, Scheduler
+from opsrun.daemon_control import ControlHandler
+from opsrun.daemon_log import DaemonLog, LogListener
+from opsrun.daemon_sources import Sources
+from opsrun.dispatch import Dispatcher
+from opsrun.engine import RunRequest
+from opsrun.errors import OpsrunError, UsageError
+from opsrun.matcher import Matcher
+from opsrun.run_setup import RunContext, driver_pid
+from opsrun.runbook import Runbook, load_runbooks
+from opsrun.systemd import Notifier
+
+PARKED_CHECK_S = 0.25
+STATUS_EVERY_S = 5.0
+
+
+@dataclass
+class WatchOptions:
+    runbooks_dir: Path
+    stdin: bool = False
+    max_parallel: int = field(default_factory=lambda: (os.cpu_count() or 1) * 4)
+    drain_limit_s: float = 60.0
+
+
+class Daemon:
+    """One `opsrun watch` process."""
+
+    def __init__(self, opts: WatchOptions, rc: RunContext, log: DaemonLog,
+                 notifier: Notifier | None = None) -> None:
+        self.opts = opts
+        self.rc = rc
+        self.log = log
+        self.notifier = notifier or Notifier()
+        self.starter = identity.current()
+        self.scheduler = Scheduler(opts.max_parallel, on_error=self._job_failed)
+        self.engine = rc.engine([LogListener(log)], confirmer=rc.waiting_confirmer(park=True))
+        self.dispatcher = Dispatcher(rc, self.scheduler, self._run_job, self.starter, log)
+        self.waiter = Waiter(rc.store, rc.audit)
+        self.runbooks: dict[Path, Runbook] = {}
+        self.stop = threading.Event()
+        self.reload_requested = threading.Event()
+        self.wake_parked = threading.Event()
+        self.requests: dict[str, RunRequest] = {}
+        self.waiting_steps: dict[str, str] = {}
+        self.locks: dict[str, int] = {}
+        self._locks_mutex = threading.Lock()
+        self.started_at = time.monotonic()
+        self.sources = Sources(self)
+        self.control = ControlHandler(self)
+
+    # ── the whole life ──────────────────────────────────────────────────────
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; return the exit code."""
+        self._signals()
+        self.reload(initial=True)
+        self._recover()
+        server = self.control.start()
+        try:
+            self.sources.start_runbook_watch()
+            self.sources.start()
+            self.rc.audit.append("daemon.started",
+                                 runbooks=sorted(rb.name for rb in self.runbooks.values()),
+                                 max_parallel=self.opts.max_parallel)
+            self.log("opsrun watch is ready", runbooks=len(self.runbooks),
+                     sources=",".join(f"{k}:{v}" for k, v in self.sources.describe().items()))
+            self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
+            self.notifier.start_watchdog(self.sources.healthy)
+            self._loop()
+        finally:
+            self._shutdown()
+            server.stop()
+        return 0
+
+    def _loop(self) -> None:
+        last_status = 0.0
+        while not self.stop.is_set():
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self.reload()
+            self._check_parked()
+            self.sources.restart_if_dead()
+            if time.monotonic() - last_status >= STATUS_EVERY_S:
+                self.notifier.notify(f"STATUS={self.status_line()}")
+                last_status = time.monotonic()
+            self.wake_parked.wait(PARKED_CHECK_S)
+            self.wake_parked.clear()
+
+    def _signals(self) -> None:
+        def stop(signum: int, frame: FrameType | None) -> None:
+            self.log(f"{signal.Signals(signum).name} received: stopping")
+            self.stop.set()
+            self.wake_parked.set()
+
+        def reload(signum: int, frame: FrameType | None) -> None:
+            self.reload_requested.set()
+            self.wake_parked.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, reload)
+
+    # ── runbooks ────────────────────────────────────────────────────────────
+
+    def reload(self, *, initial: bool = False) -> None:
+        """Load the runbooks again; an invalid edit keeps the last valid version in force."""
+        found, problems = load_runbooks([self.opts.runbooks_dir])
+        fresh = {rb.path.resolve(): rb for rb in found}
+        bad_files = sorted({p.file for p in problems})
+        for problem in problems:
+            self.log("runbook invalid", level="error", problem=str(problem))
+        for file in bad_files:
+            old = self.runbooks.get(Path(file).resolve())
+            kept = old is not None and Path(file).exists()
+            self.rc.audit.append("runbook.invalid", file=file, kept_previous=kept,
+                                 problems=[str(p) for p in problems if p.file == file])
+            if kept and old is not None:
+                fresh[old.path.resolve()] = old
+                self.log("keeping the last valid version", runbook=old.name, file=file)
+        if initial and not fresh:
+            raise UsageError(f"no valid runbook in {self.opts.runbooks_dir}; nothing to watch"
+                             + (" (see the problems above)" if problems else ""))
+        changed = {p: rb.sha256 for p, rb in fresh.items()} != \
+            {p: rb.sha256 for p, rb in self.runbooks.items()}
+        self.runbooks = fresh
+        self.dispatcher.set_matcher(Matcher(sorted(fresh.values(), key=lambda r: r.name)))
+        if not initial:
+            self.rc.audit.append("daemon.reloaded", runbooks=sorted(r.name for r in
+                                                                    fresh.values()),
+                                 invalid=bad_files)
+            self.log("runbooks reloaded", runbooks=len(fresh), invalid=len(bad_files) or None)
+            if changed:
+                self.sources.start()
+
+    # ── runs ────────────────────────────────────────────────────────────────
+
+    def _run_job(self, job: Job, request: RunRequest) -> None:
+        if not self._lock_run(job.run_id):
+            self.log("run is driven by another process; leaving it", level="warning",
+                     run_id=job.run_id)
+            return
+        parked = False
+        try:
+            if job.resume:
+                run = self.rc.store.get_run(job.run_id)
+                if run is None or run.state != rt.WAITING:
+                    return
+                request = resume.load_request(self.rc.store, run)
+            self.requests[job.run_id] = request
+            result = self.engine.run(request, job.cancel)
+            if result.state == rt.WAITING and result.waiting_step:
+                self.waiting_steps[job.run_id] = result.waiting_step
+                self.scheduler.mark_parked(job)
+                parked = True
+                self.wake_parked.set()
+        finally:
+            if not parked:
+                self.requests.pop(job.run_id, None)
+                self.waiting_steps.pop(job.run_id, None)
+                self._unlock_run(job.run_id)
+
+    def _job_failed(self, job: Job, error: BaseException) -> None:
+        self.log("run could not go on", level="error", run_id=job.run_id, error=str(error))
+        if not isinstance(error, OpsrunError):
+            import traceback
+
+            self.log("".join(traceback.format_exception(error)), level="error")
+        self._unlock_run(job.run_id)
+
+    def _check_parked(self) -> None:
+        now = datetime.now(timezone.utc)
+        for job in self.scheduler.parked():
+            step = self.waiting_steps.get(job.run_id)
+            q = self.rc.store.latest_approval(job.run_id, step) if step else None
+            if q is None:
+                continue
+            if q.answer is None and q.deadline is not None and now >= q.deadline:
+                self.waiter.expire(q, self._on_timeout(job.run_id, q.step_id),
+                                   self.rc.runbook_record(job.run_id))
+                q = self.rc.store.latest_approval(job.run_id, q.step_id)
+            if q is not None and q.answer is not None:
+                self.scheduler.resume(job)
+
+    def _on_timeout(self, run_id: str, step_id: str) -> str:
+        request = self.requests.get(run_id)
+        if request is not None:
+            for step in request.runbook.steps:
+                if step.id == step_id:
+                    return step.on_timeout
+        return "deny"
+
+    def cancel_parked(self, job: Job, who: str) -> None:
+        """Record the cancel of a run that was waiting for an answer."""
+        store = self.rc.store
+        store.update_run(job.run_id, state=rt.CANCELLED, finished_at=datetime.now(timezone.utc),
+                         exit_code=rt.EXIT_CODES[rt.CANCELLED],
+                         error=f"cancelled by {who} while waiting for an answer")
+        for q in store.pending_approvals(job.run_id):
+            store.answer_approval(job.run_id, "denied", answered_by="(cancelled)",
+                                  answered_uid=None, how="cancel", step_id=q.step_id)
+        self.rc.audit.append("run.finished", run_id=job.run_id,
+                             runbook=self.rc.runbook_record(job.run_id), state=rt.CANCELLED,
+                             exit_code=rt.EXIT_CODES[rt.CANCELLED],
+                             error=f"cancelled by {who} while waiting for an answer")
+        self.requests.pop(job.run_id, None)
+        self.waiting_steps.pop(job.run_id, None)
+        self._unlock_run(job.run_id)
+
+    # ── after a crash ───────────────────────────────────────────────────────
+
+    def _recover(self) -> None:
+        """Runs left `running` become interrupted; `waiting` runs are adopted; `queued` start."""
+        store = self.rc.store
+        for run in store.list_runs(state=rt.RUNNING, limit=1_000_000):
+            if driver_pid(self.rc.state_dir, run.id) is not None:
+                continue  # an `opsrun run` elsewhere is running it right now
+            if store.update_run(run.id, expect_state=rt.RUNNING, state=rt.INTERRUPTED,
+                                exit_code=rt.EXIT_CODES[rt.INTERRUPTED],
+                                error="opsrun stopped while the run was running; "
+                                      "`opsrun resume` or `opsrun cancel` it"):
+                self.rc.audit.append("run.interrupted", run_id=run.id,
+                                     runbook=self.rc.runbook_record(run.id),
+                                     current_step=run.current_step)
+                self.log("run was interrupted by a stop of opsrun", level="warning",
+                         run_id=run.id, runbook=run.runbook)
+        for run in store.list_runs(state=rt.WAITING, limit=1_000_000):
+            self._adopt(run, parked=True)
+        for run in reversed(store.list_runs(state=rt.QUEUED, limit=1_000_000)):
+            self._adopt(run, parked=False)
+
+    def _adopt(self, run: Any, *, parked: bool) -> None:
+        if driver_pid(self.rc.state_dir, run.id) is not None:
+            return
+        try:
+            request = resume.load_request(self.rc.store, run)
+        except OpsrunError as e:
+            self.log("cannot take over run", level="error", run_id=run.id, error=str(e))
+            return
+        rb = request.runbook
+        key = self.dispatcher._key(rb, request.event, request.params)
+        job = Job(run.id, rb.name, key, rb.concurrency.policy,
+                  start=lambda j: self._run_job(j, request))
+        if parked:
+            pending = self.rc.store.pending_approvals(run.id)
+            latest = pending[0] if pending else None
+            step = latest.step_id if latest else rb.steps[request.resume_at].id
+            if not self._lock_run(run.id):
+                return
+            self.requests[run.id] = request
+            self.waiting_steps[run.id] = step
+            self.scheduler.adopt_parked(job)
+        else:
+            self.scheduler.submit(job)
+
+    # ── driver locks: this process drives the run ──────────────────────────
+
+    def _lock_run(self, run_id: str) -> bool:
+        import fcntl
+
+        from opsrun import file_lock
+        from opsrun.run_setup import runs_dir
+
+        with self._locks_mutex:
+            if run_id in self.locks:
+                return True
+            fd = file_lock.open_lock_file(runs_dir(self.rc.state_dir) / f"{run_id}.lock")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                return False
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            self.locks[run_id] = fd
+            return True
+
+    def _unlock_run(self, run_id: str) -> None:
+        with self._locks_mutex:
+            fd = self.locks.pop(run_id, None)
+        if fd is not None:
+            os.close(fd)
+
+    # ── stop ────────────────────────────────────────────────────────────────
+
+    def _shutdown(self) -> None:
+        self.notifier.notify("STOPPING=1", "STATUS=stopping: draining running runs")
+        self.sources.stop_all()
+        self.scheduler.stop_accepting()
+        running = len(self.scheduler.running())
+        if running:
+            self.log("waiting for running runs to finish", running=running,
+                     drain_limit=f"{self.opts.drain_limit_s:g}s")
+        if not self.scheduler.wait_idle(self.opts.drain_limit_s):
+            for job in self.scheduler.running():
+                job.cancel.cancel(rt.INTERRUPTED, "opsrun was stopped and the drain limit "
+                                                  "was reached")
+            self.scheduler.wait_idle(30)
+        for run_id in list(self.locks):
+            self._unlock_run(run_id)
+        self.rc.audit.append("daemon.stopped")
+        self.log("opsrun watch stopped")
+        self.notifier.stop()
+
+    # ── status ──────────────────────────────────────────────────────────────
+
+    def status(self) -> dict[str, Any]:
+        counts = self.scheduler.counts()
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started_at, 1),
+            "runbooks": sorted(rb.name for rb in self.runbooks.values()),
+            "sources": self.sources.describe(),
+            "running": counts["running"], "waiting": counts["parked"],
+            "queued": counts["queued"], "event_queue": self.rc.store.queue_length(),
+            "max_parallel": self.opts.max_parallel,
+        }
+
+    def status_line(self) -> str:
+        s = self.status()
+        return (f"{len(s['runbooks'])} runbooks; running {s['running']}, waiting "
+                f"{s['waiting']}, queued {s['queued']}; event queue {s['event_queue']}")
+

@@ -1,0 +1,176 @@
+"""The service's sources: started from the current triggers, restarted when runbooks change.
+
+Trigger sources (files, schedules, log tails) are rebuilt as a set on each reload; their
+positions and marks live in the store under trigger keys, so a restart loses nothing.
+The emit-queue drainer, stdin, and the watch on the runbooks folder live as long as the
+service does.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from opsrun.event import Event, from_object
+from opsrun.runbook import FileTrigger
+from opsrun.sources.base import start_thread
+
+if TYPE_CHECKING:
+    from opsrun.daemon import Daemon
+
+READY_TIMEOUT_S = 15.0
+QUEUE_POLL_S = 0.1
+RESTART_BACKOFF_S = 5.0
+
+
+class Sources:
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+        self.stop_current = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.counts: dict[str, int] = {}
+        self.stop_forever = threading.Event()
+        self.wake_queue = threading.Event()
+        self._lifelong: list[threading.Thread] = []
+        self._lifelong_started = False
+        self._failed_at = 0.0
+        self._lock = threading.Lock()
+
+    # ── trigger sources ─────────────────────────────────────────────────────
+
+    def start(self) -> None:
+        """(Re)start the trigger sources for the current runbooks; wait until they are up."""
+        from opsrun.sources.files import FileSource
+        from opsrun.sources.logtail import LogSource
+        from opsrun.sources.schedule import ScheduleSource
+
+        with self._lock:
+            self._stop_current()
+            matcher = self.d.dispatcher.matcher
+            store = self.d.rc.store
+            stop = threading.Event()
+            made: list[Any] = []
+            files = [(b.key, b.trigger) for b in matcher.bound("file")]
+            schedules = [(b.key, b.trigger) for b in matcher.bound("schedule")]
+            logs = [(b.key, b.trigger) for b in matcher.bound("log")]
+            if files:
+                made.append(FileSource(files))
+            if schedules:
+                made.append(ScheduleSource(schedules, store))
+            if logs:
+                made.append(LogSource(logs, store))
+            self.counts = {"file": len(files), "schedule": len(schedules), "log": len(logs)}
+            self.stop_current = stop
+            self.threads = [start_thread(s, stop, self.emit) for s in made]
+            if not self._lifelong_started:
+                self._lifelong_started = True
+                self._start_lifelong()
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        for s in made:
+            ready = getattr(s, "ready", None)
+            if ready is not None and not ready.wait(max(0.0, deadline - time.monotonic())):
+                self.d.log(f"the {s.name} source is not up after {READY_TIMEOUT_S:g}s; "
+                           "going on", level="warning")
+
+    def emit(self, events: Sequence[Event]) -> None:
+        """Taken = recorded: runs are in the store before a source moves its position."""
+        for event in events:
+            self.d.dispatcher.dispatch(event)
+
+    def _stop_current(self) -> None:
+        self.stop_current.set()
+        for t in self.threads:
+            t.join(timeout=10)
+        self.threads = []
+
+    def stop_all(self) -> None:
+        with self._lock:
+            self._stop_current()
+        self.stop_forever.set()
+        self.wake_queue.set()
+        for t in self._lifelong:
+            t.join(timeout=10)
+
+    def healthy(self) -> bool:
+        return all(t.is_alive() for t in self.threads + self._lifelong) or \
+            self.stop_current.is_set()
+
+    def restart_if_dead(self) -> None:
+        """A source that died on an error (a full disk, say) is started again, after a pause."""
+        dead = [t for t in self.threads if not t.is_alive()]
+        if not dead or self.stop_current.is_set() or self.d.stop.is_set():
+            return
+        if time.monotonic() - self._failed_at < RESTART_BACKOFF_S:
+            return
+        self._failed_at = time.monotonic()
+        self.d.log("a source stopped; starting the sources again", level="warning",
+                   sources=",".join(t.name for t in dead))
+        self.start()
+
+    def describe(self) -> dict[str, int]:
+        out = {k: v for k, v in self.counts.items() if v}
+        out["queue"] = 1
+        if self.d.opts.stdin:
+            out["stdin"] = 1
+        return out
+
+    # ── for the life of the service ────────────────────────────────────────
+
+    def _start_lifelong(self) -> None:
+        drainer = threading.Thread(target=self._drain_queue, name="opsrun-queue", daemon=True)
+        drainer.start()
+        self._lifelong.append(drainer)
+        if self.d.opts.stdin:
+            from opsrun.sources.stdin_json import StdinJsonSource
+
+            stdin = StdinJsonSource(sys.stdin.buffer, self._rejected)
+            self._lifelong.append(start_thread(stdin, self.stop_forever, self.emit))
+
+    def start_runbook_watch(self) -> None:
+        """Reload when a runbook file is added, changed or removed."""
+        from opsrun.sources.files import FileSource
+
+        folder = self.d.opts.runbooks_dir.resolve()
+        trigger = FileTrigger((f"{folder}/**/*.yaml", f"{folder}/**/*.yml",
+                               f"{folder}/*.yaml", f"{folder}/*.yml"),
+                              ("added", "modified", "deleted"), 0.2, ())
+        watch = FileSource([("opsrun:runbooks", trigger)])
+
+        def changed(events: Sequence[Event]) -> None:
+            self.d.log("runbook files changed", files=len(events))
+            self.d.reload_requested.set()
+            self.d.wake_parked.set()
+
+        self._lifelong.append(start_thread(watch, self.stop_forever, changed))
+        watch.ready.wait(READY_TIMEOUT_S)
+
+    def _drain_queue(self) -> None:
+        """Take events from the durable emit queue; each one's runs and removal are atomic."""
+        store = self.d.rc.store
+        while not self.stop_forever.is_set():
+            try:
+                items = store.take_events(limit=100, lease_s=60.0)
+            except Exception as e:  # noqa: BLE001 - keep draining after a store hiccup
+                self.d.log("cannot read the event queue", level="error", error=str(e))
+                items = []
+                self.stop_forever.wait(1.0)
+            for item in items:
+                if self.stop_forever.is_set():
+                    break
+                try:
+                    self.d.dispatcher.dispatch(from_object(item.event, "json"),
+                                               queue_id=item.id)
+                except Exception as e:  # noqa: BLE001 - the event stays queued; retried later
+                    self.d.log("event could not be handled; it stays queued", level="error",
+                               queue_id=item.id, error=str(e))
+            if not items:
+                self.wake_queue.wait(QUEUE_POLL_S)
+                self.wake_queue.clear()
+
+    def _rejected(self, rejection: Any) -> None:
+        self.d.rc.audit.append("event.rejected", source="stdin", lineno=rejection.lineno,
+                               reason=rejection.reason, excerpt=rejection.excerpt)
+        self.d.log("event rejected", level="warning", source="stdin",
+                   line=rejection.lineno, reason=rejection.reason)

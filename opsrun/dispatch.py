@@ -1,0 +1,141 @@
+"""From an event to recorded, scheduled runs: the step shared by `opsrun watch` and `dispatch`.
+
+For each runbook the matcher picks, the dispatcher renders the concurrency key, asks the
+scheduler whether the run may join (a `skip` policy may drop it: audited as run.skipped),
+records the run as `queued` in the state store and the audit log, and hands it to the
+scheduler. Runs for an event from the `emit` queue are recorded in the same transaction
+that removes the event from the queue, so an emitted event starts its runs exactly once.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from opsrun import expressions, params as params_mod, run_types as rt
+from opsrun.concurrency import Job, Scheduler
+from opsrun.engine import RunRequest
+from opsrun.errors import ExpressionError
+from opsrun.event import Event
+from opsrun.identity import Identity
+from opsrun.ids import new_id
+from opsrun.matcher import Match, Matcher
+from opsrun.run_records import runbook_ref
+from opsrun.runbook import Runbook
+from opsrun.run_setup import RunContext
+
+Log = Callable[..., None]  # log(message, **fields)
+
+
+@dataclass
+class Planned:
+    """A run an event will start, before it is recorded."""
+
+    match: Match
+    request: RunRequest
+    key: str
+    replaced: tuple[str, ...] = ()
+
+
+@dataclass
+class Dispatcher:
+    """Turns events into runs; thread-safe (sources call it from their own threads)."""
+
+    rc: RunContext
+    scheduler: Scheduler
+    start: Callable[[Job, RunRequest], None]  # runs a job's request through the engine
+    starter: Identity
+    log: Log = lambda message, **fields: None
+    matcher: Matcher = field(default_factory=lambda: Matcher([]))
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def set_matcher(self, matcher: Matcher) -> None:
+        with self._lock:
+            self.matcher = matcher
+
+    def plan(self, event: Event) -> list[Planned]:
+        """What an event would start (nothing is recorded); skips are audited and logged."""
+        with self._lock:
+            matcher = self.matcher
+        out = []
+        for m in matcher.match(event):
+            planned = self._plan_one(m, event)
+            if planned is not None:
+                out.append(planned)
+        return out
+
+    def dispatch(self, event: Event, queue_id: int | None = None) -> list[str]:
+        """Record and schedule the runs an event starts; return their run ids."""
+        planned = self.plan(event)
+        if queue_id is not None:
+            if not self.rc.store.accept_queued(queue_id, [self._row(p) for p in planned]):
+                return []  # another process took this event first
+        else:
+            for p in planned:
+                self.rc.store.create_run(**self._row(p))
+        ids = []
+        for p in planned:
+            self._submit(p, event)
+            ids.append(p.request.run_id)
+        if not planned and event.source == "json":
+            self.log("event matched no runbook", event_id=event.id)
+        return ids
+
+    def _plan_one(self, m: Match, event: Event) -> Planned | None:
+        rb = m.runbook
+        run_event = m.event_for_run(event)
+        try:
+            typed = params_mod.resolve(rb.params, {})
+        except params_mod.ParamError as e:
+            self._reject(rb, event, f"cannot start from an event: {e}")
+            return None
+        key = self._key(rb, run_event, typed)
+        decision = self.scheduler.decide(rb.name, key, rb.concurrency.policy)
+        if not decision.accepted:
+            self.rc.audit.append("run.skipped", runbook=runbook_ref(rb), event_id=event.id,
+                                 trigger=m.trigger_key, concurrency_key=key,
+                                 reason=decision.reason)
+            self.log("run skipped", runbook=rb.name, event_id=event.id, reason=decision.reason)
+            return None
+        request = RunRequest(rb, new_id(), run_event, typed, self.starter, trigger=m.trigger_key)
+        return Planned(m, request, key, decision.replaced)
+
+    def _key(self, rb: Runbook, event: Event, typed: dict[str, Any]) -> str:
+        if not rb.concurrency.key:
+            return ""
+        try:
+            return expressions.render_text(rb.concurrency.key,
+                                           {"event": dict(event.data), "params": typed})
+        except ExpressionError as e:
+            self.log("concurrency key could not be rendered; using the runbook-wide key",
+                     runbook=rb.name, error=str(e))
+            return ""
+
+    def _reject(self, rb: Runbook, event: Event, reason: str) -> None:
+        self.rc.audit.append("run.rejected", runbook=runbook_ref(rb), event_id=event.id,
+                             reason=reason)
+        self.log("run not started", runbook=rb.name, event_id=event.id, reason=reason)
+
+    def _row(self, p: Planned) -> dict[str, Any]:
+        rb = p.request.runbook
+        return {"runbook": rb.name, "runbook_path": str(rb.path), "runbook_sha256": rb.sha256,
+                "event": dict(p.request.event.data), "params": p.request.params,
+                "started_by": self.starter.user, "started_uid": self.starter.uid,
+                "trigger": p.match.trigger_key, "state": rt.QUEUED,
+                "run_id": p.request.run_id}
+
+    def _submit(self, p: Planned, event: Event) -> None:
+        rb = p.request.runbook
+        if rb.source:
+            self.rc.store.save_runbook_version(rb.sha256, str(rb.path), rb.source)
+        self.rc.audit.append("run.queued", run_id=p.request.run_id, runbook=runbook_ref(rb),
+                             event_id=event.id, trigger=p.match.trigger_key,
+                             concurrency_key=p.key, policy=rb.concurrency.policy,
+                             replaces=list(p.replaced) or None)
+        self.log("event matched", runbook=rb.name, run_id=p.request.run_id,
+                 event_id=event.id, trigger=p.match.trigger_key)
+        request = p.request
+        job = Job(request.run_id, rb.name, p.key, rb.concurrency.policy,
+                  start=lambda j: self.start(j, request))
+        self.scheduler.submit(job)
