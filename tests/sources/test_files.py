@@ -191,10 +191,21 @@ def test_lost_events_are_found_by_a_rescan_and_logged(tmp_path: Path,
                         notifier=lambda paths, recursive, polling: SilentNotifier())
     with caplog.at_level(logging.WARNING, "opsrun.sources"), running(source) as got:
         (tmp_path / "new.txt").write_text("x")
+        os.utime(tmp_path / "new.txt", (time.time() - 60, time.time() - 60))  # long ago
         (tmp_path / "old.txt").unlink()
         wait_for(lambda: len(got.seen()) == 2)
     assert sorted(got.seen()) == [("added", "new.txt"), ("deleted", "old.txt")]
     assert "inotify had not reported" in caplog.text and "new.txt" in caplog.text
+
+
+def test_a_change_in_flight_is_reported_without_alarm(tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    source = FileSource([("k", trig(tmp_path / "*.txt"))], rescan_interval_s=0.1,
+                        notifier=lambda paths, recursive, polling: SilentNotifier())
+    with caplog.at_level(logging.WARNING, "opsrun.sources"), running(source) as got:
+        (tmp_path / "new.txt").write_text("x")
+        wait_for(lambda: got.has("added", "new.txt"))
+    assert "inotify had not reported" not in caplog.text
 
 
 def test_the_watch_limit_falls_back_to_polling(tmp_path: Path,
