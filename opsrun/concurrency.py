@@ -33,10 +33,16 @@ class Job:
     cancel: rt.Cancel = field(default_factory=rt.Cancel)
     state: str = "queued"  # queued | running | parked | done
     resume: bool = False
+    seq: int = 0  # arrival order
+    counted: bool = True  # holds one of the max-parallel slots while it runs
 
     @property
     def group(self) -> tuple[str, str]:
         return (self.runbook, self.key)
+
+    @property
+    def serial(self) -> bool:
+        return self.policy != PARALLEL
 
 
 @dataclass(frozen=True)
@@ -47,15 +53,25 @@ class Decision:
 
 
 class Scheduler:
-    """Starts jobs in worker threads as slots and policies allow."""
+    """Starts jobs in worker threads as slots and policies allow.
+
+    Every operation is O(1) or O(jobs of one group): a flood of queued runs of one runbook
+    costs no more per run than a single one.
+    """
 
     def __init__(self, max_parallel: int, *, on_error: Callable[[Job, BaseException], None]
                  = lambda job, e: None) -> None:
         self.max_parallel = max(1, max_parallel)
         self.on_error = on_error
         self._lock = threading.Condition()
-        self._pending: deque[Job] = deque()
         self._jobs: dict[str, Job] = {}
+        self._queues: dict[tuple[str, str], deque[Job]] = {}  # serial groups' queued jobs
+        self._parallel: deque[Job] = deque()
+        self._resumes: deque[Job] = deque()
+        self._busy: dict[tuple[str, str], Job] = {}  # serial group -> its running/parked job
+        self._ready: deque[tuple[str, str]] = deque()  # serial groups free with work queued
+        self._running = 0
+        self._seq = 0
         self._accepting = True
 
     # ── admission ───────────────────────────────────────────────────────────
@@ -65,7 +81,8 @@ class Scheduler:
         with self._lock:
             if not self._accepting:
                 return Decision(False, reason="opsrun is shutting down")
-            active = self._in_group((runbook, key))
+            group = (runbook, key)
+            active = self._in_group(group)
             if policy == SKIP and active:
                 return Decision(False, reason=f"run {active[0].run_id} of {runbook} "
                                               f"(key {key!r}) is still in progress")
@@ -76,11 +93,19 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         """Queue a job (recorded as queued by the caller); start what can start."""
         with self._lock:
+            self._seq += 1
+            job.seq = self._seq
             if job.policy == REPLACE:
                 for other in self._in_group(job.group):
                     self._cancel_locked(other, rt.CANCELLED, f"replaced by run {job.run_id}")
             self._jobs[job.run_id] = job
-            self._pending.append(job)
+            if job.serial:
+                q = self._queues.setdefault(job.group, deque())
+                q.append(job)
+                if len(q) == 1 and job.group not in self._busy:
+                    self._ready.append(job.group)
+            else:
+                self._parallel.append(job)
             self._pump_locked()
 
     def resume(self, job: Job) -> None:
@@ -89,7 +114,7 @@ class Scheduler:
             if job.state != "parked":
                 return
             job.state, job.resume = "queued", True
-            self._pending.appendleft(job)
+            self._resumes.append(job)
             self._pump_locked()
 
     def adopt_parked(self, job: Job) -> None:
@@ -97,10 +122,18 @@ class Scheduler:
         with self._lock:
             job.state = "parked"
             self._jobs[job.run_id] = job
+            if job.serial:
+                self._busy[job.group] = job
+
+    def mark_parked(self, job: Job) -> None:
+        """Called from a job's own start() when its run parked for an answer."""
+        with self._lock:
+            job.state = "parked"
 
     # ── control ─────────────────────────────────────────────────────────────
 
-    def cancel(self, run_id: str, reason: str = rt.CANCELLED, why: str | None = None) -> Job | None:
+    def cancel(self, run_id: str, reason: str = rt.CANCELLED, why: str | None = None
+               ) -> Job | None:
         """Cancel a job: a running one is told to stop; a queued or parked one is dropped."""
         with self._lock:
             job = self._jobs.get(run_id)
@@ -109,13 +142,21 @@ class Scheduler:
             return job
 
     def stop_accepting(self) -> None:
+        """Take no new work; queued jobs that never started are forgotten (they stay queued
+        in the store, and the next start takes them up)."""
         with self._lock:
             self._accepting = False
-            dropped = [j for j in self._pending if not j.resume]
-            for j in dropped:
-                self._pending.remove(j)
+            for q in self._queues.values():
+                for j in q:
+                    j.state = "done"
+                    self._jobs.pop(j.run_id, None)
+            self._queues.clear()
+            self._ready.clear()
+            for j in self._parallel:
                 j.state = "done"
                 self._jobs.pop(j.run_id, None)
+            self._parallel.clear()
+            self._lock.notify_all()
 
     def running(self) -> list[Job]:
         with self._lock:
@@ -125,16 +166,12 @@ class Scheduler:
         with self._lock:
             return [j for j in self._jobs.values() if j.state == "parked"]
 
-    def queued(self) -> list[Job]:
-        with self._lock:
-            return list(self._pending)
-
     def wait_idle(self, timeout_s: float | None = None) -> bool:
-        """Block until nothing runs (parked jobs do not count); False on timeout."""
+        """Block until nothing runs or waits to run (parked jobs do not count)."""
         with self._lock:
-            return self._lock.wait_for(lambda: not any(
-                j.state == "running" for j in self._jobs.values()) and not (
-                self._accepting and self._pending), timeout=timeout_s)
+            return self._lock.wait_for(
+                lambda: self._running == 0 and not self._resumes and not self._parallel
+                and not any(self._queues.values()), timeout=timeout_s)
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -144,7 +181,12 @@ class Scheduler:
     # ── inside ──────────────────────────────────────────────────────────────
 
     def _in_group(self, group: tuple[str, str]) -> list[Job]:
-        return [j for j in self._jobs.values() if j.group == group and j.state != "done"]
+        out = [self._busy[group]] if group in self._busy else []
+        out += list(self._queues.get(group, ()))
+        out += [j for j in self._parallel if j.group == group]
+        out += [j for j in self._jobs.values() if j.group == group and j.state == "running"
+                and j not in out]
+        return out
 
     def _cancel_locked(self, job: Job, reason: str, why: str | None) -> None:
         job.cancel.cancel(reason, why)
@@ -152,44 +194,64 @@ class Scheduler:
             # Nothing runs; the caller records the cancel of a parked run itself.
             job.state = "done"
             self._jobs.pop(job.run_id, None)
-        elif job.state == "queued" and job in self._pending:
-            # Never started: it goes through the engine once, which records the cancel.
-            self._pending.remove(job)
-            self._pending.appendleft(job)
+            self._release(job)
+        elif job.state == "queued":
+            # Never started: start it now (no slot needed) so the engine records the cancel.
+            self._unqueue(job)
+            self._launch(job, counted=False)
         self._pump_locked()
 
-    def _may_start(self, job: Job, running: int) -> bool:
-        if job.cancel.is_set():
-            return True  # it only needs to record that it was cancelled
-        if running >= self.max_parallel:
-            return False
-        if job.policy == PARALLEL:
-            return True
-        ahead = [j for j in self._in_group(job.group) if j is not job]
-        if job.resume:
-            return not any(j.state == "running" for j in ahead)
-        # queue/skip/replace: alone in its group, and first in line among the queued.
-        for other in ahead:
-            if other.state in ("running", "parked"):
-                return False
-            if other.state == "queued" and self._before(other, job):
-                return False
-        return True
-
-    def _before(self, a: Job, b: Job) -> bool:
-        order = list(self._pending)
-        return a in order and b in order and order.index(a) < order.index(b)
+    def _unqueue(self, job: Job) -> None:
+        q = self._queues.get(job.group)
+        if q is not None and job in q:
+            was_head = q[0] is job
+            q.remove(job)
+            if was_head and job.group in self._ready:
+                self._ready.remove(job.group)
+                if q and job.group not in self._busy:
+                    self._ready.appendleft(job.group)
+        elif job in self._parallel:
+            self._parallel.remove(job)
+        elif job in self._resumes:
+            self._resumes.remove(job)
 
     def _pump_locked(self) -> None:
-        running = sum(1 for j in self._jobs.values() if j.state == "running")
-        for job in list(self._pending):
-            if not self._may_start(job, running):
-                continue
-            self._pending.remove(job)
-            job.state = "running"
-            running += 1
-            threading.Thread(target=self._work, args=(job,), name=f"run-{job.run_id}",
-                             daemon=True).start()
+        while self._running < self.max_parallel:
+            job = self._next()
+            if job is None:
+                return
+            self._launch(job, counted=True)
+
+    def _next(self) -> Job | None:
+        if self._resumes:
+            return self._resumes.popleft()
+        head = self._queues[self._ready[0]][0] if self._ready else None
+        if self._parallel and (head is None or self._parallel[0].seq < head.seq):
+            return self._parallel.popleft()
+        if head is None:
+            return None
+        group = self._ready.popleft()
+        self._queues[group].popleft()
+        if not self._queues[group]:
+            del self._queues[group]
+        return head
+
+    def _launch(self, job: Job, *, counted: bool) -> None:
+        if job.serial:
+            self._busy[job.group] = job
+        job.state = "running"
+        if counted:
+            self._running += 1
+        job.counted = counted
+        threading.Thread(target=self._work, args=(job,), name=f"run-{job.run_id}",
+                         daemon=True).start()
+
+    def _release(self, job: Job) -> None:
+        """The job no longer holds its group: let the next of the group go."""
+        if job.serial and self._busy.get(job.group) is job:
+            del self._busy[job.group]
+            if self._queues.get(job.group):
+                self._ready.append(job.group)
 
     def _work(self, job: Job) -> None:
         try:
@@ -198,17 +260,15 @@ class Scheduler:
             self.on_error(job, e)
             job.state = "done"
         with self._lock:
+            if job.counted:
+                self._running -= 1
             if job.state == "running":
                 job.state = "done"
             if job.state == "done":
                 self._jobs.pop(job.run_id, None)
+                self._release(job)
             self._pump_locked()
             self._lock.notify_all()
-
-    def mark_parked(self, job: Job) -> None:
-        """Called from a job's own start() when its run parked for an answer."""
-        with self._lock:
-            job.state = "parked"
 
 
 def describe(job: Job) -> dict[str, Any]:

@@ -336,13 +336,14 @@ class Daemon:
             "uptime_s": round(time.monotonic() - self.started_at, 1),
             "runbooks": sorted(rb.name for rb in self.runbooks.values()),
             "sources": self.sources.describe(),
-            "running": counts["running"], "waiting": counts["parked"],
-            "queued": counts["queued"], "event_queue": self.rc.store.queue_length(),
+            "runs_running": counts["running"], "runs_waiting": counts["parked"],
+            "runs_queued": counts["queued"], "event_queue": self.rc.store.queue_length(),
             "max_parallel": self.opts.max_parallel,
         }
 
     def status_line(self) -> str:
         s = self.status()
-        return (f"{len(s['runbooks'])} runbooks; running {s['running']}, waiting "
-                f"{s['waiting']}, queued {s['queued']}; event queue {s['event_queue']}")
+        return (f"{len(s['runbooks'])} runbooks; running {s['runs_running']}, waiting "
+                f"{s['runs_waiting']}, queued {s['runs_queued']}; event queue "
+                f"{s['event_queue']}")
 

@@ -49,6 +49,7 @@ class Dispatcher:
     log: Log = lambda message, **fields: None
     matcher: Matcher = field(default_factory=lambda: Matcher([]))
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _versions: set[str] = field(default_factory=set)  # runbook versions already kept
 
     def set_matcher(self, matcher: Matcher) -> None:
         with self._lock:
@@ -127,8 +128,9 @@ class Dispatcher:
 
     def _submit(self, p: Planned, event: Event) -> None:
         rb = p.request.runbook
-        if rb.source:
+        if rb.source and rb.sha256 not in self._versions:
             self.rc.store.save_runbook_version(rb.sha256, str(rb.path), rb.source)
+            self._versions.add(rb.sha256)
         self.rc.audit.append("run.queued", run_id=p.request.run_id, runbook=runbook_ref(rb),
                              event_id=event.id, trigger=p.match.trigger_key,
                              concurrency_key=p.key, policy=rb.concurrency.policy,

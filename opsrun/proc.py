@@ -154,6 +154,10 @@ class _Supervisor:
         """Whether the command or anything left in its group still runs (zombies do not)."""
         if self.p.poll() is None:
             return True
+        try:
+            os.killpg(self.pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False  # the usual case: the group is empty, no need to look further
         return _group_has_others(self.pgid, self.p.pid)
 
     def _stop_group(self) -> None:

@@ -48,14 +48,16 @@ class StoreListener:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._started: dict[tuple[str, int, int], datetime] = {}
+        self._versions: set[str] = set()  # runbook versions already kept
 
     def transition(self, kind: str, data: dict[str, Any]) -> None:
         run_id = data["run_id"]
         now = datetime.now(timezone.utc)
         if kind == "run.started":
             rb: Runbook = data["runbook"]
-            if rb.source:
+            if rb.source and rb.sha256 not in self._versions:
                 self.store.save_runbook_version(rb.sha256, str(rb.path), rb.source)
+                self._versions.add(rb.sha256)
             if self.store.get_run(run_id) is None:
                 self.store.create_run(rb.name, runbook_path=str(rb.path),
                                       runbook_sha256=rb.sha256, event=data["event"],

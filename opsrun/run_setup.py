@@ -75,10 +75,11 @@ class RunContext:
 
 @contextmanager
 def open_run_context(state_dir: str | None, audit_log: str | None,
-                     secret_values: Mapping[str, str]) -> Iterator[RunContext]:
+                     secret_values: Mapping[str, str], *,
+                     durable_store: bool = True) -> Iterator[RunContext]:
     """Open the state folder's store and audit log for the length of a command."""
     folder = paths.ensure_state_dir(paths.state_dir_from_env(state_dir))
-    store = Store.open(folder)
+    store = Store.open(folder, durable=durable_store)
     audit_path = Path(audit_log) if audit_log else folder / paths.AUDIT_LOG
     audit = AuditLog(audit_path, store=store, masker=Masker(dict(secret_values)))
     try:

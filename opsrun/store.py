@@ -6,8 +6,11 @@ deferred transactions get into when both try to upgrade to writing); a busy data
 waited for up to BUSY_TIMEOUT_MS. The schema carries its version in `PRAGMA user_version`
 and is brought forward by MIGRATIONS, applied in order, each exactly once.
 
-Durability is `synchronous=FULL`: a write that returned survives a power cut, like the
-fsynced audit log beside it. One Store may be shared by threads; a lock serialises the use
+Durability is `synchronous=FULL` by default: a write that returned survives a power cut,
+like the fsynced audit log beside it. The service opens its store with `durable=False`
+(`synchronous=NORMAL`): still atomic and safe against a crash of the process, but the last
+transactions may be lost in a power cut — the audit log, synced record by record, stays
+the durable account, and an event taken from the queue then comes back (at least once). One Store may be shared by threads; a lock serialises the use
 of its single connection. Times are stored as RFC 3339 UTC text and returned as aware
 datetimes; JSON columns are returned decoded.
 """
@@ -207,13 +210,14 @@ _Time = Union[datetime, None, _Unset]
 class Store:
     """The state database of one state folder. Open with Store.open(state_dir)."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+    def __init__(self, conn: sqlite3.Connection, path: Path, durable: bool = True) -> None:
         self._conn = conn
         self.path = path
+        self.durable = durable
         self._lock = threading.RLock()
 
     @classmethod
-    def open(cls, state_dir: Path) -> Store:
+    def open(cls, state_dir: Path, *, durable: bool = True) -> Store:
         """Open (creating and migrating as needed) `state.db` in `state_dir`."""
         paths.ensure_state_dir(state_dir)
         path = state_dir / paths.STATE_DB
@@ -228,7 +232,7 @@ class Store:
                                    isolation_level=None, check_same_thread=False)
         except sqlite3.Error as e:
             raise _state_error(path, "opening", e) from e
-        store = cls(conn, path)
+        store = cls(conn, path, durable)
         try:
             store._configure()
             store._migrate()
@@ -527,7 +531,7 @@ class Store:
             try:
                 self._set_audit_head(head)
             finally:
-                self._conn.execute("PRAGMA synchronous = FULL")
+                self._conn.execute(f"PRAGMA synchronous = {self._sync}")
 
     def _set_audit_head(self, head: AuditHead) -> None:
         with self._write("saving the audit head") as c:
@@ -591,6 +595,10 @@ class Store:
 
     # ── plumbing ────────────────────────────────────────────────────────────
 
+    @property
+    def _sync(self) -> str:
+        return "FULL" if self.durable else "NORMAL"
+
     def _configure(self) -> None:
         with self._errors("configuring"):
             c = self._conn
@@ -599,7 +607,7 @@ class Store:
             if str(mode).lower() != "wal":
                 raise StateError(f"the state store {self.path} cannot use WAL mode (got "
                                  f"{mode!r}); put the state folder on a local file system")
-            c.execute("PRAGMA synchronous = FULL")
+            c.execute(f"PRAGMA synchronous = {self._sync}")
             c.execute("PRAGMA foreign_keys = ON")
 
     def _migrate(self) -> None:

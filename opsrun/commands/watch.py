@@ -26,7 +26,8 @@ def watch(opts: WatchOptions, *, state_dir: str | None, audit_log: str | None,
     logging.getLogger("opsrun").setLevel(logging.INFO)
     logging.getLogger("opsrun").propagate = False
     secret_values = secrets.load(Path(secrets_file) if secrets_file else None)
-    with open_run_context(state_dir, audit_log, secret_values) as rc:
+    # The service's bookkeeping is not synced transaction by transaction: see store.py.
+    with open_run_context(state_dir, audit_log, secret_values, durable_store=False) as rc:
         return Daemon(opts, rc, log, Notifier()).run()
 
 
@@ -50,8 +51,8 @@ def status(state_dir: str | None, *, as_json: bool) -> int:
     print(f"  runbooks:    {len(s.get('runbooks', []))} ({', '.join(s.get('runbooks', []))})")
     print("  sources:     " + ", ".join(f"{k} ({v})" if v > 1 else k
                                         for k, v in s.get("sources", {}).items()))
-    print(f"  runs:        {s.get('running')} running (max {s.get('max_parallel')}), "
-          f"{s.get('waiting')} waiting for an answer, {s.get('queued')} queued")
+    print(f"  runs:        {s.get('runs_running')} running (max {s.get('max_parallel')}), "
+          f"{s.get('runs_waiting')} waiting for an answer, {s.get('runs_queued')} queued")
     print(f"  event queue: {s.get('event_queue')}")
     return 0
 

@@ -1,0 +1,301 @@
+"""`opsrun watch` as a real service: sources, reload, crashes, floods, systemd."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.service import Service
+from tests.helpers.wait import wait_for
+
+
+@pytest.fixture
+def rbdir(tmp_path: Path) -> Path:
+    d = tmp_path / "runbooks"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Iterator[list[Service]]:
+    made: list[Service] = []
+    yield made
+    for s in made:
+        s.close()
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    p = folder / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_every_source_starts_runs(tmp_path: Path, rbdir: Path,
+                                  services: list[Service]) -> None:
+    out = tmp_path / "out"
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    log = tmp_path / "app.log"
+    log.write_text("old line ERROR before start\n")
+    write(rbdir, "files.yaml", f"""\
+        on:
+          - file: {{paths: ["{drop}/*.txt"], events: [added]}}
+        steps:
+          - run: echo "file ${{{{ event.change }}}} ${{{{ event.path }}}}" >> {out}
+        """)
+    write(rbdir, "logs.yaml", f"""\
+        on:
+          - log: {{path: {log}, match: 'ERROR (?P<code>E\\d+)'}}
+        steps:
+          - run: echo "log ${{{{ event.code }}}} line ${{{{ event.lineno }}}}" >> {out}
+        """)
+    write(rbdir, "tick.yaml", f"""\
+        on:
+          - schedule: {{cron: "* * * * * *"}}
+        concurrency: {{policy: skip}}
+        steps:
+          - run: echo "tick" >> {out}
+        """)
+    write(rbdir, "events.yaml", f"""\
+        on:
+          - event: {{where: {{kind: ping}}}}
+        steps:
+          - run: echo "event ${{{{ event.n }}}}" >> {out}
+        """)
+    svc = Service(tmp_path, rbdir, stdin=True)
+    services.append(svc)
+    svc.start()
+    assert any(m.startswith("STATUS=") for m in svc.messages)
+    (drop / "a.txt").write_text("x")
+    with log.open("a") as f:
+        f.write("ok\nERROR E42 disk\n")
+    assert svc.cli("emit", '{"kind": "ping", "n": "emitted"}').returncode == 0
+    svc.send_stdin('{"kind": "ping", "n": "stdin"}\nnot json\n')
+    wait_for(lambda: {"event emitted", "event stdin", "log E42 line 3",
+                      f"file added {drop}/a.txt"} <= set(lines(out)) and "tick" in lines(out),
+             timeout=30, message=lambda: "\n".join(lines(out)) + svc.log())
+    assert "log E42 line 1" not in lines(out)  # from: end
+    rejected = [r for r in svc.audit() if r["kind"] == "event.rejected"]
+    assert rejected and rejected[0]["lineno"] == 2
+    status = json.loads(svc.cli("status", "--json").stdout)
+    assert status["running"] is True and set(status["sources"]) >= {"file", "log", "schedule"}
+    assert svc.stop() == 0
+    assert "STOPPING=1" in svc.messages
+    assert svc.cli("audit", "verify").returncode == 0
+    assert svc.cli("status").returncode == 1
+
+
+def test_refuses_to_start_without_valid_runbooks(tmp_path: Path, rbdir: Path) -> None:
+    write(rbdir, "bad.yaml", "steps:\n  - run: x\n    timout: 1s\n")
+    svc = Service(tmp_path, rbdir)
+    try:
+        svc.start(wait_ready=False)
+        assert svc.proc is not None and svc.proc.wait(timeout=30) == 2
+        assert "no valid runbook" in svc.log() and "unknown key 'timout'" in svc.log()
+    finally:
+        svc.close()
+
+
+def test_reload_valid_and_invalid_edits(tmp_path: Path, rbdir: Path,
+                                        services: list[Service]) -> None:
+    out = tmp_path / "out"
+    rb = write(rbdir, "r.yaml", f"""\
+        on: [{{event: {{where: {{kind: go}}}}}}]
+        steps:
+          - run: echo v1 >> {out}
+        """)
+    write(rbdir, "other.yaml", "steps:\n  - run: 'true'\n")
+    svc = Service(tmp_path, rbdir)
+    services.append(svc)
+    svc.start()
+    svc.cli("emit", '{"kind": "go"}')
+    wait_for(lambda: lines(out) == ["v1"], timeout=20)
+    # An invalid edit: logged, the last valid version stays in force.
+    rb.write_text(rb.read_text().replace("steps:", "steps:\n  - run: echo bad\n    timout: 1s"))
+    wait_for(lambda: "keeping the last valid version" in svc.log(), timeout=20,
+             message=svc.log)
+    svc.cli("emit", '{"kind": "go"}')
+    wait_for(lambda: lines(out) == ["v1", "v1"], timeout=20)
+    # A valid edit on disk takes over.
+    rb.write_text(rb.read_text().replace("echo v1", "echo v2").replace(
+        "  - run: echo bad\n    timout: 1s\n", ""))
+    wait_for(lambda: svc.log().count("runbooks reloaded") >= 2, timeout=20, message=svc.log)
+    svc.cli("emit", '{"kind": "go"}')
+    wait_for(lambda: lines(out)[-1:] == ["v2"], timeout=20, message=svc.log)
+    # SIGHUP reloads too; a removed runbook stops triggering.
+    rb.unlink()
+    svc.signal(signal.SIGHUP)
+    wait_for(lambda: svc.log().count("runbooks reloaded") >= 3, timeout=20, message=svc.log)
+    before = len(lines(out))
+    svc.cli("emit", '{"kind": "go"}')
+    svc.cli("emit", '{"kind": "other"}')
+    wait_for(lambda: svc.cli("status", "--json").returncode == 0 and json.loads(
+        svc.cli("status", "--json").stdout)["event_queue"] == 0, timeout=20)
+    assert len(lines(out)) == before
+    kinds = [r["kind"] for r in svc.audit()]
+    assert "runbook.invalid" in kinds and "daemon.reloaded" in kinds
+    assert svc.stop() == 0
+
+
+def test_running_run_finishes_with_its_version(tmp_path: Path, rbdir: Path,
+                                               services: list[Service]) -> None:
+    out, gate = tmp_path / "out", tmp_path / "gate"
+    rb = write(rbdir, "r.yaml", f"""\
+        on: [{{event: {{where: {{kind: go}}}}}}]
+        steps:
+          - run: touch {tmp_path}/started; while [ ! -e {gate} ]; do sleep 0.05; done
+          - run: echo first-version >> {out}
+        """)
+    svc = Service(tmp_path, rbdir)
+    services.append(svc)
+    svc.start()
+    svc.cli("emit", '{"kind": "go"}')
+    wait_for((tmp_path / "started").exists, timeout=20)
+    rb.write_text(rb.read_text().replace("first-version", "second-version"))
+    wait_for(lambda: "runbooks reloaded" in svc.log(), timeout=20)
+    gate.touch()
+    wait_for(lambda: lines(out) == ["first-version"], timeout=20)
+    assert svc.stop() == 0
+
+
+def test_kill_9_and_restart(tmp_path: Path, rbdir: Path, services: list[Service]) -> None:
+    out, gate = tmp_path / "out", tmp_path / "gate"
+    write(rbdir, "slow.yaml", f"""\
+        on: [{{event: {{where: {{kind: slow}}}}}}]
+        concurrency: {{policy: parallel}}
+        steps:
+          - run: touch {tmp_path}/slow-started; sleep 600
+        """)
+    write(rbdir, "ask.yaml", f"""\
+        on: [{{event: {{where: {{kind: ask}}}}}}]
+        steps:
+          - id: ok
+            confirm: go on?
+          - run: echo answered >> {out}
+        """)
+    write(rbdir, "fast.yaml", f"""\
+        on: [{{event: {{where: {{kind: fast}}}}}}]
+        steps:
+          - run: echo fast ${{{{ event.n }}}} >> {out}
+        """)
+    log = tmp_path / "app.log"
+    log.write_text("")
+    write(rbdir, "tail.yaml", f"""\
+        on: [{{log: {{path: {log}, match: 'HIT'}}}}]
+        steps:
+          - run: echo tail ${{{{ event.lineno }}}} >> {out}
+        """)
+    svc = Service(tmp_path, rbdir)
+    services.append(svc)
+    svc.start()
+    svc.cli("emit", '{"kind": "slow"}')
+    svc.cli("emit", '{"kind": "ask"}')
+    wait_for((tmp_path / "slow-started").exists, timeout=20)
+    wait_for(lambda: svc.cli("pending", "--json").returncode == 0 and json.loads(
+        svc.cli("pending", "--json").stdout)["pending"], timeout=20)
+    with log.open("a") as f:
+        f.write("HIT one\n")
+    wait_for(lambda: "tail 1" in lines(out), timeout=20)
+    svc.kill()
+    # While it is down: events queue up, a log line is written.
+    for n in range(3):
+        assert svc.cli("emit", json.dumps({"kind": "fast", "n": n})).returncode == 0
+    with log.open("a") as f:
+        f.write("HIT two\n")
+    waiting_id = json.loads(svc.cli("pending", "--json").stdout)["pending"][0]["run_id"]
+    svc2 = Service(tmp_path, rbdir)
+    services.append(svc2)
+    svc2.start()
+    wait_for(lambda: {"fast 0", "fast 1", "fast 2", "tail 2"} <= set(lines(out)), timeout=30,
+             message=lambda: "\n".join(lines(out)) + svc2.log())
+    assert lines(out).count("tail 1") == 1  # not read twice
+    slow = svc2.runs(runbook="slow")
+    assert [r["state"] for r in slow] == ["interrupted"]  # never re-run by itself
+    assert svc2.runs(runbook="ask")[0]["state"] == "waiting"
+    assert svc2.cli("approve", waiting_id).returncode == 0
+    wait_for(lambda: "answered" in lines(out), timeout=20, message=svc2.log)
+    assert svc2.stop() == 0
+    assert svc2.cli("audit", "verify").returncode == 0
+
+
+def test_sigterm_drains_then_interrupts(tmp_path: Path, rbdir: Path,
+                                        services: list[Service]) -> None:
+    write(rbdir, "long.yaml", f"""\
+        on: [{{event: {{where: {{kind: go}}}}}}]
+        steps:
+          - run: touch {tmp_path}/started; sleep 600
+        """)
+    svc = Service(tmp_path, rbdir, "--drain-limit", "1s")
+    services.append(svc)
+    svc.start()
+    svc.cli("emit", '{"kind": "go"}')
+    wait_for((tmp_path / "started").exists, timeout=20)
+    assert svc.stop() == 0
+    assert [r["state"] for r in svc.runs()] == ["interrupted"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_flood_of_emitted_events_in_order(tmp_path: Path, rbdir: Path,
+                                          services: list[Service]) -> None:
+    out = tmp_path / "out"
+    count = int(os.environ.get("OPSRUN_FLOOD_EVENTS", "10000"))
+    write(rbdir, "q.yaml", f"""\
+        on: [{{event: {{where: {{kind: flood}}}}}}]
+        concurrency: {{policy: queue}}
+        steps:
+          - run: echo ${{{{ event.n }}}} >> {out}
+        """)
+    svc = Service(tmp_path, rbdir, "--max-parallel", "8")
+    services.append(svc)
+    svc.start()
+    events = "".join(json.dumps({"kind": "flood", "n": n}) + "\n" for n in range(count))
+    r = svc.cli("emit", "-", input=events, timeout=300)
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: len(lines(out)) >= count, timeout=900, interval=0.5,
+             message=lambda: f"{len(lines(out))} of {count} ran")
+    assert lines(out) == [str(n) for n in range(count)]  # all, in order, none twice
+    assert svc.stop() == 0
+
+
+def test_sd_notify_watchdog(tmp_path: Path, rbdir: Path, services: list[Service]) -> None:
+    write(rbdir, "r.yaml", "steps:\n  - run: 'true'\n")
+    svc = Service(tmp_path, rbdir, env={"WATCHDOG_USEC": "400000"})
+    services.append(svc)
+    svc.start()
+    svc.wait_message("WATCHDOG=1", timeout=10)
+    assert svc.stop() == 0
+    assert svc.messages.index("READY=1") < svc.messages.index("STOPPING=1")
+
+
+@pytest.mark.parametrize("user", [False, True])
+def test_systemd_unit_verifies(tmp_path: Path, user: bool) -> None:
+    from tests.helpers.cli import opsrun
+
+    r = opsrun("systemd-unit", *(["--user"] if user else []))
+    assert r.returncode == 0
+    text = r.stdout
+    for line in ("Type=notify", "StateDirectory=opsrun", "WatchdogSec=", "KillMode=mixed",
+                 "TimeoutStopSec=90s"):
+        assert line in text
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.fail("systemd-analyze is missing; install the systemd package (.ci/run does)")
+    unit = tmp_path / "opsrun.service"
+    unit.write_text(text)
+    done = subprocess.run([analyze, "verify", *(["--user"] if user else []), str(unit)],
+                          capture_output=True, text=True)
+    problems = [ln for ln in (done.stdout + done.stderr).splitlines()
+                if "opsrun.service" in ln and "Failed to" not in ln or "ExecStart" in ln]
+    assert done.returncode == 0 or not problems, done.stdout + done.stderr
