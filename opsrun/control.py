@@ -24,7 +24,7 @@ from typing import Any
 from opsrun.errors import OpsrunError
 from opsrun.identity import Identity, for_uid
 
-MAX_REQUEST = 1024 * 1024 + 4096
+MAX_REQUEST = 4 * 1024 * 1024  # a batch of events (each at most 1 MiB) fits
 Handler = Callable[[dict[str, Any], Identity], dict[str, Any]]
 
 

@@ -37,8 +37,10 @@ class Notifier:
         addr = "\0" + self.address[1:] if self.address.startswith("@") else self.address
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                # Never block: a listener that stopped reading must not stall the service.
+                s.setblocking(False)
                 s.connect(addr)
-                s.sendall("\n".join(lines).encode())
+                s.send("\n".join(lines).encode())
         except OSError:
             pass
 

@@ -24,6 +24,7 @@ from opsrun.runbook import load_runbooks
 from opsrun.sources.stdin_json import Rejection, read_events
 
 BATCH = 10_000
+BATCH_BYTES = 2 * 1024 * 1024  # per request to the service (its limit is 4 MiB)
 
 
 def emit(arg: str | None, *, state_dir: str | None, audit_log: str | None) -> int:
@@ -80,8 +81,7 @@ def _send_to_service(state_dir: str | None, events: list[Event]) -> int | None:
 
     sock = paths.state_dir_from_env(state_dir) / paths.CONTROL_SOCKET
     total = 0
-    for start in range(0, len(events), BATCH):
-        batch = [e.data for e in events[start:start + BATCH]]
+    for batch in _batches(events):
         try:
             reply = control.request(sock, {"op": "emit", "events": batch}, timeout_s=120)
         except control.ControlUnavailable:
@@ -93,6 +93,21 @@ def _send_to_service(state_dir: str | None, events: list[Event]) -> int | None:
             raise UsageError(reply.message)
         total += len(batch)
     return total
+
+
+def _batches(events: list[Event]) -> Iterator[list[dict[str, Any]]]:
+    """Events in requests of at most BATCH events and about BATCH_BYTES."""
+    batch: list[dict[str, Any]] = []
+    size = 0
+    for e in events:
+        n = len(e.to_json()) + 2
+        if batch and (len(batch) >= BATCH or size + n > BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(dict(e.data))
+        size += n
+    if batch:
+        yield batch
 
 
 def _audit_rejection(audit: AuditLog, r: Rejection, source: str) -> None:
