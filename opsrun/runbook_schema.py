@@ -48,52 +48,11 @@ def _check_regex(text: str) -> str:
     return text
 
 
-_CRON_FIELDS = (("minute", "0-59"), ("hour", "0-23"), ("day-of-month", "1-31"),
-                ("month", "1-12 or jan-dec"), ("day-of-week", "0-7 or sun-sat"))
-_CRON_SHORTHANDS = ("@hourly", "@daily", "@midnight", "@weekly", "@monthly", "@yearly",
-                    "@annually")
-
-
 def _check_cron(text: str) -> str:
-    from datetime import datetime, timezone
+    from opsrun.cron import check
 
-    from croniter import CroniterBadDateError, croniter
-
-    fields = text.split()
-    if text.startswith("@"):
-        if text.strip() not in _CRON_SHORTHANDS:
-            raise ValueError(f"{text!r} is not a schedule opsrun knows; use 5 fields "
-                             f"(minute hour day month weekday) or one of "
-                             f"{', '.join(_CRON_SHORTHANDS)}")
-    elif len(fields) not in (5, 6):
-        raise ValueError(f"{text!r} has {len(fields)} fields; a cron expression has 5 "
-                         "(minute hour day month weekday), or 6 with seconds first")
-    try:
-        schedule = croniter(text, datetime(2000, 1, 1, tzinfo=timezone.utc),
-                            second_at_beginning=True)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{text!r} is not a valid cron expression: "
-                         f"{_cron_field_problem(fields) or e}") from None
-    try:
-        schedule.get_next(datetime)
-    except CroniterBadDateError:
-        raise ValueError(f"{text!r} never fires: no month has that day") from None
+    check(text)
     return text
-
-
-def _cron_field_problem(fields: list[str]) -> str:
-    """Which field of a refused cron expression is wrong, in words."""
-    from croniter import croniter
-
-    names = ((("second", "0-59"),) if len(fields) == 6 else ()) + _CRON_FIELDS
-    for i, (name, allowed) in enumerate(names):
-        probe = ["*"] * len(fields)
-        probe[i] = fields[i]
-        try:
-            croniter(" ".join(probe), second_at_beginning=True)
-        except (ValueError, KeyError, TypeError):
-            return f"the {name} field {fields[i]!r} is not valid; it allows {allowed}"
-    return ""
 
 
 def _check_timezone(text: str) -> str:

@@ -32,8 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
-from croniter import croniter
-
+from opsrun import cron
 from opsrun.event import Event, new_event
 from opsrun.runbook import ScheduleTrigger
 from opsrun.sources.base import Emit, MarkStore, log
@@ -127,21 +126,9 @@ def _wall(moment: datetime, offset: timedelta) -> datetime:
     return (moment + offset).replace(tzinfo=None)
 
 
-_parsed: dict[str, croniter] = {}
-_parsed_lock = threading.Lock()
-
-
-def _cron_after(cron: str, wall: datetime) -> datetime:
+def _cron_after(cron_text: str, wall: datetime) -> datetime:
     """The first wall time strictly after `wall` that the expression matches (naive)."""
-    # Parsing is most of croniter's cost; keep one parsed iterator per expression.
-    with _parsed_lock:
-        it = _parsed.get(cron)
-        if it is None:
-            it = _parsed[cron] = croniter(cron, wall, second_at_beginning=True)
-        else:
-            it.set_current(wall, force=True)
-        nxt: datetime = it.get_next(datetime)
-    return nxt
+    return cron.after(cron_text, wall)
 
 
 def _first_change(tz: ZoneInfo, lo: datetime, hi: datetime,
