@@ -39,6 +39,12 @@ class ControlHandler:
         return {"ok": True, "exit_code": 0, "message": self.d.status_line(),
                 "status": self.d.status()}
 
+    def op_pending(self, req: dict[str, Any], who: Identity) -> dict[str, Any]:
+        from opsrun.commands.approvals import pending_rows
+
+        return {"ok": True, "exit_code": 0, "message": "", "pending":
+                pending_rows(self.d.rc.store)}
+
     def op_wake(self, req: dict[str, Any], who: Identity) -> dict[str, Any]:
         self.d.sources.wake_queue.set()
         return {"ok": True, "exit_code": 0, "message": "awake"}

@@ -299,3 +299,59 @@ def test_systemd_unit_verifies(tmp_path: Path, user: bool) -> None:
     problems = [ln for ln in (done.stdout + done.stderr).splitlines()
                 if "opsrun.service" in ln and "Failed to" not in ln or "ExecStart" in ln]
     assert done.returncode == 0 or not problems, done.stdout + done.stderr
+
+
+def test_skip_and_replace_policies(tmp_path: Path, rbdir: Path,
+                                   services: list[Service]) -> None:
+    out = tmp_path / "out"
+    for policy in ("skip", "replace"):
+        write(rbdir, f"{policy}.yaml", f"""\
+            on: [{{event: {{where: {{kind: {policy}}}}}}}]
+            concurrency: {{key: "${{{{ event.host }}}}", policy: {policy}}}
+            steps:
+              - run: echo "{policy} ${{{{ event.n }}}} start" >> {out}; touch {tmp_path}/{policy}-${{{{ event.n }}}}; sleep 600
+            """)
+    svc = Service(tmp_path, rbdir, "--log-format", "json", "--drain-limit", "0s")
+    services.append(svc)
+    svc.start()
+    svc.cli("emit", '{"kind": "skip", "host": "a", "n": 1}')
+    wait_for((tmp_path / "skip-1").exists, timeout=20)
+    svc.cli("emit", '{"kind": "skip", "host": "a", "n": 2}')  # same key: dropped
+    svc.cli("emit", '{"kind": "skip", "host": "b", "n": 3}')  # another key: runs
+    wait_for((tmp_path / "skip-3").exists, timeout=20)
+    wait_for(lambda: any(r["kind"] == "run.skipped" for r in svc.audit()), timeout=20)
+    skipped = [r for r in svc.audit() if r["kind"] == "run.skipped"]
+    assert len(skipped) == 1 and skipped[0]["concurrency_key"] == "a"
+    svc.cli("emit", '{"kind": "replace", "host": "a", "n": 1}')
+    wait_for((tmp_path / "replace-1").exists, timeout=20)
+    svc.cli("emit", '{"kind": "replace", "host": "a", "n": 2}')
+    wait_for((tmp_path / "replace-2").exists, timeout=20)
+    oldest = lambda: svc.runs(runbook="replace")[-1]  # noqa: E731 - runs are newest first
+    wait_for(lambda: oldest()["state"] == "cancelled", timeout=20)
+    assert "replaced by run" in (oldest()["error"] or "")
+    assert "skip 2 start" not in lines(out)
+    assert svc.stop() == 0
+    log_lines = [json.loads(ln) for ln in svc.log().splitlines() if ln.startswith("{")]
+    assert log_lines and {"time", "level", "msg"} <= set(log_lines[0])
+    assert any(ln["msg"] == "run skipped" for ln in log_lines)
+
+
+def test_max_parallel_bounds_running_runs(tmp_path: Path, rbdir: Path,
+                                          services: list[Service]) -> None:
+    write(rbdir, "p.yaml", f"""\
+        on: [{{event: {{where: {{kind: p}}}}}}]
+        concurrency: {{policy: parallel}}
+        steps:
+          - run: touch {tmp_path}/p-${{{{ event.n }}}}; sleep 600
+        """)
+    svc = Service(tmp_path, rbdir, "--max-parallel", "2", "--drain-limit", "0s")
+    services.append(svc)
+    svc.start()
+    for n in range(4):
+        svc.cli("emit", json.dumps({"kind": "p", "n": n}))
+    wait_for(lambda: len(list(tmp_path.glob("p-*"))) == 2, timeout=20)
+    status = json.loads(svc.cli("status", "--json").stdout)
+    assert status["runs_running"] == 2 and status["runs_queued"] == 2
+    assert svc.stop() == 0
+    states = sorted(r["state"] for r in svc.runs())
+    assert states == ["interrupted", "interrupted", "queued", "queued"]

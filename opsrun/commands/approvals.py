@@ -9,7 +9,8 @@ from opsrun import control, identity, output, paths
 from opsrun.approvals import describe_approvers, give_answer
 from opsrun.commands.runs import _store
 from opsrun.durations import format_duration
-from opsrun.errors import UsageError
+from opsrun.errors import OpsrunError, UsageError
+from opsrun.store import Store
 from opsrun.run_setup import open_run_context
 
 
@@ -30,36 +31,49 @@ def _sockets_for(folder: Path, run_ref: str) -> list[Path]:
     return found if len(found) == 1 else []
 
 
-def pending(state_dir: str | None, *, as_json: bool) -> int:
-    """What waits for an answer: runbook, step, question, who may answer, time left."""
-    with _store(state_dir) as store:
-        rows = []
-        for q in store.pending_approvals():
-            run = store.get_run(q.run_id)
-            rows.append((q, run.runbook if run else "?"))
+def pending_rows(store: Store) -> list[dict[str, object]]:
+    """The questions waiting for an answer, as plain data."""
     now = datetime.now(timezone.utc)
-
-    def left(q: object) -> float | None:
-        deadline = getattr(q, "deadline")
-        return None if deadline is None else (deadline - now).total_seconds()
-
-    if as_json:
-        output.print_json({"version": 1, "pending": [{
-            "run_id": q.run_id, "runbook": rb, "step_id": q.step_id, "question": q.question,
-            "approvers": q.approvers, "started_by": q.starter,
+    rows: list[dict[str, object]] = []
+    for q in store.pending_approvals():
+        run = store.get_run(q.run_id)
+        rows.append({
+            "run_id": q.run_id, "runbook": run.runbook if run else "?", "step_id": q.step_id,
+            "question": q.question, "approvers": q.approvers, "started_by": q.starter,
             "asked_at": q.asked_at.isoformat(),
             "deadline": q.deadline.isoformat() if q.deadline else None,
-            "seconds_left": left(q)} for q, rb in rows]})
+            "seconds_left": None if q.deadline is None else
+            round((q.deadline - now).total_seconds(), 1)})
+    return rows
+
+
+def pending(state_dir: str | None, *, as_json: bool) -> int:
+    """What waits for an answer: runbook, step, question, who may answer, time left."""
+    folder = paths.state_dir_from_env(state_dir)
+    try:
+        with _store(state_dir) as store:
+            rows = pending_rows(store)
+    except (OpsrunError, PermissionError):
+        # Not allowed to read the store: the service may tell us (its socket is shared).
+        try:
+            reply = control.request(folder / paths.CONTROL_SOCKET, {"op": "pending"})
+        except control.ControlUnavailable:
+            raise UsageError(f"cannot read the state store in {folder} and no service "
+                             "answers on its socket") from None
+        rows = list(reply.data.get("pending", []))
+    if as_json:
+        output.print_json({"version": 1, "pending": rows})
         return 0
     if not rows:
         print("nothing is waiting for an answer")
         return 0
     table = []
-    for q, rb in rows:
-        secs = left(q)
-        table.append((q.run_id, rb, q.step_id, q.question, describe_approvers(q.approvers),
-                      "no deadline" if secs is None else
-                      ("expired" if secs <= 0 else format_duration(secs))))
+    for r in rows:
+        secs = r["seconds_left"]
+        left = "no deadline" if secs is None else \
+            ("expired" if float(secs) <= 0 else format_duration(float(secs)))  # type: ignore[arg-type]
+        table.append((r["run_id"], r["runbook"], r["step_id"], r["question"],
+                      describe_approvers(r["approvers"]), left))  # type: ignore[arg-type]
     output.print_table(["run", "runbook", "step", "question", "who may answer", "time left"],
                        table)
     return 0
