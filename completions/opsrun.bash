@@ -15,7 +15,7 @@ _opsrun() {
         w="${COMP_WORDS[i]}"
         if ((skip)); then skip=0; continue; fi
         case "$w" in
-            --audit-log|--comment|--event|--format|--head|--kind|--limit|--lines|--param|--run|--runbook|--runbooks|--secrets-file|--since|--state|--state-dir|--step|-m|-n|-p|-r) skip=1 ;;
+            --audit-log|--comment|--drain-limit|--event|--format|--head|--kind|--limit|--lines|--log-format|--max-parallel|--parallel|--param|--run|--runbook|--runbooks|--secrets-file|--since|--state|--state-dir|--step|-m|-n|-p|-r) skip=1 ;;
             -*) ;;
             *) [[ -z $path ]] && path="$w" || { [[ $path != *" "* ]] && case "$path $w" in "audit head"|"audit show"|"audit tail"|"audit verify") path="$path $w";; esac; } ;;
         esac
@@ -23,12 +23,16 @@ _opsrun() {
     case "$prev" in
         --audit-log) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --comment) return ;;
+        --drain-limit) return ;;
         --event) return ;;
         --format) return ;;
         --head) return ;;
         --kind) return ;;
         --limit) return ;;
         --lines) return ;;
+        --log-format) return ;;
+        --max-parallel) return ;;
+        --parallel) return ;;
         --param) return ;;
         --run) return ;;
         --runbook) return ;;
@@ -44,7 +48,7 @@ _opsrun() {
         -r) COMPREPLY=($(compgen -d -- "$cur")); return ;;
     esac
     case "$path" in
-        "") COMPREPLY=($(compgen -W 'approve audit cancel completion deny list logs pending resume run runs schema show validate --version --debug' -- "$cur")) ;;
+        "") COMPREPLY=($(compgen -W 'approve audit cancel completion deny dispatch emit list logs pending resume run runs schema show sources status systemd-unit validate watch --version --debug' -- "$cur")) ;;
         "approve") COMPREPLY=($(compgen -W '--comment -m --step --state-dir --audit-log' -- "$cur") $(compgen -f -- "$cur")) ;;
         "audit") COMPREPLY=($(compgen -W 'head show tail verify' -- "$cur")) ;;
         "audit head") COMPREPLY=($(compgen -W '--state-dir --audit-log --json' -- "$cur")) ;;
@@ -54,6 +58,8 @@ _opsrun() {
         "cancel") COMPREPLY=($(compgen -W '--state-dir --audit-log' -- "$cur") $(compgen -f -- "$cur")) ;;
         "completion") COMPREPLY=($(compgen -W 'bash zsh fish' -- "$cur")) ;;
         "deny") COMPREPLY=($(compgen -W '--comment -m --step --state-dir --audit-log' -- "$cur") $(compgen -f -- "$cur")) ;;
+        "dispatch") COMPREPLY=($(compgen -W '--dry-run --parallel --json --runbooks -r --state-dir --audit-log --secrets-file' -- "$cur")) ;;
+        "emit") COMPREPLY=($(compgen -W '--state-dir --audit-log' -- "$cur") $(compgen -f -- "$cur")) ;;
         "list") COMPREPLY=($(compgen -W '--runbooks -r --json' -- "$cur")) ;;
         "logs") COMPREPLY=($(compgen -W '--json --state-dir' -- "$cur") $(compgen -f -- "$cur")) ;;
         "pending") COMPREPLY=($(compgen -W '--json --state-dir' -- "$cur")) ;;
@@ -62,7 +68,11 @@ _opsrun() {
         "runs") COMPREPLY=($(compgen -W '--runbook --state --limit -n --json --state-dir' -- "$cur")) ;;
         "schema") COMPREPLY=($(compgen -W '' -- "$cur")) ;;
         "show") COMPREPLY=($(compgen -W '--runbooks -r --json' -- "$cur") $(compgen -W "$(_opsrun_runbooks)" -- "$cur") $(compgen -f -- "$cur")) ;;
+        "sources") COMPREPLY=($(compgen -W '--runbooks -r --json' -- "$cur")) ;;
+        "status") COMPREPLY=($(compgen -W '--json --state-dir' -- "$cur")) ;;
+        "systemd-unit") COMPREPLY=($(compgen -W '--user --runbooks -r --drain-limit' -- "$cur")) ;;
         "validate") COMPREPLY=($(compgen -W '--runbooks -r --json --format' -- "$cur") $(compgen -W "$(_opsrun_runbooks)" -- "$cur") $(compgen -f -- "$cur")) ;;
+        "watch") COMPREPLY=($(compgen -W '--runbooks -r --state-dir --audit-log --stdin --max-parallel --drain-limit --log-format --secrets-file' -- "$cur")) ;;
     esac
 }
 complete -o filenames -F _opsrun opsrun

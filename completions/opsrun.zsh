@@ -17,6 +17,8 @@ _opsrun() {
     'cancel:Cancel a run that is running, waiting or interrupted.'
     'completion:Print a completion script for bash, zsh or fish.'
     'deny:Deny the step a run waits on, as yourself.'
+    'dispatch:Read JSON lines on stdin and run each event'\''s runbooks here; exit with the worst code.'
+    'emit:Queue JSON events for `opsrun watch` (they wait if it is not running).'
     'list:List the runbooks - name, triggers, number of steps, file.'
     'logs:Show a run'\''s steps and the output they printed.'
     'pending:List the runs waiting for an answer.'
@@ -25,7 +27,11 @@ _opsrun() {
     'runs:List recent runs, newest first.'
     'schema:Print the JSON Schema of the runbook format (for editors).'
     'show:Show a runbook as a readable plan - triggers, params, steps and their conditions.'
+    'sources:Show what `opsrun watch` would watch, and the next fires of each schedule.'
+    'status:Show whether `opsrun watch` runs, and its sources, runs and queue.'
+    'systemd-unit:Print a systemd unit file for `opsrun watch`.'
     'validate:Check runbooks and report every problem as file -line -col.'
+    'watch:Watch every source of every runbook and run the runbooks whose triggers match.'
   )
   _arguments -C \
     '(--version)'--version'[Print the version and exit.]' \
@@ -41,6 +47,8 @@ _opsrun() {
         cancel) _opsrun_cancel ;;
         completion) _opsrun_completion ;;
         deny) _opsrun_deny ;;
+        dispatch) _opsrun_dispatch ;;
+        emit) _opsrun_emit ;;
         list) _opsrun_list ;;
         logs) _opsrun_logs ;;
         pending) _opsrun_pending ;;
@@ -49,7 +57,11 @@ _opsrun() {
         runs) _opsrun_runs ;;
         schema) _opsrun_schema ;;
         show) _opsrun_show ;;
+        sources) _opsrun_sources ;;
+        status) _opsrun_status ;;
+        systemd-unit) _opsrun_systemd_unit ;;
         validate) _opsrun_validate ;;
+        watch) _opsrun_watch ;;
       esac ;;
   esac
 }
@@ -144,6 +156,24 @@ _opsrun_deny() {
     '*:file:_files'
 }
 
+_opsrun_dispatch() {
+  _arguments \
+    '(--dry-run)'--dry-run'[Print which runbooks each event would start; run nothing.]' \
+    '(--parallel)'--parallel'[Runs at once (default 1 - in order).]:value: ' \
+    '(--json)'--json'[Machine-readable output.]' \
+    '(--runbooks -r)'{--runbooks,-r}'[Runbooks folder (default ./runbooks).]:value:_files -/' \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/' \
+    '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
+    '(--secrets-file)'--secrets-file'[NAME=value file of secrets (mode 0600).]:value:_files'
+}
+
+_opsrun_emit() {
+  _arguments \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/' \
+    '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
+    '*:file:_files'
+}
+
 _opsrun_list() {
   _arguments \
     '(--runbooks -r)'{--runbooks,-r}'[Runbooks folder (default ./runbooks).]:value:_files -/' \
@@ -206,12 +236,43 @@ _opsrun_show() {
     '*:runbook:{_opsrun_runbooks; _files}'
 }
 
+_opsrun_sources() {
+  _arguments \
+    '(--runbooks -r)'{--runbooks,-r}'[Runbooks folder (default ./runbooks).]:value:_files -/' \
+    '(--json)'--json'[Machine-readable output.]'
+}
+
+_opsrun_status() {
+  _arguments \
+    '(--json)'--json'[Machine-readable output.]' \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/'
+}
+
+_opsrun_systemd_unit() {
+  _arguments \
+    '(--user)'--user'[A unit for `systemctl --user`.]' \
+    '(--runbooks -r)'{--runbooks,-r}'[Runbooks folder the unit watches.]:value:_files -/' \
+    '(--drain-limit)'--drain-limit'[Drain limit on stop.]:value: '
+}
+
 _opsrun_validate() {
   _arguments \
     '(--runbooks -r)'{--runbooks,-r}'[Runbooks folder (default ./runbooks).]:value:_files -/' \
     '(--json)'--json'[Machine-readable output.]' \
     '(--format)'--format'[text, or github for GitHub Actions annotations.]:value: ' \
     '*:runbook:{_opsrun_runbooks; _files}'
+}
+
+_opsrun_watch() {
+  _arguments \
+    '(--runbooks -r)'{--runbooks,-r}'[Runbooks folder (default ./runbooks).]:value:_files -/' \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/' \
+    '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
+    '(--stdin)'--stdin'[Also read JSON events, one per line, from stdin.]' \
+    '(--max-parallel)'--max-parallel'[Runs running at once (default - cores × 4).]:value: ' \
+    '(--drain-limit)'--drain-limit'[On SIGTERM, how long running runs may take to finish before they are interrupted.]:value: ' \
+    '(--log-format)'--log-format'[plain or json.]:value: ' \
+    '(--secrets-file)'--secrets-file'[NAME=value file of secrets (mode 0600).]:value:_files'
 }
 
 _opsrun "$@"

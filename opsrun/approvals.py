@@ -118,6 +118,22 @@ def _nothing_waits(store: Store, run_id: str, step_id: str | None = None) -> str
     return f"run {run_id} is not waiting for an answer (it is {state})"
 
 
+def pending_rows(store: Store) -> list[dict[str, object]]:
+    """The questions waiting for an answer, as plain data."""
+    now = datetime.now(timezone.utc)
+    rows: list[dict[str, object]] = []
+    for q in store.pending_approvals():
+        run = store.get_run(q.run_id)
+        rows.append({
+            "run_id": q.run_id, "runbook": run.runbook if run else "?", "step_id": q.step_id,
+            "question": q.question, "approvers": q.approvers, "started_by": q.starter,
+            "asked_at": q.asked_at.isoformat(),
+            "deadline": q.deadline.isoformat() if q.deadline else None,
+            "seconds_left": None if q.deadline is None else
+            round((q.deadline - now).total_seconds(), 1)})
+    return rows
+
+
 @dataclass
 class Waiter:
     """Waits for the answer to a question, until its deadline; the deadline answers itself."""

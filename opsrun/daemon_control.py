@@ -10,7 +10,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from opsrun import control, paths, run_types as rt
-from opsrun.approvals import give_answer, resolve_run_id
+from opsrun.approvals import give_answer, pending_rows, resolve_run_id
 from opsrun.errors import OpsrunError, UsageError
 from opsrun.identity import Identity
 
@@ -40,8 +40,6 @@ class ControlHandler:
                 "status": self.d.status()}
 
     def op_pending(self, req: dict[str, Any], who: Identity) -> dict[str, Any]:
-        from opsrun.commands.approvals import pending_rows
-
         return {"ok": True, "exit_code": 0, "message": "", "pending":
                 pending_rows(self.d.rc.store)}
 

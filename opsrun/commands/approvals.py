@@ -6,11 +6,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from opsrun import control, identity, output, paths
-from opsrun.approvals import describe_approvers, give_answer
+from opsrun.approvals import describe_approvers, give_answer, pending_rows
 from opsrun.commands.runs import _store
 from opsrun.durations import format_duration
 from opsrun.errors import OpsrunError, UsageError
-from opsrun.store import Store
 from opsrun.run_setup import open_run_context
 
 
@@ -29,22 +28,6 @@ def _sockets_for(folder: Path, run_ref: str) -> list[Path]:
                          "permissions do not let you in (ask its owner to share it with "
                          "your group)") from None
     return found if len(found) == 1 else []
-
-
-def pending_rows(store: Store) -> list[dict[str, object]]:
-    """The questions waiting for an answer, as plain data."""
-    now = datetime.now(timezone.utc)
-    rows: list[dict[str, object]] = []
-    for q in store.pending_approvals():
-        run = store.get_run(q.run_id)
-        rows.append({
-            "run_id": q.run_id, "runbook": run.runbook if run else "?", "step_id": q.step_id,
-            "question": q.question, "approvers": q.approvers, "started_by": q.starter,
-            "asked_at": q.asked_at.isoformat(),
-            "deadline": q.deadline.isoformat() if q.deadline else None,
-            "seconds_left": None if q.deadline is None else
-            round((q.deadline - now).total_seconds(), 1)})
-    return rows
 
 
 def pending(state_dir: str | None, *, as_json: bool) -> int:
