@@ -141,10 +141,26 @@ def test_prompt_timeout(tmp_path: Path, env: dict[str, str], state: Path) -> Non
 
 # ── waiting for an answer from another terminal ─────────────────────────────
 
+_STARTED: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_strays() -> Iterator[None]:
+    """A waiting `opsrun run` left by a failing test is killed, not left to wait for hours."""
+    yield
+    while _STARTED:
+        p = _STARTED.pop()
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=30)
+
+
 def start_waiting(rb: Path, env: dict[str, str], *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(command("run", str(rb), *extra), env={**os.environ, **env},
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(command("run", str(rb), *extra), env={**os.environ, **env},
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    _STARTED.append(p)
+    return p
 
 
 def pending(env: dict[str, str]) -> list[dict]:
