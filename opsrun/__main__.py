@@ -1,5 +1,5 @@
 from __future__ import annotations
 
-from opsrun.cli import main
+from opsrun.launcher import main
 
 raise SystemExit(main())

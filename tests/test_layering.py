@@ -24,7 +24,7 @@ for layer, names in enumerate([
     # L5: the program around it
     "run_setup dispatch daemon daemon_log daemon_sources daemon_control systemd output result",
     # L6: the command line
-    "cli commands error_handler __main__",
+    "cli commands error_handler __main__ launcher",
 ]):
     for name in names.split():
         LAYERS[name] = layer

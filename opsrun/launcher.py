@@ -1,0 +1,31 @@
+"""The `opsrun` entry point: answers `--help` and `--version` without loading the CLI.
+
+Building the full command line (typer, click, every command's options) costs more than
+everything else `opsrun --help` does. The top-level help is therefore kept, generated,
+in `help.txt` (tests/test_launcher.py fails when it is stale and says how to regenerate
+it); any other command line goes to `opsrun.cli`.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+HELP = Path(__file__).with_name("help.txt")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `opsrun` console script."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not os.environ.get("OPSRUN_FULL_CLI"):
+        if args in (["--help"], ["-h"], []) and HELP.exists():
+            sys.stdout.write(HELP.read_text())
+            return 0 if args else 2  # like click: no command at all is a usage error
+        if args == ["--version"]:
+            from opsrun import __version__
+
+            print(f"opsrun {__version__}")
+            return 0
+    from opsrun.cli import main as cli_main
+
+    return cli_main(args)
