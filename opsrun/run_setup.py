@@ -14,11 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from opsrun import paths, run_types as rt
-from opsrun.approvals import Waiter
 from opsrun.audit import AuditLog
 from opsrun.engine import Engine
 from opsrun.errors import UsageError
-from opsrun.executors.confirm import FlagConfirmer, PromptConfirmer, WaitingConfirmer
 from opsrun.executors.local import LocalExecutor
 from opsrun.identity import Identity
 from opsrun.run_records import AuditListener, StoreListener
@@ -43,7 +41,11 @@ class RunContext:
                       [AuditListener(self.audit), StoreListener(self.store), *listeners],
                       secrets=self.secrets, confirmer=confirmer)
 
-    def waiting_confirmer(self, *, park: bool = False, notify: Any = None) -> WaitingConfirmer:
+    def waiting_confirmer(self, *, park: bool = False, notify: Any = None) -> Any:
+        """A confirmer that records the question and waits (or parks) for an answer."""
+        from opsrun.approvals import Waiter
+        from opsrun.executors.confirm import WaitingConfirmer
+
         waiter = Waiter(self.store, self.audit,
                         notify or (lambda text: print(text, file=sys.stderr, flush=True)))
         return WaitingConfirmer(waiter, park=park, runbook_record=self.runbook_record,
@@ -51,6 +53,8 @@ class RunContext:
 
     def confirmer(self, *, yes: bool, starter: Identity) -> rt.Confirmer:
         """--yes answers; a terminal is asked; anything else waits for `opsrun approve`."""
+        from opsrun.executors.confirm import FlagConfirmer, PromptConfirmer
+
         if yes:
             return FlagConfirmer(starter)
         waiting = self.waiting_confirmer()

@@ -39,7 +39,9 @@ def main(ref: str, folder: Path, *, param_args: list[str], event_arg: str | None
     reporter = output.reporter(as_json)
     with open_run_context(state_dir, audit_log, secret_values) as rc, \
             driving(rc.state_dir, req.run_id):
-        eng = rc.engine([reporter], confirmer=rc.confirmer(yes=yes, starter=starter))
+        asks = any(s.kind == "confirm" for s in rb.all_steps())
+        eng = rc.engine([reporter], confirmer=rc.confirmer(yes=yes, starter=starter)
+                        if asks else None)
         result = run_with_signals(eng, req)
     if as_json:
         output.print_json(result_document(result, rb))
