@@ -48,7 +48,7 @@ _opsrun() {
         -r) COMPREPLY=($(compgen -d -- "$cur")); return ;;
     esac
     case "$path" in
-        "") COMPREPLY=($(compgen -W 'approve audit cancel completion deny dispatch emit list logs pending resume run runs schema show sources status systemd-unit validate watch --version --debug' -- "$cur")) ;;
+        "") COMPREPLY=($(compgen -W 'approve audit cancel completion deny dispatch emit init list logs pending resume run runs schema show sources status systemd-unit validate watch --version --debug' -- "$cur")) ;;
         "approve") COMPREPLY=($(compgen -W '--comment -m --step --state-dir --audit-log' -- "$cur") $(compgen -f -- "$cur")) ;;
         "audit") COMPREPLY=($(compgen -W 'head show tail verify' -- "$cur")) ;;
         "audit head") COMPREPLY=($(compgen -W '--state-dir --audit-log --json' -- "$cur")) ;;
@@ -60,6 +60,7 @@ _opsrun() {
         "deny") COMPREPLY=($(compgen -W '--comment -m --step --state-dir --audit-log' -- "$cur") $(compgen -f -- "$cur")) ;;
         "dispatch") COMPREPLY=($(compgen -W '--dry-run --parallel --json --runbooks -r --state-dir --audit-log --secrets-file' -- "$cur")) ;;
         "emit") COMPREPLY=($(compgen -W '--state-dir --audit-log' -- "$cur") $(compgen -f -- "$cur")) ;;
+        "init") COMPREPLY=($(compgen -W '' -- "$cur") $(compgen -f -- "$cur")) ;;
         "list") COMPREPLY=($(compgen -W '--runbooks -r --json' -- "$cur")) ;;
         "logs") COMPREPLY=($(compgen -W '--json --state-dir' -- "$cur") $(compgen -f -- "$cur")) ;;
         "pending") COMPREPLY=($(compgen -W '--json --state-dir' -- "$cur")) ;;

@@ -19,6 +19,7 @@ _opsrun() {
     'deny:Deny the step a run waits on, as yourself.'
     'dispatch:Read JSON lines on stdin and run each event'\''s runbooks here; exit with the worst code.'
     'emit:Queue JSON events for `opsrun watch` (they wait if it is not running).'
+    'init:Create a runbooks folder - a starter runbook, an inventory example, the schema.'
     'list:List the runbooks - name, triggers, number of steps, file.'
     'logs:Show a run'\''s steps and the output they printed.'
     'pending:List the runs waiting for an answer.'
@@ -49,6 +50,7 @@ _opsrun() {
         deny) _opsrun_deny ;;
         dispatch) _opsrun_dispatch ;;
         emit) _opsrun_emit ;;
+        init) _opsrun_init ;;
         list) _opsrun_list ;;
         logs) _opsrun_logs ;;
         pending) _opsrun_pending ;;
@@ -171,6 +173,11 @@ _opsrun_emit() {
   _arguments \
     '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/' \
     '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
+    '*:file:_files'
+}
+
+_opsrun_init() {
+  _arguments \
     '*:file:_files'
 }
 

@@ -57,7 +57,19 @@ def _runbooks_opt() -> Any:
                         help=_RUNBOOKS_HELP, show_envvar=True)
 
 
-# ── runbooks: validate, list, show, schema ──────────────────────────────────
+# ── runbooks: init, validate, list, show, schema ────────────────────────────
+
+@app.command("init")
+def _init(
+    ctx: typer.Context,
+    folder: Path = typer.Argument(Path("runbooks"), metavar="[DIR]", show_default=False,
+                                  help="The folder to create or fill (default ./runbooks)."),
+) -> None:
+    """Create a runbooks folder: a starter runbook, an inventory example, the schema."""
+    from opsrun.commands import init
+
+    _finish(ctx, lambda: init.main(folder))
+
 
 @app.command("validate")
 def _validate(
