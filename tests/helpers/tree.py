@@ -38,7 +38,8 @@ def copy_project(dest: Path, *, commit: bool = False) -> Path:
     for rel in project_files():
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, target)
+        # Symlinks stay symlinks (completions/_opsrun), as in a clone.
+        shutil.copy2(ROOT / rel, target, follow_symlinks=False)
     if commit:
         git("init", "-q", "-b", "main", cwd=dest)
         git("add", "-A", cwd=dest)
