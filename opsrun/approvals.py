@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from opsrun import run_types as rt
 from opsrun.audit import AuditLog
 from opsrun.errors import OpsrunError, UsageError
 from opsrun.identity import Identity
@@ -62,7 +63,9 @@ def resolve_run_id(store: Store, ref: str) -> str:
     if len(found) == 1:
         return found[0]
     if not found:
-        raise UsageError(f"no run {ref!r}; `opsrun pending` lists runs waiting for an answer")
+        raise UsageError(f"no run {ref!r} in the state folder {store.path.parent}; "
+                         "`opsrun runs` lists recent runs, `opsrun pending` those waiting for "
+                         "an answer (and --state-dir picks another folder)")
     raise UsageError(f"{ref!r} matches several runs ({', '.join(found)}); give more of the id")
 
 
@@ -114,8 +117,13 @@ def _nothing_waits(store: Store, run_id: str, step_id: str | None = None) -> str
         when = a.answered_at.strftime("%Y-%m-%d %H:%M:%S UTC") if a.answered_at else "?"
         return (f"run {run_id} was already answered: step {a.step_id!r} {a.answer} by "
                 f"{a.answered_by} ({a.how}) at {when}")
-    state = run.state if run else "unknown"
-    return f"run {run_id} is not waiting for an answer (it is {state})"
+    waiting = store.pending_approvals(run_id)
+    if step_id is not None and waiting:
+        other = waiting[0].step_id
+        return (f"run {run_id} waits for an answer to step {other!r}, not {step_id!r}; "
+                f"`opsrun pending` shows its question, then answer with --step {other}")
+    state = rt.state_phrase(run.state) if run else "is unknown"
+    return f"run {run_id} is not waiting for an answer: it {state}"
 
 
 def pending_rows(store: Store) -> list[dict[str, object]]:

@@ -130,6 +130,14 @@ class _Verifier:
         finally:
             for f in files:
                 f.handle.close()
+        if self.store is not None and head is None and self.given_head is None and self.records:
+            # The store keys heads by the log's path: a log (or a state folder) moved or
+            # copied elsewhere verifies without its tail check, which must not pass silently.
+            self.warnings.append(Finding(
+                "no_store_head", f"the state store {self.store.path} keeps no head for "
+                f"{self.path} (was the log or the state folder moved?): records cut from the "
+                "end of the log cannot be detected; check against a saved head with --head",
+                str(self.path)))
         return VerifyResult(self.problem is None, self.records, [f.path.name for f in files],
                             self.seq, self.hash, self.problem, self.warnings, self.labels)
 

@@ -44,7 +44,8 @@ def coerce_value(param: Param | Mapping[str, Any], value: Any) -> Any:
             raise ParamError(f"{text!r} is not one of the choices: {', '.join(p.choices)}")
         return text
     if p.pattern is not None and not re.fullmatch(p.pattern, text):
-        raise ParamError(f"{text!r} does not match the pattern {p.pattern!r}")
+        # Shown as written in the runbook: repr() would double every backslash.
+        raise ParamError(f"{text!r} does not match the pattern '{p.pattern}'")
     return text
 
 

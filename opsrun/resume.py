@@ -31,8 +31,8 @@ def runbook_of(store: Store, run: RunRecord) -> Runbook:
 def request_for(store: Store, run: RunRecord) -> RunRequest:
     """A RunRequest that continues `run` at the step where it stopped."""
     if run.state not in RESUMABLE:
-        raise UsageError(f"run {run.id} is {run.state}; only waiting or interrupted runs can "
-                         "be resumed")
+        raise UsageError(f"run {run.id} {rt.state_phrase(run.state)}; only waiting or "
+                         "interrupted runs can be resumed (start a new one with `opsrun run`)")
     return load_request(store, run)
 
 

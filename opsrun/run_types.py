@@ -12,6 +12,13 @@ QUEUED, RUNNING, WAITING = "queued", "running", "waiting"
 SUCCEEDED, FAILED, DENIED, TIMED_OUT = "succeeded", "failed", "denied", "timed_out"
 CANCELLED, INTERRUPTED = "cancelled", "interrupted"
 FINAL_STATES = frozenset({SUCCEEDED, FAILED, DENIED, TIMED_OUT, CANCELLED})
+ALL_STATES = (QUEUED, RUNNING, WAITING, SUCCEEDED, FAILED, DENIED, TIMED_OUT, CANCELLED,
+              INTERRUPTED)
+
+
+def state_phrase(state: str) -> str:
+    """A run's state as the end of a sentence: `has ended (succeeded)`, `is waiting`."""
+    return f"has ended ({state})" if state in FINAL_STATES else f"is {state}"
 
 # Step outcomes (DESIGN section 2).
 SUCCESS, FAILURE, SKIPPED = "success", "failure", "skipped"

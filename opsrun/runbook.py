@@ -240,11 +240,14 @@ def find_runbook(ref: str, folder: Path) -> Runbook:
     p = Path(ref)
     if p.suffix in (".yaml", ".yml") or "/" in ref:
         if not p.is_file():
-            raise UsageError(f"no runbook file {ref!r}")
+            what = "it is a folder" if p.is_dir() else "there is no such file"
+            raise UsageError(f"no runbook file {ref!r}: {what}; check the path, or give a "
+                             f"runbook's name: `opsrun list` shows the runbooks in {folder}/")
         return load_runbook(p)
     if not folder.is_dir():
         raise UsageError(f"no runbook named {ref!r}: the runbooks folder {folder} does not "
-                         "exist (give a path, or --runbooks DIR)")
+                         "exist; give the runbook's file, or the folder with --runbooks DIR "
+                         f"(`opsrun init {folder}` creates one with a starter runbook)")
     candidates = [f for f in runbook_files(folder) if f.stem == ref]
     for f in candidates:
         return load_runbook(f)

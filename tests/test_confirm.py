@@ -257,7 +257,7 @@ def test_resume_refuses_a_run_someone_drives(tmp_path: Path, env: dict[str, str]
     opsrun("deny", q["run_id"], env=env)
     p.communicate(timeout=30)
     r = opsrun("resume", q["run_id"], env=env)
-    assert r.returncode == 2 and "is denied; only waiting or interrupted runs" in r.stderr
+    assert r.returncode == 2 and "has ended (denied); only waiting or interrupted runs" in r.stderr
 
 
 def test_two_answers_race(tmp_path: Path, env: dict[str, str], state: Path) -> None:
@@ -301,7 +301,7 @@ def test_answer_when_nothing_waits(tmp_path: Path, env: dict[str, str]) -> None:
     run_id = json.loads(opsrun("run", str(rb), "--json", env=env).stdout)["run"]["id"]
     r = opsrun("approve", run_id, env=env)
     assert r.returncode == 1
-    assert f"run {run_id} is not waiting for an answer (it is succeeded)" in r.stderr
+    assert f"run {run_id} is not waiting for an answer: it has ended (succeeded)" in r.stderr
     assert opsrun("approve", "ZZZZZZZZ", env=env).returncode == 2
 
 

@@ -56,7 +56,8 @@ def parse_param_args(args: list[str]) -> dict[str, str]:
         if not sep or not name:
             raise UsageError(f"-p {arg!r}: write params as -p name=value")
         if name in out:
-            raise UsageError(f"-p {name}= is given twice")
+            raise UsageError(f"-p {name}=… is given twice ({out[name]!r}, then {value!r}); "
+                             "give each param once")
         out[name] = value
     return out
 

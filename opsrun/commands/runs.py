@@ -38,9 +38,11 @@ def _took(run: RunRecord) -> str:
 def list_runs(state_dir: str | None, *, runbook: str | None, state: str | None, limit: int,
               as_json: bool) -> int:
     """Recent runs, newest first."""
-    if state is not None and state not in rt.FINAL_STATES | {rt.QUEUED, rt.RUNNING, rt.WAITING,
-                                                             rt.INTERRUPTED}:
-        raise UsageError(f"unknown state {state!r}")
+    if state is not None and state not in rt.ALL_STATES:
+        from opsrun.suggest import did_you_mean
+
+        raise UsageError(f"--state: unknown state {state!r}{did_you_mean(state, rt.ALL_STATES)};"
+                         f" the states are {', '.join(rt.ALL_STATES)}")
     with _store(state_dir) as store:
         runs = store.list_runs(runbook=runbook, state=state, limit=limit)
     if as_json:

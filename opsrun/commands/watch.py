@@ -17,10 +17,11 @@ def watch(opts: WatchOptions, *, state_dir: str | None, audit_log: str | None,
           secrets_file: str | None, log_format: str) -> int:
     """Run the service until SIGTERM."""
     if log_format not in ("plain", "json"):
-        raise UsageError("--log-format is plain or json")
+        raise UsageError(f"--log-format {log_format!r}: choose plain or json")
     if not opts.runbooks_dir.is_dir():
-        raise UsageError(f"the runbooks folder {opts.runbooks_dir} does not exist "
-                         "(give --runbooks DIR)")
+        raise UsageError(f"the runbooks folder {opts.runbooks_dir} does not exist; give "
+                         f"another with --runbooks DIR, or create it with `opsrun init "
+                         f"{opts.runbooks_dir}`")
     log = DaemonLog(log_format)
     logging.getLogger("opsrun").addHandler(log.handler())
     logging.getLogger("opsrun").setLevel(logging.INFO)
