@@ -67,7 +67,8 @@ def split(text: str) -> list[Part]:
             raise ExpressionSyntaxError("`${{` is never closed with `}}`", start)
         source = text[start + len(OPEN):end].strip()
         if not source:
-            raise ExpressionSyntaxError("empty expression `${{ }}`", start)
+            raise ExpressionSyntaxError("empty expression `${{ }}`; write what to insert, like "
+                                        "`${{ params.name }}`, or remove it", start)
         parts.append(Expr(source, start))
         pos = end + len(CLOSE)
 

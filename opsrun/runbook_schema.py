@@ -148,7 +148,8 @@ FILE_TRIGGER = Object("a file trigger", {
                     default=list(FILE_EVENTS)),
     "debounce": Field(Duration(description="Quiet time before firing (default 50ms)"),
                       default=0.05),
-    "ignore": Field(ListOf(GLOB, single_ok=True, description="Globs of paths to ignore"),
+    "ignore": Field(ListOf(GLOB, single_ok=True, description="Globs of paths to ignore",
+                           expects='a list of globs, like ["*.tmp", "**/.git/**"]'),
                     default=[]),
 }, description="Fire when files change.")
 
@@ -359,7 +360,8 @@ def _step_rules(s: dict[str, Any], path: PathT, problems: Problems) -> None:
         problems.add((*path, "host"), f"{where}: use `host:` or `hosts:`, not both",
                      at_key=True)
     if s["parallel"] is not None and not s["hosts"]:
-        problems.add((*path, "parallel"), f"{where}: `parallel` needs `hosts:`", at_key=True)
+        problems.add((*path, "parallel"), f"{where}: `parallel` needs `hosts:` (it bounds how many "
+                     "hosts run at once); add the hosts, or remove `parallel`", at_key=True)
 
 
 STEP = Object("a step", {
@@ -376,13 +378,16 @@ STEP = Object("a step", {
                              expects="an expression or true/false",
                              description="Run the step only when this is true")),
     "env": Field(ENV, default={}),
-    "timeout": Field(Duration(description="Stop the step after this long", minimum_s=0.001)),
+    "timeout": Field(Duration(description="Stop the step after this long", minimum_s=0.001,
+                              too_short="leave `timeout:` out for no limit")),
     "retry": Field(RETRY),
     "continue_on_error": Field(Boolean(description="A failure does not fail the run"),
                                default=False),
     "host": Field(Text(description="Run over SSH on this inventory host")),
     "hosts": Field(ListOf(Text(), min_items=1, single_ok=True,
-                          description="Run over SSH on these hosts (group:NAME expands)"),
+                          description="Run over SSH on these hosts (group:NAME expands)",
+                          too_few="is empty; name hosts or groups of the inventory, like "
+                                  "[web-1, \"group:db\"], or leave `hosts:` out to run here"),
                    default=[]),
     "parallel": Field(Integer(minimum=1, maximum=1000,
                               description="Hosts at once (default 1)")),
@@ -401,7 +406,9 @@ STEP = Object("a step", {
               "environment": "env", "approver": "approvers", "hostname": "host"},
     json_extra={"oneOf": [{"required": ["run"]}, {"required": ["confirm"]}]})
 
-STEPS = ListOf(STEP, min_items=1, description="The steps, run in order")
+STEPS = ListOf(STEP, min_items=1, description="The steps, run in order",
+               expects="a list of steps, each starting with `- `, like `- run: uptime`",
+               too_few="is empty; a runbook needs at least one step, like `- run: uptime`")
 
 CONCURRENCY = Object("concurrency", {
     "key": Field(TEMPLATE, default=""),
@@ -420,7 +427,7 @@ RUNBOOK = Object("the runbook", {
     "env": Field(ENV, default={}),
     "concurrency": Field(CONCURRENCY),
     "timeout": Field(Duration(description="Stop the whole run after this long",
-                              minimum_s=0.001)),
+                              minimum_s=0.001, too_short="leave `timeout:` out for no limit")),
     "steps": Field(STEPS, required=True),
     "on_failure": Field(ListOf(STEP, description="Steps run when the run fails"), default=[]),
     "on_denied": Field(ListOf(STEP, description="Steps run when a confirmation is denied "

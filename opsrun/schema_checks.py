@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from opsrun.durations import DurationError, parse_duration
+from opsrun.durations import DurationError, format_duration, parse_duration
 from opsrun.suggest import did_you_mean
 
 PathT = tuple[Union[str, int], ...]
@@ -184,9 +184,11 @@ class Duration(Check):
 
     expects = "a duration like 30s"
 
-    def __init__(self, *, description: str = "", minimum_s: float = 0.0) -> None:
+    def __init__(self, *, description: str = "", minimum_s: float = 0.0,
+                 too_short: str = "") -> None:
         self.description = description
         self.minimum_s = minimum_s
+        self.too_short = too_short  # what to write instead, said after the minimum
 
     def check(self, value: Any, path: PathT, problems: Problems) -> Any:
         try:
@@ -195,7 +197,9 @@ class Duration(Check):
             problems.add(path, f"{show_path(path)}: {e}")
             return INVALID
         if seconds < self.minimum_s:
-            problems.add(path, f"{show_path(path)}: must be at least {self.minimum_s:g}s")
+            problems.add(path, f"{show_path(path)}: must be at least "
+                               f"{format_duration(self.minimum_s)}, found {value!r}"
+                               + (f"; {self.too_short}" if self.too_short else ""))
             return INVALID
         return seconds
 
@@ -268,10 +272,11 @@ class Custom(Check):
 
 class ListOf(Check):
     def __init__(self, item: Check, *, min_items: int = 0, single_ok: bool = False,
-                 description: str = "") -> None:
+                 description: str = "", expects: str = "a list", too_few: str = "") -> None:
         self.item, self.min_items, self.single_ok = item, min_items, single_ok
         self.description = description
-        self.expects = "a list"
+        self.expects = expects
+        self.too_few = too_few  # says what belongs in the list, in place of the item count
 
     def check(self, value: Any, path: PathT, problems: Problems) -> Any:
         if self.single_ok and not isinstance(value, (list, Mapping)) and value is not None:
@@ -279,8 +284,8 @@ class ListOf(Check):
         if not isinstance(value, list):
             return self.wrong_type(value, path, problems)
         if len(value) < self.min_items:
-            problems.add(path, f"{show_path(path)}: needs at least {self.min_items} "
-                               f"item{'s' if self.min_items > 1 else ''}")
+            problems.add(path, f"{show_path(path)}: " + (self.too_few or (
+                f"needs at least {self.min_items} item{'s' if self.min_items > 1 else ''}")))
             return INVALID
         out = [self.item.check(v, (*path, i), problems) for i, v in enumerate(value)]
         return INVALID if any(v is INVALID for v in out) else out
