@@ -28,6 +28,10 @@ def state_dir_from_env(explicit: str | os.PathLike[str] | None = None) -> Path:
 
 def ensure_state_dir(path: Path) -> Path:
     """Create the state folder with mode 0700 if needed, and check it can be written."""
+    if path.exists() and not path.is_dir():
+        # Checked first: mkdir would only say "File exists", which does not say what is wrong.
+        raise StateError(f"the state folder {path} is a file, not a folder; "
+                         "choose another with --state-dir or OPSRUN_STATE_DIR")
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as e:

@@ -354,7 +354,10 @@ def _print_verify(log_path: Path, r: VerifyResult) -> None:
         if p.file:
             loc = f"{p.file}:{p.line}" if p.line else p.file
             print(f"  at {loc}" + (f" (seq {p.seq})" if p.seq is not None else ""))
-        print(f"  {r.records} records before it verified (last good seq {r.last_seq})")
+        print(f"  {r.records} record{'s' * (r.records != 1)} before it verified "
+              f"(last good seq {r.last_seq})")
+        print("  keep the file as it is, find out who changed it, and compare it with a "
+              "backup or a head kept elsewhere (opsrun audit head)")
     for label in r.heads_checked:
         print(f"checked against {label}")
 

@@ -46,7 +46,7 @@ def emit(arg: str | None, *, state_dir: str | None, audit_log: str | None) -> in
                                         source={"via": "opsrun emit",
                                                 "user": identity.current().user})
         queued = len(events)
-        where = "the queue (no service is running; it will take them when it starts)"
+        where = "later: no service is running; it takes queued events when it starts"
     else:
         where = "the running service"
         if rejected:
