@@ -254,6 +254,7 @@ _HINTS = (
      "this field is already an expression: write it without `${{ }}`"),
     (re.compile(r"(?<![=!<>])=(?!=)"), "compare with `==`, not `=`"),
     (re.compile(r"&&|\|\|"), "write `and` / `or` instead of `&&` / `||`"),
+    (re.compile(r"\|\s*$"), "a filter must follow `|`, like `| default('x')` or `| int`"),
     (re.compile(r"!(?!=)"), "write `not x` instead of `!x`"),
     (re.compile(r"\?"), "write `a if condition else b` instead of `condition ? a : b`"),
 )
@@ -264,7 +265,7 @@ def _explain_syntax(source: str, message: str) -> str:
     message = (message.replace("chunk after expression",
                                "unexpected text after a complete expression")
                .replace("'end of template'", "end of the expression")
-               .replace("end of template", "end of the expression"))
+               .replace("end of template", "end of the expression").rstrip("."))
     if re.search(r"""unexpected char ["']["']""", message):
         return f"cannot parse `{source}`: a text in quotes is never closed"
     bare = re.sub(r"'[^']*'|\"[^\"]*\"", "''", source)  # hints look outside quoted texts

@@ -17,6 +17,7 @@ from opsrun import expressions, runbook_schema as schema, shell_words
 from opsrun.criteria import Criteria, parse_where
 from opsrun.errors import Problem, RunbookInvalid, UsageError
 from opsrun.params import Param
+from opsrun.paths import DEFAULT_RUNBOOKS
 from opsrun.schema_checks import INVALID, PathT, Problems, show_path
 from opsrun.yaml_load import Document, YamlError, load_bytes, read_limited
 
@@ -235,6 +236,11 @@ def _name_mark(path: Path) -> tuple[int, int]:
     return (1, 1)
 
 
+def _list_command(folder: Path) -> str:
+    """The `opsrun list` that shows FOLDER, for hints in messages."""
+    return "opsrun list" if folder == Path(DEFAULT_RUNBOOKS) else f"opsrun list -r {folder}"
+
+
 def find_runbook(ref: str, folder: Path) -> Runbook:
     """A runbook by file path, or by name within the runbooks folder."""
     p = Path(ref)
@@ -242,7 +248,7 @@ def find_runbook(ref: str, folder: Path) -> Runbook:
         if not p.is_file():
             what = "it is a folder" if p.is_dir() else "there is no such file"
             raise UsageError(f"no runbook file {ref!r}: {what}; check the path, or give a "
-                             f"runbook's name: `opsrun list` shows the runbooks in {folder}/")
+                             f"runbook's name: `{_list_command(folder)}` shows them")
         return load_runbook(p)
     if not folder.is_dir():
         raise UsageError(f"no runbook named {ref!r}: the runbooks folder {folder} does not "
@@ -259,7 +265,7 @@ def find_runbook(ref: str, folder: Path) -> Runbook:
 
     names = [rb.name for rb in runbooks]
     raise UsageError(f"no runbook named {ref!r} in {folder}{did_you_mean(ref, names)}; "
-                     "`opsrun list` shows them all")
+                     f"`{_list_command(folder)}` shows them all")
 
 
 def load_runbook_bytes(raw: bytes, path: Path) -> Runbook:

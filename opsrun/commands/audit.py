@@ -60,7 +60,8 @@ def head(state_dir: str | None, audit_log: str | None, as_json: bool) -> int:
         if store is not None:
             store.close()
     if tip is None:
-        raise StateError(f"the audit log {log_path} has no records yet")
+        raise StateError(f"the audit log {log_path} has no records yet: nothing was recorded "
+                         "there (--state-dir or --audit-log picks another log)")
     if stored is not None and (stored.seq > tip.seq or
                                (stored.seq == tip.seq and stored.hash != tip.hash)):
         print(f"opsrun: warning: the state store recorded seq {stored.seq}, which the log "

@@ -127,7 +127,7 @@ def dispatch(folder: Path, *, dry_run: bool, parallel: int, state_dir: str | Non
         print(f"opsrun: {p}", file=sys.stderr)
     if problems:
         raise UsageError(f"{len({p.file for p in problems})} runbook(s) in {folder} do not "
-                         "validate; fix them first (opsrun validate)")
+                         f"validate; fix them first (`opsrun validate {folder}`)")
     matcher = Matcher(runbooks)
     if dry_run:
         return _dry_run(matcher, read_events(sys.stdin.buffer), as_json=as_json)
