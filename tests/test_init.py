@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from opsrun.commands import schema
+from opsrun.yaml_load import load_file
 from tests.helpers.cli import no_traceback, opsrun
 
 FILES = ("disk-usage.yaml", "inventory.yaml", ".opsrun/runbook.schema.json")
@@ -55,6 +56,21 @@ def test_schema_line_points_at_the_written_schema(tmp_path: Path) -> None:
     # yaml-language-server resolves a relative $schema against the runbook's own folder.
     written = folder / m.group(1)
     assert json.loads(written.read_text()) == json.loads(schema.text())
+
+
+def test_inventory_example_has_the_inventory_format(tmp_path: Path, repo_root: Path) -> None:
+    """hosts: {name: {hostname, port, user, key, groups}}, as runbooks/inventory.yaml."""
+    assert opsrun("init", cwd=tmp_path).returncode == 0
+    data = load_file(tmp_path / "runbooks" / "inventory.yaml").data
+    assert set(data) == set(load_file(repo_root / "runbooks" / "inventory.yaml").data) == {"hosts"}
+    groups = set()
+    for name, host in data["hosts"].items():
+        assert re.fullmatch(r"[a-z][a-z0-9-]*", name)
+        assert "hostname" in host and set(host) <= {"hostname", "port", "user", "key", "groups"}
+        groups.update(host.get("groups", []))
+    # The starter's commented SSH step names a group the example defines.
+    assert '"group:web"' in (tmp_path / "runbooks" / "disk-usage.yaml").read_text()
+    assert "web" in groups
 
 
 def test_commented_trigger_validates_when_uncommented(tmp_path: Path) -> None:
