@@ -15,6 +15,9 @@ It writes three files into DIR (default ./runbooks), and nothing anywhere else:
 The editor settings hint (a `yaml.schemas` mapping for files without that first line) is
 printed rather than written: a `.vscode/settings.json` inside DIR is read only when DIR
 itself is opened as the workspace, and the project's own settings file is not ours to edit.
+Its paths are relative to the current folder, taken to be the workspace root; the
+`!…/inventory.yaml` pattern that keeps the inventory out needs a yaml-language-server
+recent enough to know negated patterns (older ones ignore it and flag the inventory).
 
 Nothing is overwritten: if any of the files exists, nothing is written at all and the exit
 code is 2.
