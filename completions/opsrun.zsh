@@ -21,7 +21,7 @@ _opsrun() {
     'emit:Queue JSON events for `opsrun watch` (they wait if it is not running).'
     'init:Create a runbooks folder - a starter runbook, an inventory example, the schema.'
     'list:List the runbooks - name, triggers, number of steps, file.'
-    'logs:Show a run'\''s steps and the output they printed.'
+    'logs:Show a run'\''s steps and the output they printed (the newest run by default).'
     'pending:List the runs waiting for an answer.'
     'resume:Pick up a waiting or interrupted run at the step where it stopped.'
     'run:Run a runbook now, step by step.'

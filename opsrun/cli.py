@@ -287,11 +287,12 @@ def _runs(
 @app.command("logs")
 def _logs(
     ctx: typer.Context,
-    run_id: str = typer.Argument(..., help="Run id (or its first characters)."),
+    run_id: Optional[str] = typer.Argument(None, help="Run id (or its first characters); "
+                                                      "default: the newest run."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     state_dir: Optional[str] = _state_dir_opt(),
 ) -> None:
-    """Show a run's steps and the output they printed."""
+    """Show a run's steps and the output they printed (the newest run by default)."""
     from opsrun.commands import runs
 
     _finish(ctx, lambda: runs.logs(state_dir, run_id, as_json=as_json))

@@ -68,9 +68,14 @@ def _iso(t: datetime | None) -> str | None:
     return t.isoformat() if t else None
 
 
-def logs(state_dir: str | None, run_ref: str, *, as_json: bool) -> int:
-    """A run's steps and their stored output."""
+def logs(state_dir: str | None, run_ref: str | None, *, as_json: bool) -> int:
+    """A run's steps and their stored output; the newest run when none is named."""
     with _store(state_dir) as store:
+        if run_ref is None:
+            newest = store.list_runs(limit=1)
+            if not newest:
+                raise UsageError("no runs yet")
+            run_ref = newest[0].id
         run_id = resolve_run_id(store, run_ref)
         run = store.get_run(run_id)
         steps = store.steps_of(run_id)
