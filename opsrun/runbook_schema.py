@@ -87,6 +87,8 @@ TEMPLATE = Custom(_check_template, expects="a text",
 REGEX = Custom(_check_regex, expects="a regular expression",
                description="A Python regular expression; named groups (?P<name>…) "
                            "become event fields")
+PARAM_PATTERN = Custom(_check_regex, expects="a regular expression",
+                       description="A Python regular expression the whole value must match")
 GLOB = Custom(_check_glob, expects="a path or glob")
 
 
@@ -291,7 +293,7 @@ PARAM = Object("a param", {
     "description": Field(Text(), default=""),
     "default": Field(Anything(description="Value when none is given")),
     "required": Field(Boolean(description="Must be given with -p"), default=False),
-    "pattern": Field(REGEX),
+    "pattern": Field(PARAM_PATTERN),
     "choices": Field(ListOf(Text(scalars=True), min_items=1), default=[]),
 }, rules=_param_rules, description="A typed parameter, given with -p name=value")
 
