@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from opsrun import control, paths, run_types as rt
 from opsrun.approvals import give_answer, pending_rows, resolve_run_id
 from opsrun.errors import OpsrunError, UsageError
+from opsrun.event import EventRejected, check_object
 from opsrun.identity import Identity
 
 if TYPE_CHECKING:
@@ -54,6 +55,12 @@ class ControlHandler:
         if len(events) > MAX_EVENTS:
             return {"ok": False, "exit_code": 2,
                     "message": f"at most {MAX_EVENTS:,} events per request"}
+        for n, event in enumerate(events, 1):
+            try:  # what `opsrun emit` checks, for a client that did not
+                check_object(event)
+            except EventRejected as e:
+                return {"ok": False, "exit_code": 2,
+                        "message": f"event {n} of the request was rejected: {e}"}
         ids = self.d.rc.store.enqueue_events(events, source={
             "via": "control socket", "user": who.user, "uid": who.uid})
         self.d.sources.wake_queue.set()

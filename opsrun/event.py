@@ -79,15 +79,63 @@ def parse_json_event(raw: bytes | str, source: str = "json") -> Event:
     if depth > MAX_DEPTH:
         raise EventRejected(f"nested {depth} levels deep; the limit is {MAX_DEPTH}")
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except json.JSONDecodeError as e:
         raise EventRejected(f"not JSON: {e.msg} at column {e.colno}") from None
     except RecursionError:
         raise EventRejected(f"nested too deeply; the limit is {MAX_DEPTH}") from None
+    except EventRejected:
+        raise
+    except ValueError:
+        # Python refuses integers of over 4,300 digits (CVE-2020-10735) with a ValueError.
+        raise EventRejected("a number has more than 4,300 digits; send it as text") from None
     if not isinstance(obj, dict):
         raise EventRejected(f"a JSON event must be an object {{…}}, not "
                             f"{_json_kind(obj)}")
+    if "\\u" in text:
+        _refuse_lone_surrogates(obj)
     return from_object(obj, source)
+
+
+def check_object(obj: Mapping[str, Any]) -> None:
+    """Refuse an already parsed event (from the control socket) that a JSON line could not
+    carry: over the size or depth limit, NaN or infinity, or a lone surrogate."""
+    try:
+        raw = json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except ValueError as e:  # NaN/Infinity, or UnicodeEncodeError for a lone surrogate
+        raise EventRejected(_unencodable(e)) from None
+    except RecursionError:
+        raise EventRejected(f"nested too deeply; the limit is {MAX_DEPTH}") from None
+    parse_json_event(raw)
+
+
+def _no_constant(name: str) -> Any:
+    raise EventRejected(f"{name} is not a JSON number (the JSON standard has no NaN or "
+                        "Infinity); send it as text, like \"NaN\"")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise EventRejected(f"the number {text[:40]} is too large for a float")
+    return value
+
+
+def _refuse_lone_surrogates(obj: Any) -> None:
+    # `"\ud800"` is valid JSON grammar but no character: it could not be stored, logged or
+    # given to a command as UTF-8. Checked only when the text has \u escapes.
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise EventRejected(_unencodable(e)) from None
+
+
+def _unencodable(e: ValueError) -> str:
+    if isinstance(e, UnicodeEncodeError):
+        bad = e.object[e.start:e.end]
+        return (f"a text holds a lone surrogate ({ascii(bad)[1:-1]}), which is not a "
+                "character; send valid Unicode")
+    return "NaN and Infinity are not JSON numbers; send them as text"
 
 
 def _max_depth(text: str) -> int:
