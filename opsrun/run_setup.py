@@ -85,12 +85,31 @@ def open_run_context(state_dir: str | None, audit_log: str | None,
     folder = paths.ensure_state_dir(paths.state_dir_from_env(state_dir))
     store = Store.open(folder, durable=durable_store)
     audit_path = Path(audit_log) if audit_log else folder / paths.AUDIT_LOG
-    audit = AuditLog(audit_path, store=store, masker=Masker(dict(secret_values)))
+    audit = AuditLog(audit_path, store=store, masker=Masker(dict(secret_values)),
+                     max_segment_bytes=audit_segment_bytes())
     try:
         yield RunContext(folder, store, audit, dict(secret_values))
     finally:
         audit.close()
         store.close()
+
+
+def audit_segment_bytes(environ: Mapping[str, str] | None = None) -> int:
+    """When the audit log starts a new segment: OPSRUN_AUDIT_SEGMENT_SIZE, default 64 MiB."""
+    from opsrun.audit import DEFAULT_MAX_SEGMENT_BYTES
+    from opsrun.sizes import SizeError, parse_size
+
+    text = (os.environ if environ is None else environ).get("OPSRUN_AUDIT_SEGMENT_SIZE")
+    if not text:
+        return DEFAULT_MAX_SEGMENT_BYTES
+    try:
+        size = parse_size(text)
+    except SizeError as e:
+        raise UsageError(f"OPSRUN_AUDIT_SEGMENT_SIZE: {e}") from None
+    if size < 4096:
+        raise UsageError(f"OPSRUN_AUDIT_SEGMENT_SIZE: {text!r} is too small; a segment must "
+                         "hold a few records, so give at least 4KiB")
+    return size
 
 
 @contextmanager

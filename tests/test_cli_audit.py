@@ -164,3 +164,28 @@ def test_tail_follows_across_a_rotation(state: Path) -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 130
+
+
+def test_segment_size_is_configurable(tmp_path: Path, repo_root: Path) -> None:
+    env = {"OPSRUN_STATE_DIR": str(tmp_path / "state"), "OPSRUN_AUDIT_SEGMENT_SIZE": "4KiB"}
+    for _ in range(3):
+        assert opsrun("run", str(repo_root / "runbooks" / "hello.yaml"), env=env).returncode == 0
+    segments = sorted(p.name for p in (tmp_path / "state").glob("audit-*.jsonl"))
+    assert segments, "a 4 KiB segment size should have started new segments"
+    assert all(p.stat().st_size < 4096 + 8192 for p in (tmp_path / "state").glob("audit*.jsonl"))
+    check = opsrun("audit", "verify", env=env)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.parametrize("value, words", [
+    ("lots", "'lots' is not a size; write a whole number and a unit, like 64MiB, "
+              "500KiB or 1GiB"),
+    ("100", "'100' is too small; a segment must hold a few records, so give at least 4KiB"),
+])
+def test_bad_segment_size_is_a_usage_error(tmp_path: Path, repo_root: Path, value: str,
+                                           words: str) -> None:
+    r = opsrun("run", str(repo_root / "runbooks" / "hello.yaml"),
+               env={"OPSRUN_STATE_DIR": str(tmp_path / "state"),
+                    "OPSRUN_AUDIT_SEGMENT_SIZE": value})
+    assert r.returncode == 2 and no_traceback(r)
+    assert r.stderr.strip() == f"opsrun: OPSRUN_AUDIT_SEGMENT_SIZE: {words}", r.stderr
