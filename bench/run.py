@@ -110,7 +110,9 @@ def rss_mb(pid: int, field_name: str = "VmRSS") -> float:
 def startup(tmp: Path, repeat: int, ansible: str | None) -> list[Row]:
     rb = tmp / "true.yaml"
     rb.write_text("steps:\n  - run: 'true'\n")
-    env = {**os.environ, "OPSRUN_STATE_DIR": str(tmp / "state-startup"), "NO_COLOR": "1"}
+    # Compiled bytecode, as after a normal install: without it every start compiles opsrun.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env.update({"OPSRUN_STATE_DIR": str(tmp / "state-startup"), "NO_COLOR": "1"})
     runs = 5 if repeat == 1 else 15
     py = timed_ms([PY, "-c", "pass"], env, runs)
     bash = timed_ms(["bash", "-c", "true"], env, runs)
@@ -121,7 +123,13 @@ def startup(tmp: Path, repeat: int, ansible: str | None) -> list[Row]:
         play = tmp / "play.yml"
         play.write_text("- hosts: localhost\n  gather_facts: false\n  connection: local\n"
                         "  tasks:\n    - command: 'true'\n")
-        ans = timed_ms([ansible, "-i", "localhost,", str(play)], env, max(3, runs // 3))
+        # The venv's own python: interpreter discovery would warn, or fail the task.
+        argv = [ansible, "-i", "localhost,", "-e",
+                f"ansible_python_interpreter={Path(ansible).parent / 'python'}", str(play)]
+        check = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+        if check.returncode != 0:
+            raise RuntimeError("ansible-playbook failed:\n" + check.stdout + check.stderr)
+        ans = timed_ms(argv, env, max(3, runs // 3))
     return [
         Row("start-up: `opsrun --help`", help_ms, "ms", {"python -c pass": py},
             "< 150 ms and ≤ 3× python", help_ms < 150 and help_ms <= 3 * py),
