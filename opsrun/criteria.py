@@ -110,7 +110,8 @@ def lookup(event: Mapping[str, Any], path: tuple[str, ...]) -> Any:
             if part not in value:
                 return _MISSING
             value = value[part]
-        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+        elif isinstance(value, list) and part.isascii() and part.isdigit() \
+                and int(part) < len(value):
             value = value[int(part)]
         else:
             return _MISSING

@@ -165,7 +165,7 @@ def driver_pid(state_dir: Path, run_id: str) -> int | None:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
             text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else None
+            return int(text) if text.isascii() and text.isdigit() else None
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:
