@@ -189,7 +189,7 @@ def load_text(text: str) -> Document:
         if len(nodes) > 1:
             # Point at the `---` that starts the second document, not at its first key.
             lines = text.splitlines()
-            at = nodes[1].start_mark.line
+            at = min(nodes[1].start_mark.line, len(lines) - 1)  # `---` may end the text
             while at > 0 and not lines[at].startswith("---"):
                 at -= 1
             raise YamlError("the file holds several YAML documents (`---`); "
