@@ -15,20 +15,40 @@ def main(ref: str, folder: Path, *, as_json: bool = False) -> int:
     if as_json:
         output.print_json(as_dict(rb))
     else:
-        print(output.safe(render(rb)))
+        print(render(rb))
     return 0
 
 
 def render(rb: Runbook) -> str:
-    """The whole plan as text."""
-    lines = [output.heading(rb.name) + f"  ({rb.path}, sha256 {rb.sha256[:12]})"]
+    """The whole plan as text; the runbook's own text is escaped, headings are not."""
+    return "\n".join(_with_headings(_plan_lines(rb)))
+
+
+_HEADING = "\0heading\0"  # starts a heading line, whose heading part ends at a NUL
+
+
+def _with_headings(lines: list[str]) -> list[str]:
+    # Escaped first, decorated after: on a colour terminal a heading's own escape codes
+    # must reach the terminal, while any in the runbook's text must not.
+    out = []
+    for line in lines:
+        if line.startswith(_HEADING):
+            head, _, tail = line[len(_HEADING):].partition("\0")
+            out.append(output.heading(output.safe(head)) + output.safe(tail))
+        else:
+            out.append(output.safe(line))
+    return out
+
+
+def _plan_lines(rb: Runbook) -> list[str]:
+    lines = [f"{_HEADING}{rb.name}\0  ({rb.path}, sha256 {rb.sha256[:12]})"]
     if rb.description:
         lines.append(f"  {rb.description.strip()}")
-    lines += ["", output.heading("Triggers")]
+    lines += ["", _HEADING + "Triggers"]
     lines += [f"  {describe.trigger_long(t)}" for t in rb.triggers] or \
         ["  none: runs only by hand (opsrun run)"]
     if rb.params:
-        lines += ["", output.heading("Params")]
+        lines += ["", _HEADING + "Params"]
         for p in rb.params.values():
             bits = [p.type]
             if p.default is not None:
@@ -42,18 +62,18 @@ def render(rb: Runbook) -> str:
             lines.append(f"  {p.name}  " + ", ".join(bits)
                          + (f"  — {p.description}" if p.description else ""))
     if rb.env:
-        lines += ["", output.heading("Env")] + [f"  {k}={v}" for k, v in rb.env.items()]
-    lines += ["", output.heading("Run")]
+        lines += ["", _HEADING + "Env"] + [f"  {k}={v}" for k, v in rb.env.items()]
+    lines += ["", _HEADING + "Run"]
     lines.append(f"  concurrency: policy {rb.concurrency.policy}"
                  + (f", key {rb.concurrency.key}" if rb.concurrency.key else ", one key for all runs"))
     lines.append("  timeout: " + (format_duration(rb.timeout_s) if rb.timeout_s else "none"))
     for title, steps in (("Steps", rb.steps), ("On failure", rb.on_failure),
                          ("On denied", rb.on_denied)):
         if steps:
-            lines += ["", output.heading(title)]
+            lines += ["", _HEADING + title]
             for step in steps:
                 lines += _step_lines(step)
-    return "\n".join(lines)
+    return lines
 
 
 def _step_lines(step: Step) -> list[str]:
