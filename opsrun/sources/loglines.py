@@ -2,7 +2,9 @@
 
 `Reader` holds one open file: where its complete lines end (`offset`), the unfinished
 last line, the line count, and the last bytes read (to notice the file being rewritten).
-Lines over MAX_LINE bytes are cut to that length, so memory stays bounded.
+Lines over MAX_LINE bytes are cut to that length, so memory stays bounded. Lines are
+counted only when a match needs its line number: counting every newline of a log that
+never matches would cost more than searching it.
 
 `LineMatcher` finds the matching lines of a chunk. The meaning is always Python's `pattern.search(line)` on each line (without its newline
 and a trailing CR). Three ways get there, the fastest that is exact for the pattern:
@@ -73,12 +75,17 @@ class LineMatcher:
             return "all"
         return "literal" if self.literal else "chunk" if self.chunk_pattern else "line"
 
-    def scan(self, buf: bytes) -> list[Found]:
-        """Each matching line of `buf` (which ends with a newline): index, text, groups."""
+    def scan(self, buf: bytes, start: int = 0, end: int | None = None) -> list[Found]:
+        """Each matching line of `buf[start:end]` (which ends with a newline): index, text,
+        groups. Bounds rather than a slice, so the literal search copies nothing."""
+        if self.literal is not None and not self.folded:
+            return self._by_literal(buf, self.literal, start, len(buf) if end is None else end)
+        if start or end is not None:
+            buf = buf[start:end]
         if self.pattern is None:
             return [(i, _text(b), {}) for i, b in enumerate(buf.split(b"\n")[:-1])]
         if self.literal is not None:
-            return self._by_literal(buf, self.literal)
+            return self._by_literal(buf, self.literal, 0, len(buf))
         text = buf.decode("utf-8", "replace")
         if self.chunk_pattern is not None:
             # lines are matched without a trailing CR, so the chunk must not have them
@@ -91,20 +98,20 @@ class LineMatcher:
         return [(i, s, m.groupdict()) for i, s in enumerate(lines)
                 if (m := search(s)) is not None]
 
-    def _by_literal(self, buf: bytes, literal: bytes) -> list[Found]:
+    def _by_literal(self, buf: bytes, literal: bytes, first: int, stop: int) -> list[Found]:
         assert self.pattern is not None
-        search, out, count, counted = self.pattern.search, [], 0, 0
+        search, out, count, counted = self.pattern.search, [], 0, first
         hay = buf.lower() if self.folded else buf  # ASCII lowering keeps every offset
-        at = hay.find(literal)
+        at = hay.find(literal, first, stop)
         while at != -1:
-            start = buf.rfind(b"\n", 0, at) + 1
-            end = buf.find(b"\n", at)
+            start = buf.rfind(b"\n", first, at) + 1 or first
+            end = buf.find(b"\n", at, stop)
             count += buf.count(b"\n", counted, start)
             counted = start
             text = _text(buf[start:end])
             if (m := search(text)) is not None:
                 out.append((count, text, m.groupdict()))
-            at = hay.find(literal, end + 1)
+            at = hay.find(literal, end + 1, stop)
         return out
 
     def _by_chunk(self, text: str) -> list[Found]:
@@ -209,7 +216,8 @@ class Reader:
     ino: int
     offset: int  # just after the last complete line handled
     read_pos: int  # how far the file was read: offset + the unfinished line
-    lineno: int | None  # complete lines before `offset`; None until a match needs it
+    lineno: int | None  # complete lines before `counted_at`; None until a match needs it
+    counted_at: int = 0  # the file offset `lineno` counts up to (at most `offset`)
     partial: bytes = b""
     skipping: bool = False  # inside an over-long line, dropping bytes until its newline
     tail: bytes = b""
@@ -230,7 +238,8 @@ class Reader:
             skipping = nl < 0 and size > len(look)  # in a line too long to see its start
             offset = size if skipping else size - len(look) + nl + 1
         st = os.fstat(fd)
-        r = cls(path, fd, st.st_dev, st.st_ino, offset, offset, lineno, skipping=skipping)
+        r = cls(path, fd, st.st_dev, st.st_ino, offset, offset, lineno, offset,
+                skipping=skipping)
         r.tail = os.pread(fd, min(TAIL, offset), offset - min(TAIL, offset))
         return r
 
@@ -245,8 +254,22 @@ class Reader:
 
     def restart(self) -> None:
         """Read again from the start of the file (it was truncated)."""
-        self.offset = self.read_pos = 0
+        self.offset = self.read_pos = self.counted_at = 0
         self.lineno, self.partial, self.skipping, self.tail = 0, b"", False, b""
+
+    def lines_before_offset(self) -> int:
+        """Complete lines before `offset`, counting in the file only what is not counted yet.
+
+        The bytes are read again from this reader's own file, which still holds them: a
+        renamed file is the same inode, and after a copytruncate the copy is opened with
+        the count and offset of the truncated original.
+        """
+        if self.lineno is None:
+            self.lineno, self.counted_at = _count_lines(self.fd, 0, self.offset), self.offset
+        elif self.counted_at < self.offset:
+            self.lineno += _count_lines(self.fd, self.counted_at, self.offset)
+            self.counted_at = self.offset
+        return self.lineno
 
     def read(self, matcher: LineMatcher, budget: int) -> tuple[list[Found], int]:
         """Read up to `budget` bytes; the matching complete lines (numbered) and bytes read."""
@@ -266,8 +289,9 @@ class Reader:
         """The unfinished last line of a file nobody writes any more, as a line."""
         found: list[Found] = []
         if self.partial and not self.skipping:
-            self._lines(self.partial + b"\n", self.read_pos, matcher, found)
+            buf = self.partial + b"\n"
             self.partial = b""
+            self._match(buf, 0, len(buf), self.read_pos, matcher, found)
         return found
 
     def _take(self, data: bytes, matcher: LineMatcher, found: list[Found]) -> None:
@@ -279,36 +303,48 @@ class Reader:
                 self.partial += data
                 self._cut()
             return
-        head, rest = data[:last + 1], data[last + 1:]
+        end = self.read_pos - len(data) + last + 1
         if self.skipping:  # the over-long line ends at the first newline
-            head = head[head.find(b"\n") + 1:]
-            buf = (self.partial + b"\n" if self.partial else b"") + head
-            self.skipping = False
+            first = data.find(b"\n") + 1
+            cut_line = self.partial + b"\n" if self.partial else b""
+            self.partial, self.skipping = data[last + 1:], False
+            self._cut()
+            buf = cut_line + data[first:last + 1]
+            self._match(buf, 0, len(buf), end, matcher, found)
+        elif self.partial:
+            # The unfinished line and the first line of this chunk are joined; the rest of
+            # the chunk is searched in place.
+            first = data.find(b"\n") + 1
+            joined = self.partial + data[:first]
+            self.partial = data[last + 1:]
+            self._cut()
+            self._match(joined, 0, len(joined), self.offset + len(joined), matcher, found)
+            self._match(data, first, last + 1, end, matcher, found)
         else:
-            buf = self.partial + head
-        self.partial = rest
-        self._cut()
-        self._lines(buf, self.read_pos - len(data) + last + 1, matcher, found)
+            self.partial = data[last + 1:]
+            self._cut()
+            self._match(data, 0, last + 1, end, matcher, found)
 
     def _cut(self) -> None:
         if len(self.partial) > MAX_LINE:
             log.warning("log %s: a line longer than %d bytes is cut", self.path, MAX_LINE)
             self.partial, self.skipping = self.partial[:MAX_LINE], True
 
-    def _lines(self, buf: bytes, end: int, matcher: LineMatcher, found: list[Found]) -> None:
-        hits = matcher.scan(buf) if buf else []
+    def _match(self, buf: bytes, start: int, stop: int, end: int, matcher: LineMatcher,
+               found: list[Found]) -> None:
+        """Match the complete lines of `buf[start:stop]`, which begin at `offset` and end
+        at file offset `end`."""
+        hits = matcher.scan(buf, start, stop) if stop > start else []
         if hits:
-            if self.lineno is None:
-                self.lineno = _count_lines(self.fd, self.offset)
-            base = self.lineno + 1
+            base = self.lines_before_offset() + 1
             found.extend((base + index, text, groups) for index, text, groups in hits)
-        if self.lineno is not None:
-            self.lineno += buf.count(b"\n")
+            self.lineno = base - 1 + buf.count(b"\n", start, stop)
+            self.counted_at = end
         self.offset = end
 
 
-def _count_lines(fd: int, end: int) -> int:
-    count, pos = 0, 0
+def _count_lines(fd: int, pos: int, end: int) -> int:
+    count = 0
     while pos < end:
         data = os.pread(fd, min(CHUNK * 4, end - pos), pos)
         if not data:

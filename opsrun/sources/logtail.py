@@ -255,6 +255,7 @@ class LogSource:
                              (s.st_dev, s.st_ino) != (r.dev, r.ino), r.tail, r.read_pos)
         rest = Reader.open(copy, r.offset, r.lineno) if copy else None
         if rest is not None:  # copytruncate: what came after our position is in the copy
+            rest.counted_at = r.counted_at  # the copy holds the bytes not counted yet
             while True:
                 found, got = rest.read(f.matcher, ROUND_BYTES)
                 self._emit_found(f, found, events)

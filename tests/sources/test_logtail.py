@@ -181,6 +181,33 @@ def test_copytruncate_takes_the_tail_from_the_copy(tmp_path: Path, store: Store)
     assert got.numbers == [1, 2, 3]
 
 
+def test_line_numbers_are_exact_across_chunks_when_counted_late(tmp_path: Path,
+                                                                store: Store) -> None:
+    # Lines are counted only when a match needs a number: after megabytes of lines that
+    # match nothing, across chunk edges, with a line split over two reads, and in the copy
+    # of a copytruncate, the numbers must still be the true ones.
+    log = tmp_path / "app.log"
+    filler = "".join(f"quiet {i:07d} nothing to see here\n" for i in range(90_000))  # ~3 MB
+    log.write_text(filler + "line 1 after the quiet part\n" + filler[:-1])
+    got = Collect()
+    source = LogSource([(KEY, trig(log, start="start"))], store)
+    source.poll(got)
+    assert [e.data["lineno"] for e in got.events] == [90_001]
+    append(log, "\nline 2\n")  # completes the unfinished last line, then a match
+    source.poll(got)
+    assert [e.data["lineno"] for e in got.events] == [90_001, 180_002]
+    append(log, filler)
+    source.poll(got)  # read, matched nothing, not counted
+    append(log, "line 3 just before the copy\n")
+    shutil.copyfile(log, tmp_path / "app.log.1")
+    with log.open("r+") as f:
+        f.truncate(0)
+    append(log, "line 4\n")
+    source.poll(got)
+    assert [(e.data["lineno"], int(e.data["n"])) for e in got.events] == [
+        (90_001, 1), (180_002, 2), (270_003, 3), (1, 4)]
+
+
 class Writer(threading.Thread):
     """Appends numbered lines until stopped, reopening the file every `reopen` lines."""
 
