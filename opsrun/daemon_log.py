@@ -30,7 +30,9 @@ class DaemonLog:
             line = json.dumps({"time": _now(), "level": level, "msg": message, **fields},
                               default=str, ensure_ascii=False)
         else:
-            parts = [message] + [f"{k}={_value(v)}" for k, v in fields.items()]
+            # Messages may quote file names and log lines (the sources' own log lines do).
+            parts = [safe(message, keep_newlines=False)] + [f"{k}={_value(v)}"
+                                                            for k, v in fields.items()]
             line = " ".join(parts)
             if level != "info":
                 line = f"{level}: {line}"

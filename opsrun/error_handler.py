@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from opsrun import exit_codes
 from opsrun.errors import OpsrunError
+from opsrun.terminal_text import safe
 
 
 def call(fn: Callable[[], int], *, debug: bool = False) -> int:
@@ -16,7 +17,9 @@ def call(fn: Callable[[], int], *, debug: bool = False) -> int:
     except OpsrunError as e:
         if debug:
             traceback.print_exc()
-        print(f"opsrun: {e}" if "\n" not in str(e) else str(e), file=sys.stderr)
+        # Messages quote what was given (paths, values, runbook text): shown, never obeyed.
+        text = safe(str(e))
+        print(f"opsrun: {text}" if "\n" not in text else text, file=sys.stderr)
         return int(e.exit_code)
     except KeyboardInterrupt:
         print("opsrun: interrupted", file=sys.stderr)
@@ -28,7 +31,7 @@ def call(fn: Callable[[], int], *, debug: bool = False) -> int:
     except Exception as e:  # noqa: BLE001 - the last line of defence
         if debug:
             traceback.print_exc()
-        print(f"opsrun: internal error: {type(e).__name__}: {e}\n"
+        print(f"opsrun: internal error: {type(e).__name__}: {safe(str(e))}\n"
               "This is a bug in opsrun; run again with --debug for the traceback and report it.",
               file=sys.stderr)
         return 70  # EX_SOFTWARE

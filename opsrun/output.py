@@ -116,7 +116,8 @@ class PlainReporter:
         sid = data.get("step_id", "")
         if kind == "run.started":
             resumed = f", resumed at step {data['resume_at'] + 1}" if data.get("resume_at") else ""
-            self._print(f"run {data['run_id']} of {data['runbook'].name} started{resumed}")
+            name = safe(data["runbook"].name, keep_newlines=False)
+            self._print(f"run {data['run_id']} of {name} started{resumed}")
         elif kind == "step.started":
             attempt = f" (attempt {data['attempt']} of {data['attempts']})" \
                 if data["attempt"] > 1 else ""
@@ -178,7 +179,8 @@ class RichReporter(PlainReporter):
     def transition(self, kind: str, data: dict[str, Any]) -> None:
         sid = data.get("step_id", "")
         if kind == "run.started":
-            self.console.print(f"[bold]{data['runbook'].name}[/] [dim]run {data['run_id']}[/]")
+            name = _esc(safe(data["runbook"].name, keep_newlines=False))
+            self.console.print(f"[bold]{name}[/] [dim]run {data['run_id']}[/]")
         elif kind == "step.started":
             self._stop_status()
             attempt = f" (attempt {data['attempt']}/{data['attempts']})" if data["attempt"] > 1 \

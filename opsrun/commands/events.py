@@ -148,7 +148,9 @@ def _dry_run(matcher: Matcher, items: Iterable[Event | Rejection], *, as_json: b
         if as_json:
             sys.stdout.write(output.json_line({"event_id": item.id, "runbooks": names}) + "\n")
         else:
-            print(f"event {item.id}: " + (", ".join(names) if names else "no runbook matches"))
+            # The id is the sender's own: shown escaped, like everything from an event.
+            print(output.safe(f"event {item.id}: ", keep_newlines=False)
+                  + (output.safe(", ".join(names)) if names else "no runbook matches"))
     return 2 if rejected else 0
 
 

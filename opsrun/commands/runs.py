@@ -93,10 +93,11 @@ def logs(state_dir: str | None, run_ref: str | None, *, as_json: bool) -> int:
              "asked_at": _iso(a.asked_at), "answered_at": _iso(a.answered_at)}
             for a in approvals]})
         return 0
-    print(output.heading(f"run {run.id} of {run.runbook}: {run.state}")
+    print(output.heading(output.safe(f"run {run.id} of {run.runbook}: {run.state}",
+                                     keep_newlines=False))
           + (f" (exit code {run.exit_code})" if run.exit_code is not None else ""))
-    print(f"started {_when(run.started_at)} by {run.started_by or '?'}, took {_took(run)}, "
-          f"trigger {run.trigger or '-'}")
+    print(output.safe(f"started {_when(run.started_at)} by {run.started_by or '?'}, took "
+                      f"{_took(run)}, trigger {run.trigger or '-'}", keep_newlines=False))
     if run.error:
         print(f"error: {output.safe(run.error)}")
     for s in steps:

@@ -47,4 +47,4 @@ def _github(p: Problem) -> str:
     loc = f"file={esc(p.file, True)}"
     if p.line:
         loc += f",line={p.line},col={p.col}"
-    return f"::error {loc}::{esc(p.message)}"
+    return output.safe(f"::error {loc}::{esc(p.message)}")
