@@ -2,6 +2,15 @@
 
 Colour is used only when stdout is a terminal and NO_COLOR is not set (no-color.org).
 Every piece of untrusted text passes through `terminal_text.safe` before it is printed.
+
+A step's own output counts as untrusted, on a terminal too: steps echo what events carry
+(a file name, a log line), and a sequence from there could clear the screen, retitle the
+window or hide the lines before it while an operator watches a production run. So control
+characters in step output are always shown as `\x1b`-style escapes, in the live view,
+plain lines, `opsrun logs` and the confirmation prompt alike; only opsrun's own styling
+reaches the terminal. Tools that colour their output do so only on a terminal, and a step's
+stdout is a pipe, so little is lost. The bytes are kept as they were in the state store and
+in `--json` output (JSON escapes control characters itself).
 """
 from __future__ import annotations
 
