@@ -10,7 +10,7 @@ characters in step output are always shown as `\x1b`-style escapes, in the live 
 plain lines, `opsrun logs` and the confirmation prompt alike; only opsrun's own styling
 reaches the terminal. Tools that colour their output do so only on a terminal, and a step's
 stdout is a pipe, so little is lost. The bytes are kept as they were in the state store and
-in `--json` output (JSON escapes control characters itself).
+in `--json` output, which are for programs rather than for a terminal.
 """
 from __future__ import annotations
 
