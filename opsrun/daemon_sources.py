@@ -149,6 +149,15 @@ class Sources:
     def _drain_queue(self) -> None:
         """Take events from the durable emit queue; each one's runs and removal are atomic."""
         store = self.d.rc.store
+        try:
+            # One service per state folder (its control socket is taken by now), so a lease
+            # still held is a dead service's: its events are this one's to handle now.
+            released = store.release_leases()
+            if released:
+                self.d.log("taking over events a stopped service had taken and not handled",
+                           events=released)
+        except Exception as e:  # noqa: BLE001 - the leases then run out by themselves
+            self.d.log("cannot release the event queue's leases", level="error", error=str(e))
         while not self.stop_forever.is_set():
             try:
                 items = store.take_events(limit=100, lease_s=60.0)
