@@ -126,8 +126,7 @@ def driving(state_dir: Path, run_id: str) -> Iterator[None]:
     try:
         try:
             with file_lock.flock(fd, timeout_s=0, what=str(path)):
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())
+                _write_pid(fd, path)
                 yield
         except file_lock.LockTimeout:
             raise RunBusy(f"run {run_id} is still being run or waited on by another opsrun "
@@ -135,6 +134,17 @@ def driving(state_dir: Path, run_id: str) -> Iterator[None]:
                           "process first, or answer it with opsrun approve/deny") from None
     finally:
         os.close(fd)
+
+
+def _write_pid(fd: int, path: Path) -> None:
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as e:  # a full disk: say so before anything runs
+        from opsrun.errors import StateError
+
+        raise StateError(f"cannot write {path}: {e.strerror}; nothing was run (free some "
+                         "space on the state folder's disk)") from None
 
 
 def runs_dir(state_dir: Path) -> Path:
