@@ -41,9 +41,19 @@ def ensure_state_dir(path: Path) -> Path:
         raise StateError(f"the state folder {path} is not a folder; "
                          "choose another with --state-dir or OPSRUN_STATE_DIR")
     if not os.access(path, os.W_OK | os.X_OK):
+        if _read_only_mount(path):
+            raise StateError(f"the state folder {path} is on a read-only file system; "
+                             "remount it read-write or choose another with --state-dir")
         raise StateError(f"the state folder {path} is not writable by this user; "
                          "fix its permissions or choose another with --state-dir")
     return path
+
+
+def _read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def runbooks_dir_from_env(explicit: str | os.PathLike[str] | None = None) -> Path:
