@@ -40,6 +40,11 @@ class ControlUnavailable(Exception):
     """Nobody listens on the socket (no such file, refused, or stale)."""
 
 
+class ControlLost(ControlUnavailable):
+    """The server went away after the request was sent, before it answered: the request
+    may or may not have been carried out."""
+
+
 def peer_identity(conn: socket.socket) -> Identity:
     """Who is on the other end of a Unix socket, as the kernel says."""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -122,7 +127,8 @@ class Server:
 
 
 def request(path: Path, payload: dict[str, Any], *, timeout_s: float = 30.0) -> Reply:
-    """Send one request; raise ControlUnavailable if nobody serves the socket."""
+    """Send one request; raise ControlUnavailable if nobody serves the socket (ControlLost
+    if the server went away before it answered)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout_s)
     try:
@@ -133,8 +139,14 @@ def request(path: Path, payload: dict[str, Any], *, timeout_s: float = 30.0) -> 
         except PermissionError as e:
             raise OpsrunError(f"cannot reach {path}: {e.strerror}; the state folder's "
                               "permissions do not let you in") from None
-        sock.sendall(json.dumps(payload).encode() + b"\n")
-        data = json.loads(_read_line(sock))
+        try:
+            sock.sendall(json.dumps(payload).encode() + b"\n")
+            line = _read_line(sock)
+        except (ConnectionResetError, BrokenPipeError) as e:
+            raise ControlLost(str(e)) from None
+        if not line:
+            raise ControlLost("the connection closed without an answer")
+        data = json.loads(line)
     except socket.timeout:
         raise OpsrunError(f"no answer from {path} within {timeout_s:g}s") from None
     finally:

@@ -61,8 +61,9 @@ class ControlHandler:
             except EventRejected as e:
                 return {"ok": False, "exit_code": 2,
                         "message": f"event {n} of the request was rejected: {e}"}
+        receipt = req.get("receipt") if isinstance(req.get("receipt"), str) else None
         ids = self.d.rc.store.enqueue_events(events, source={
-            "via": "control socket", "user": who.user, "uid": who.uid})
+            "via": "control socket", "user": who.user, "uid": who.uid}, receipt=receipt)
         self.d.sources.wake_queue.set()
         return {"ok": True, "exit_code": 0, "ids": ids,
                 "message": f"queued {len(ids)} event{'s' * (len(ids) != 1)}"}

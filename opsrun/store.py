@@ -93,7 +93,16 @@ MIGRATIONS.append([
         sha256 TEXT PRIMARY KEY, path TEXT NOT NULL, body BLOB NOT NULL,
         saved_at TEXT NOT NULL)""",
 ])
+MIGRATIONS.append([
+    # One row per batch of events the service queued for `opsrun emit`, written with the
+    # events: an emit whose service died before it answered can tell whether its batch
+    # made it, and queue it itself only if not (exactly once).
+    """CREATE TABLE emit_receipts (
+        token TEXT PRIMARY KEY, events INTEGER NOT NULL, received_at TEXT NOT NULL)""",
+    "CREATE INDEX emit_receipts_by_time ON emit_receipts (received_at)",
+])
 SCHEMA_VERSION = len(MIGRATIONS)
+RECEIPT_KEEP_S = 24 * 3600  # an emit looks for its receipt within seconds; keep a day
 
 
 class _Unset(enum.Enum):
@@ -447,13 +456,31 @@ class Store:
     # ── the event queue (at-least-once hand-off) ────────────────────────────
 
     def enqueue_events(self, events: Sequence[Mapping[str, Any]], *,
-                       source: Mapping[str, Any] | None = None) -> list[int]:
-        """Add events to the queue in one transaction; return their ids."""
+                       source: Mapping[str, Any] | None = None,
+                       receipt: str | None = None) -> list[int]:
+        """Add events to the queue in one transaction; return their ids.
+
+        With `receipt` (a token the sender chose), the same transaction keeps a receipt
+        that `has_receipt` finds; a token already received queues nothing again.
+        """
         now, src = _ts(_now()), _json(source or {})
         with self._write("queueing events") as c:
+            if receipt is not None:
+                c.execute("DELETE FROM emit_receipts WHERE received_at < ?",
+                          (_ts(datetime.fromtimestamp(time.time() - RECEIPT_KEEP_S,
+                                                      timezone.utc)),))
+                if c.execute("INSERT OR IGNORE INTO emit_receipts VALUES (?, ?, ?)",
+                             (receipt, len(events), now)).rowcount == 0:
+                    return []
             return [int(c.execute("INSERT INTO event_queue (event, enqueued_at, source) "
                                   "VALUES (?, ?, ?)", (_json(e), now, src)).lastrowid or 0)
                     for e in events]
+
+    def has_receipt(self, token: str) -> bool:
+        """Whether a batch of events sent with this receipt token was queued."""
+        with self._read("reading an emit receipt") as c:
+            return c.execute("SELECT 1 FROM emit_receipts WHERE token = ?",
+                             (token,)).fetchone() is not None
 
     def peek_events(self, limit: int = 100) -> list[QueuedEvent]:
         """The oldest queued events, leased or not, without taking them."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,37 +28,56 @@ BATCH = 10_000
 BATCH_BYTES = 2 * 1024 * 1024  # per request to the service (its limit is 4 MiB)
 
 
+@dataclass
+class _Sent:
+    """What the running service took of an emit."""
+
+    taken: int = 0  # events it acknowledged
+    lost: int = 0  # events of the request it went away in: queued or not, its receipt says
+    receipt: str | None = None
+
+
 def emit(arg: str | None, *, state_dir: str | None, audit_log: str | None) -> int:
-    """Put events on the durable queue for `opsrun watch`; works while it is down."""
+    """Put events on the durable queue for `opsrun watch`; works while it is down.
+
+    What the service does not take (none runs, or it stops in the middle) goes straight
+    into the queue it drains, each event exactly once.
+    """
     items = list(_events_from_arg(arg))
     events = [e for e in items if isinstance(e, Event)]
     rejected = [r for r in items if isinstance(r, Rejection)]
     for r in rejected:
         print(f"opsrun: {_where(arg)}{r}", file=sys.stderr)
-    queued = _send_to_service(state_dir, events) if events else 0
-    if queued is None:  # no service answers: straight into the queue it will drain
+    sent = _send_to_service(state_dir, events) if events else _Sent()
+    later = 0
+    if rejected or sent.taken < len(events):
         from opsrun.run_setup import open_run_context
 
         with open_run_context(state_dir, audit_log, {}) as rc:
             for r in rejected:
                 _audit_rejection(rc.audit, r, "emit")
-            for start in range(0, len(events), BATCH):
-                rc.store.enqueue_events([e.data for e in events[start:start + BATCH]],
+            if sent.receipt is not None and rc.store.has_receipt(sent.receipt):
+                sent.taken += sent.lost  # the service queued it before it went away
+            rest = events[sent.taken:]
+            for start in range(0, len(rest), BATCH):
+                rc.store.enqueue_events([e.data for e in rest[start:start + BATCH]],
                                         source={"via": "opsrun emit",
                                                 "user": identity.current().user})
-        queued = len(events)
-        where = "later: no service is running; it takes queued events when it starts"
-    else:
-        where = "the running service"
-        if rejected:
-            from opsrun.run_setup import open_run_context
-
-            with open_run_context(state_dir, audit_log, {}) as rc:
-                for r in rejected:
-                    _audit_rejection(rc.audit, r, "emit")
+            later = len(rest)
     if events:
-        print(f"queued {queued} event{'s' * (queued != 1)} for {where}")
+        print(_queued_message(len(events), sent, later))
     return 2 if rejected else 0
+
+
+def _queued_message(total: int, sent: _Sent, later: int) -> str:
+    if not later:
+        return f"queued {total} event{'s' * (total != 1)} for the running service"
+    if not sent.taken and not sent.lost:
+        return (f"queued {total} event{'s' * (total != 1)} for later: no service is running; "
+                "it takes queued events when it starts")
+    return (f"queued {total} events: {sent.taken} for the running service, {later} for "
+            "later: the service stopped while taking them; it takes queued events when it "
+            "starts")
 
 
 def _where(arg: str | None) -> str:
@@ -76,23 +96,26 @@ def _events_from_arg(arg: str | None) -> Iterator[Event | Rejection]:
         raise UsageError(f"the event was rejected: {e}") from None
 
 
-def _send_to_service(state_dir: str | None, events: list[Event]) -> int | None:
+def _send_to_service(state_dir: str | None, events: list[Event]) -> _Sent:
+    """Hand events to the running service, batch by batch, until done or it is gone."""
     from opsrun import control
+    from opsrun.ids import new_id
 
     sock = paths.state_dir_from_env(state_dir) / paths.CONTROL_SOCKET
-    total = 0
+    sent = _Sent()
     for batch in _batches(events):
+        receipt = new_id()
         try:
-            reply = control.request(sock, {"op": "emit", "events": batch}, timeout_s=120)
+            reply = control.request(sock, {"op": "emit", "events": batch,
+                                           "receipt": receipt}, timeout_s=120)
+        except control.ControlLost:
+            return _Sent(sent.taken, len(batch), receipt)
         except control.ControlUnavailable:
-            if total:
-                raise UsageError(f"the service stopped after taking {total} events; "
-                                 "emit the rest again") from None
-            return None
+            return sent
         if not reply.ok:
             raise UsageError(reply.message)
-        total += len(batch)
-    return total
+        sent.taken += len(batch)
+    return sent
 
 
 def _batches(events: list[Event]) -> Iterator[list[dict[str, Any]]]:
