@@ -613,4 +613,7 @@ def _hint(e: OSError) -> str:
                       "--state-dir / --audit-log",
         errno.EPERM: "the file may not be changed (immutable or append-only attribute?)",
         errno.EIO: "the disk reported an I/O error: check it (dmesg)",
+        errno.EMFILE: "this process's limit on open files is reached: raise it with ulimit -n "
+                      "(LimitNOFILE= in a systemd unit)",
+        errno.ENFILE: "the system's limit on open files is reached (fs.file-max)",
     }.get(e.errno or 0, "check the file, its folder and the disk")

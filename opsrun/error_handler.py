@@ -1,6 +1,7 @@
 """Turn every way a command can end into one clear message and an exit code."""
 from __future__ import annotations
 
+import errno
 import sys
 import traceback
 from collections.abc import Callable
@@ -31,10 +32,26 @@ def call(fn: Callable[[], int], *, debug: bool = False) -> int:
     except Exception as e:  # noqa: BLE001 - the last line of defence
         if debug:
             traceback.print_exc()
+        limit = _EXHAUSTED.get(getattr(e, "errno", None) or 0) if isinstance(e, OSError) \
+            else ("out of memory" if isinstance(e, MemoryError) else None)
+        if limit is not None:
+            # Not a bug: the machine or this process ran out of something; say which.
+            print(f"opsrun: {safe(str(e))}: {limit}", file=sys.stderr)
+            return int(exit_codes.RUN_FAILED)
         print(f"opsrun: internal error: {type(e).__name__}: {safe(str(e))}\n"
               "This is a bug in opsrun; run again with --debug for the traceback and report it.",
               file=sys.stderr)
         return 70  # EX_SOFTWARE
+
+
+_EXHAUSTED = {
+    errno.EMFILE: "this process's limit on open files is reached; raise it with ulimit -n "
+                  "(LimitNOFILE= in a systemd unit)",
+    errno.ENFILE: "the system's limit on open files is reached (fs.file-max)",
+    errno.ENOSPC: "the disk (or the kernel's inotify watch limit) is full; free some space",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.ENOMEM: "out of memory",
+}
 
 
 def _silence_stdout() -> None:

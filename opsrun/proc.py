@@ -8,6 +8,7 @@ new session with setsid is beyond reach, as with any supervisor that is not a cg
 """
 from __future__ import annotations
 
+import errno
 import os
 import selectors
 import signal
@@ -45,12 +46,22 @@ def capture(argv: Sequence[str], *, cwd: Path | None = None,
     try:
         done = subprocess.run(list(argv), cwd=cwd, stdin=subprocess.DEVNULL,
                               capture_output=True, timeout=timeout_s, check=False)
-    except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
-        return 127, "", str(e)
     except subprocess.TimeoutExpired:
         return 124, "", f"{argv[0]} did not finish within {timeout_s:g}s"
+    except OSError as e:  # not found, not allowed, or out of file descriptors or processes
+        return 127, "", str(e)
     return (done.returncode, done.stdout.decode("utf-8", "replace"),
             done.stderr.decode("utf-8", "replace"))
+
+
+_LIMIT_HINTS = {
+    errno.EMFILE: " (this process's limit on open files is reached: raise it with ulimit -n, "
+                  "or LimitNOFILE= in the systemd unit)",
+    errno.ENFILE: " (the system's limit on open files is reached: see fs.file-max)",
+    errno.EAGAIN: " (the limit on processes is reached: raise ulimit -u, or TasksMax= in the "
+                  "systemd unit)",
+    errno.ENOMEM: " (out of memory)",
+}
 
 
 def run_streaming(argv: Sequence[str], *, env: Mapping[str, str], cwd: Path | None,
@@ -68,7 +79,8 @@ def run_streaming(argv: Sequence[str], *, env: Mapping[str, str], cwd: Path | No
     except (FileNotFoundError, PermissionError) as e:
         return ProcResult(None, error=f"cannot start {argv[0]!r}: {e.strerror}")
     except OSError as e:
-        return ProcResult(None, error=f"cannot start {argv[0]!r}: {e}")
+        hint = _LIMIT_HINTS.get(e.errno or 0, "")
+        return ProcResult(None, error=f"cannot start {argv[0]!r}: {e.strerror or e}{hint}")
     if on_start is not None:
         on_start(p.pid)
     return _Supervisor(p, on_output, timeout_s, cancel, grace_s).run()
