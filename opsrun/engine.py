@@ -112,7 +112,11 @@ class _Run:
         self.ctx = engine.context(req, self.steps_ctx)
         self.started = time.monotonic()
         self.deadline = None if self.rb.timeout_s is None else self.started + self.rb.timeout_s
-        self.scratch = tempfile.mkdtemp(prefix=f"opsrun-{req.run_id}-")
+        try:
+            self.scratch = tempfile.mkdtemp(prefix=f"opsrun-{req.run_id}-")
+        except OSError as e:  # out of space or file descriptors: say so, run nothing
+            raise StateError(f"cannot create a scratch folder for run {req.run_id} in "
+                             f"{tempfile.gettempdir()}: {e.strerror}; nothing was run") from None
         self.ordinal = 0
 
     def go(self) -> rt.RunResult:
@@ -230,7 +234,12 @@ class _Run:
             workdir = expressions.render_text(step.workdir, step_ctx) if step.workdir else None
         except ExpressionError as err:
             return self._fail_before_start(step, base, str(err))
-        env = {**step_ctx["env"], **self._event_env(), **rendered.env,
+        try:
+            event_env = self._event_env()
+        except OSError as e:  # out of space or file descriptors: the step cannot start
+            return self._fail_before_start(step, base, "cannot write the event file for the "
+                                           f"step in {self.scratch}: {e.strerror}")
+        env = {**step_ctx["env"], **event_env, **rendered.env,
                "OPSRUN_RUN_ID": self.req.run_id, "OPSRUN_RUNBOOK": self.rb.name,
                "OPSRUN_STEP_ID": step.id}
         return self._attempts(step, base, rendered, env, workdir)

@@ -26,8 +26,18 @@ def open_lock_file(path: Path) -> int:
     try:
         return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as e:
-        raise StateError(f"cannot open the lock file {path}: {e.strerror}; "
-                         "check that its folder exists and is writable by this user") from e
+        hint = _LIMITS.get(e.errno or 0, "check that its folder exists and is writable by this "
+                                         "user")
+        raise StateError(f"cannot open the lock file {path}: {e.strerror}; {hint}") from e
+
+
+_LIMITS = {
+    errno.EMFILE: "this process's limit on open files is reached: raise it with ulimit -n "
+                  "(LimitNOFILE= in a systemd unit)",
+    errno.ENFILE: "the system's limit on open files is reached (fs.file-max)",
+    errno.ENOSPC: "the disk is full: free some space",
+    errno.EROFS: "the file system is read-only",
+}
 
 
 @contextmanager

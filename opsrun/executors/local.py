@@ -48,7 +48,11 @@ class LocalExecutor:
     def execute(self, request: ExecRequest, on_output: OutputFn,
                 cancel: threading.Event) -> ExecResult:
         out_file = Path(request.scratch_dir) / f"output-{request.step.id}-{request.attempt}"
-        out_file.write_bytes(b"")
+        try:
+            out_file.write_bytes(b"")
+        except OSError as e:  # out of space or file descriptors: the step cannot start
+            return ExecResult(None, error=f"cannot create {out_file} for $OPSRUN_OUTPUT: "
+                                          f"{e.strerror}")
         env = {**self.base_env, **request.env, "OPSRUN_OUTPUT": str(out_file)}
         workdir = Path(os.path.expanduser(request.workdir)) if request.workdir else None
         result = proc.run_streaming(
