@@ -61,8 +61,21 @@ NotifierFactory = Callable[[list[str], bool, bool], Notifier]  # paths, recursiv
 
 
 def rust_notifier(paths: list[str], recursive: bool, polling: bool) -> Notifier:
-    """A watchfiles watcher on `paths`; its kernel watches exist when this returns."""
-    notifier: Notifier = RustNotify(paths, False, polling, POLL_DELAY_MS, recursive, True)
+    """A watchfiles watcher on `paths`; its kernel watches exist when this returns.
+
+    The first attempt is strict: with watchfiles' `ignore_permission_denied` the kernel's
+    watch limit is swallowed too, and a recursive watch then silently covers part of the
+    tree. So the limit is raised here (the source says so and falls back to polling).
+    Only a folder this user cannot read makes it try again leniently, with a warning:
+    inotify may then miss changes in that tree, which the periodic rescan finds.
+    """
+    notifier: Notifier
+    try:
+        notifier = RustNotify(paths, False, polling, POLL_DELAY_MS, recursive, False)
+    except PermissionError as e:
+        log.warning("file source: %s; changes below %s may be seen only by the periodic "
+                    "rescan: make the folder readable or narrow the glob", e, _some(paths))
+        notifier = RustNotify(paths, False, polling, POLL_DELAY_MS, recursive, True)
     return notifier
 
 
