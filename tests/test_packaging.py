@@ -148,3 +148,21 @@ def test_sdist_installs(built: tuple[Session, Path, Path]) -> None:
     assert s.sh(venv / "bin" / "opsrun", "--version").stdout == f"opsrun {__version__}\n"
     for installed, generated in COMPLETIONS.items():
         assert (venv / installed).read_text() == (ROOT / "completions" / generated).read_text()
+
+
+def test_pipx_install_dot(built: tuple[Session, Path, Path], tmp_path: Path) -> None:
+    # `pipx install .` from a checkout, as the README's readers on a workstation do: pipx
+    # builds the project itself and puts `opsrun` on its own bin folder.
+    s, _, _ = built
+    src = copy_project(tmp_path / "checkout")
+    pipx = {"PIPX_HOME": str(tmp_path / "pipx"), "PIPX_BIN_DIR": str(tmp_path / "bin"),
+            "PIPX_MAN_DIR": str(tmp_path / "man"), "PIPX_DEFAULT_PYTHON": sys.executable}
+    r = subprocess.run([sys.executable, "-m", "pipx", "install", "."], cwd=src,
+                       env={**s.env, **pipx}, capture_output=True, text=True, timeout=600,
+                       check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    opsrun = tmp_path / "bin" / "opsrun"
+    assert s.sh(opsrun, "--version").stdout == f"opsrun {__version__}\n"
+    run = s.sh(opsrun, "run", src / "runbooks" / "hello.yaml", "-p", "name=Ada",
+               "--state-dir", tmp_path / "st")
+    assert "greet | Hello, Ada!" in run.stdout
