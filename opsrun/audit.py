@@ -34,7 +34,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -491,6 +491,37 @@ def last_tip(path: Path) -> Tip | None:
     return tip
 
 
+def finished_runs(path: Path, run_ids: Collection[str], *,
+                  tail_bytes: int = 4 * 1024 * 1024) -> dict[str, dict[str, Any]]:
+    """The `run.finished` records of these runs in the last `tail_bytes` of the log.
+
+    For recovery after a crash: a run's end is recorded here before the state store hears
+    of it, so a process killed in between leaves a run that ended but is stored `running`.
+    """
+    wanted = set(run_ids)
+    found: dict[str, dict[str, Any]] = {}
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return found
+    try:
+        size = os.fstat(fd).st_size
+        start = max(0, size - tail_bytes)
+        data = os.pread(fd, size - start, start)
+    finally:
+        os.close(fd)
+    for line in data.split(b"\n")[1 if start else 0:]:
+        if b'"kind":"run.finished"' not in line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a torn line
+        if isinstance(record, dict) and record.get("run_id") in wanted:
+            found[record["run_id"]] = record
+    return found
+
+
 def permission_problem(path: Path) -> str | None:
     """A warning if an existing log file can be read or written by more than it should."""
     try:
@@ -583,12 +614,14 @@ def _file_sha256(path: Path) -> str | None:
 def _git_info(path: Path) -> dict[str, Any] | None:
     """HEAD's commit and whether the file differs from it, if the file is in a work tree."""
     folder = str(path.parent)
-    rc, out, _ = proc.capture(["git", "-C", folder, "rev-parse", "--is-inside-work-tree"])
-    if rc != 0 or out.strip() != "true":
+    # One git process for both questions: "true" or "false", then HEAD's commit (rc 1 and
+    # no commit in a repository without one yet).
+    rc, out, _ = proc.capture(["git", "-C", folder, "rev-parse", "--is-inside-work-tree",
+                               "--verify", "--quiet", "HEAD^{commit}"])
+    lines = out.split()
+    if not lines or lines[0] != "true":
         return None
-    rc, out, _ = proc.capture(["git", "-C", folder, "rev-parse", "--verify", "--quiet",
-                               "HEAD^{commit}"])
-    commit = out.strip() if rc == 0 else None
+    commit = lines[1] if rc == 0 and len(lines) > 1 else None
     rc, out, _ = proc.capture(["git", "-C", folder, "status", "--porcelain",
                                "--untracked-files=all", "--", path.name])
     # Modified, staged, untracked or unknown all mean: HEAD alone does not show this file.
