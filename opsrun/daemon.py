@@ -24,6 +24,7 @@ from typing import Any
 
 from opsrun import identity, resume, run_types as rt
 from opsrun.approvals import Waiter
+from opsrun.audit import finished_runs
 from opsrun.concurrency import Job, Scheduler
 from opsrun.daemon_control import ControlHandler
 from opsrun.daemon_log import DaemonLog, LogListener
@@ -237,9 +238,13 @@ class Daemon:
     def _recover(self) -> None:
         """Runs left `running` become interrupted; `waiting` runs are adopted; `queued` start."""
         store = self.rc.store
-        for run in store.list_runs(state=rt.RUNNING, limit=1_000_000):
-            if driver_pid(self.rc.state_dir, run.id) is not None:
-                continue  # an `opsrun run` elsewhere is running it right now
+        # Not those an `opsrun run` elsewhere is running right now.
+        left = [run for run in store.list_runs(state=rt.RUNNING, limit=1_000_000)
+                if driver_pid(self.rc.state_dir, run.id) is None]
+        ended = finished_runs(self.rc.audit.path, [r.id for r in left]) if left else {}
+        for run in left:
+            if run.id in ended and self._store_recorded_end(run.id, ended[run.id]):
+                continue
             if store.update_run(run.id, expect_state=rt.RUNNING, state=rt.INTERRUPTED,
                                 exit_code=rt.EXIT_CODES[rt.INTERRUPTED],
                                 error="opsrun stopped while the run was running; "
@@ -253,6 +258,26 @@ class Daemon:
             self._adopt(run, parked=True)
         for run in reversed(store.list_runs(state=rt.QUEUED, limit=1_000_000)):
             self._adopt(run, parked=False)
+
+    def _store_recorded_end(self, run_id: str, record: dict[str, Any]) -> bool:
+        """A run whose end the audit log holds but the store missed: store that end."""
+        state = record.get("state")
+        if state not in rt.FINAL_STATES:
+            return False
+        try:
+            at = datetime.strptime(str(record.get("time")), "%Y-%m-%dT%H:%M:%S.%fZ")
+        except ValueError:
+            at = datetime.now(timezone.utc)
+        exit_code = record.get("exit_code")
+        done = self.rc.store.update_run(
+            run_id, expect_state=rt.RUNNING, state=state,
+            finished_at=at.replace(tzinfo=timezone.utc),
+            exit_code=exit_code if isinstance(exit_code, int) else rt.EXIT_CODES[state],
+            error=record.get("error") if isinstance(record.get("error"), str) else None)
+        if done:
+            self.log("run had ended before opsrun stopped; its end is taken from the audit "
+                     "log", run_id=run_id, state=state)
+        return done
 
     def _adopt(self, run: Any, *, parked: bool) -> None:
         if driver_pid(self.rc.state_dir, run.id) is not None:

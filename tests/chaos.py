@@ -163,7 +163,7 @@ class Chaos:
         lines = [self.token("l") for _ in range(rng.choice((0, 1, 4, 10)) * self.scale)]
         files = [self.token("f") for _ in range(rng.choice((0, 0, 1, 3)))]
         kill = rng.choice(KILLS)
-        delay = {"startup": rng.uniform(0.05, 0.5), "ready": rng.uniform(0.0, 0.3),
+        delay = {"startup": rng.uniform(0.05, 0.45), "ready": rng.uniform(0.0, 0.2),
                  "progress": rng.uniform(0.0, 0.02)}[kill]
         return Plan(events, lines, files, kill, delay, rng.randint(1, 10),
                     rng.random() < 0.05)
@@ -196,7 +196,7 @@ class Chaos:
                 work = 2 * (len(plan.emit) + len(plan.log_lines) + len(plan.files))
                 target = self._steps() + min(plan.steps, work)
                 try:
-                    wait_for(lambda: self._steps() >= target, timeout=2)
+                    wait_for(lambda: self._steps() >= target, timeout=1)
                 except WaitTimeout:
                     pass  # not that much work in flight: kill anyway
             self._pause_until(time.monotonic() + plan.delay_s, svc)
@@ -277,6 +277,8 @@ class Chaos:
         self.setup()
         t0 = time.monotonic()
         svc = Service(self.work, self.runbooks)
+        # Read sd_notify without blocking: a READY is polled for, never waited out.
+        svc.notify.setblocking(False)
         try:
             for i in range(self.iterations):
                 plan = self.draw()
