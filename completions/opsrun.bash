@@ -15,7 +15,7 @@ _opsrun() {
         w="${COMP_WORDS[i]}"
         if ((skip)); then skip=0; continue; fi
         case "$w" in
-            --audit-log|--comment|--drain-limit|--event|--format|--head|--kind|--limit|--lines|--log-format|--max-parallel|--parallel|--param|--run|--runbook|--runbooks|--secrets-file|--since|--state|--state-dir|--step|-m|-n|-p|-r) skip=1 ;;
+            --audit-log|--comment|--drain-limit|--event|--format|--head|--inventory|--kind|--limit|--lines|--log-format|--max-parallel|--parallel|--param|--run|--runbook|--runbooks|--secrets-file|--since|--state|--state-dir|--step|-m|-n|-p|-r) skip=1 ;;
             -*) ;;
             *) [[ -z $path ]] && path="$w" || { [[ $path != *" "* ]] && case "$path $w" in "audit head"|"audit show"|"audit tail"|"audit verify") path="$path $w";; esac; } ;;
         esac
@@ -27,6 +27,7 @@ _opsrun() {
         --event) return ;;
         --format) return ;;
         --head) return ;;
+        --inventory) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --kind) return ;;
         --limit) return ;;
         --lines) return ;;
@@ -58,22 +59,22 @@ _opsrun() {
         "cancel") COMPREPLY=($(compgen -W '--state-dir --audit-log' -- "$cur") $(compgen -f -- "$cur")) ;;
         "completion") COMPREPLY=($(compgen -W 'bash zsh fish' -- "$cur")) ;;
         "deny") COMPREPLY=($(compgen -W '--comment -m --step --state-dir --audit-log' -- "$cur") $(compgen -f -- "$cur")) ;;
-        "dispatch") COMPREPLY=($(compgen -W '--dry-run --parallel --json --runbooks -r --state-dir --audit-log --secrets-file' -- "$cur")) ;;
+        "dispatch") COMPREPLY=($(compgen -W '--dry-run --parallel --json --runbooks -r --state-dir --audit-log --secrets-file --inventory --accept-new-hosts' -- "$cur")) ;;
         "emit") COMPREPLY=($(compgen -W '--state-dir --audit-log' -- "$cur") $(compgen -f -- "$cur")) ;;
         "init") COMPREPLY=($(compgen -W '' -- "$cur") $(compgen -f -- "$cur")) ;;
         "list") COMPREPLY=($(compgen -W '--runbooks -r --json' -- "$cur")) ;;
         "logs") COMPREPLY=($(compgen -W '--json --state-dir' -- "$cur") $(compgen -f -- "$cur")) ;;
         "pending") COMPREPLY=($(compgen -W '--json --state-dir' -- "$cur")) ;;
-        "resume") COMPREPLY=($(compgen -W '--yes -y --json --state-dir --audit-log --secrets-file' -- "$cur") $(compgen -f -- "$cur")) ;;
-        "run") COMPREPLY=($(compgen -W '--param -p --event --dry-run --yes -y --json --runbooks -r --state-dir --audit-log --secrets-file' -- "$cur") $(compgen -W "$(_opsrun_runbooks)" -- "$cur") $(compgen -f -- "$cur")) ;;
+        "resume") COMPREPLY=($(compgen -W '--yes -y --json --state-dir --audit-log --secrets-file --inventory --accept-new-hosts' -- "$cur") $(compgen -f -- "$cur")) ;;
+        "run") COMPREPLY=($(compgen -W '--param -p --event --dry-run --yes -y --json --runbooks -r --state-dir --audit-log --secrets-file --inventory --accept-new-hosts' -- "$cur") $(compgen -W "$(_opsrun_runbooks)" -- "$cur") $(compgen -f -- "$cur")) ;;
         "runs") COMPREPLY=($(compgen -W '--runbook --state --limit -n --json --state-dir' -- "$cur")) ;;
         "schema") COMPREPLY=($(compgen -W '' -- "$cur")) ;;
         "show") COMPREPLY=($(compgen -W '--runbooks -r --json' -- "$cur") $(compgen -W "$(_opsrun_runbooks)" -- "$cur") $(compgen -f -- "$cur")) ;;
         "sources") COMPREPLY=($(compgen -W '--runbooks -r --json' -- "$cur")) ;;
         "status") COMPREPLY=($(compgen -W '--json --state-dir' -- "$cur")) ;;
         "systemd-unit") COMPREPLY=($(compgen -W '--user --runbooks -r --drain-limit' -- "$cur")) ;;
-        "validate") COMPREPLY=($(compgen -W '--runbooks -r --json --format' -- "$cur") $(compgen -W "$(_opsrun_runbooks)" -- "$cur") $(compgen -f -- "$cur")) ;;
-        "watch") COMPREPLY=($(compgen -W '--runbooks -r --state-dir --audit-log --stdin --max-parallel --drain-limit --log-format --secrets-file' -- "$cur")) ;;
+        "validate") COMPREPLY=($(compgen -W '--runbooks -r --json --format --inventory' -- "$cur") $(compgen -W "$(_opsrun_runbooks)" -- "$cur") $(compgen -f -- "$cur")) ;;
+        "watch") COMPREPLY=($(compgen -W '--runbooks -r --state-dir --audit-log --stdin --max-parallel --drain-limit --log-format --secrets-file --inventory --accept-new-hosts' -- "$cur")) ;;
     esac
 }
 complete -o filenames -F _opsrun opsrun

@@ -78,6 +78,8 @@ complete -c opsrun -n '__fish_seen_subcommand_from dispatch' -l runbooks -s r -r
 complete -c opsrun -n '__fish_seen_subcommand_from dispatch' -l state-dir -r -F -d 'State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).'
 complete -c opsrun -n '__fish_seen_subcommand_from dispatch' -l audit-log -r -F -d 'Audit log file (default: audit.jsonl in the state folder).'
 complete -c opsrun -n '__fish_seen_subcommand_from dispatch' -l secrets-file -r -F -d 'NAME=value file of secrets (mode 0600).'
+complete -c opsrun -n '__fish_seen_subcommand_from dispatch' -l inventory -r -F -d 'Hosts of SSH steps (default: the inventory.yaml beside the runbooks).'
+complete -c opsrun -n '__fish_seen_subcommand_from dispatch' -l accept-new-hosts -d 'Trust SSH host keys not seen before (never changed ones); they are kept in the state folder and audited.'
 complete -c opsrun -n '__fish_seen_subcommand_from emit' -l state-dir -r -F -d 'State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).'
 complete -c opsrun -n '__fish_seen_subcommand_from emit' -l audit-log -r -F -d 'Audit log file (default: audit.jsonl in the state folder).'
 complete -c opsrun -n '__fish_seen_subcommand_from emit' -F
@@ -94,6 +96,8 @@ complete -c opsrun -n '__fish_seen_subcommand_from resume' -l json -d 'Print the
 complete -c opsrun -n '__fish_seen_subcommand_from resume' -l state-dir -r -F -d 'State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).'
 complete -c opsrun -n '__fish_seen_subcommand_from resume' -l audit-log -r -F -d 'Audit log file (default: audit.jsonl in the state folder).'
 complete -c opsrun -n '__fish_seen_subcommand_from resume' -l secrets-file -r -F -d 'NAME=value file of secrets (mode 0600).'
+complete -c opsrun -n '__fish_seen_subcommand_from resume' -l inventory -r -F -d 'Hosts of SSH steps (default: the inventory.yaml beside the runbooks).'
+complete -c opsrun -n '__fish_seen_subcommand_from resume' -l accept-new-hosts -d 'Trust SSH host keys not seen before (never changed ones); they are kept in the state folder and audited.'
 complete -c opsrun -n '__fish_seen_subcommand_from resume' -F
 complete -c opsrun -n '__fish_seen_subcommand_from run' -l param -s p -r -d 'A param value (repeatable).'
 complete -c opsrun -n '__fish_seen_subcommand_from run' -l event -r -d 'The event the run sees (default: a manual event).'
@@ -104,6 +108,8 @@ complete -c opsrun -n '__fish_seen_subcommand_from run' -l runbooks -s r -r -F -
 complete -c opsrun -n '__fish_seen_subcommand_from run' -l state-dir -r -F -d 'State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).'
 complete -c opsrun -n '__fish_seen_subcommand_from run' -l audit-log -r -F -d 'Audit log file (default: audit.jsonl in the state folder).'
 complete -c opsrun -n '__fish_seen_subcommand_from run' -l secrets-file -r -F -d 'NAME=value file of secrets (mode 0600).'
+complete -c opsrun -n '__fish_seen_subcommand_from run' -l inventory -r -F -d 'Hosts of SSH steps (default: the inventory.yaml beside the runbooks).'
+complete -c opsrun -n '__fish_seen_subcommand_from run' -l accept-new-hosts -d 'Trust SSH host keys not seen before (never changed ones); they are kept in the state folder and audited.'
 complete -c opsrun -n '__fish_seen_subcommand_from run' -a '(__opsrun_runbooks)' -F
 complete -c opsrun -n '__fish_seen_subcommand_from runs' -l runbook -r -d 'Only runs of this runbook.'
 complete -c opsrun -n '__fish_seen_subcommand_from runs' -l state -r -d 'Only runs in this state (running, waiting, succeeded, failed, …).'
@@ -123,6 +129,7 @@ complete -c opsrun -n '__fish_seen_subcommand_from systemd-unit' -l drain-limit 
 complete -c opsrun -n '__fish_seen_subcommand_from validate' -l runbooks -s r -r -F -d 'Runbooks folder (default ./runbooks).'
 complete -c opsrun -n '__fish_seen_subcommand_from validate' -l json -d 'Machine-readable output.'
 complete -c opsrun -n '__fish_seen_subcommand_from validate' -l format -r -d 'text, or github for GitHub Actions annotations.'
+complete -c opsrun -n '__fish_seen_subcommand_from validate' -l inventory -r -F -d 'Hosts of SSH steps (default: the inventory.yaml beside the runbooks).'
 complete -c opsrun -n '__fish_seen_subcommand_from validate' -a '(__opsrun_runbooks)' -F
 complete -c opsrun -n '__fish_seen_subcommand_from watch' -l runbooks -s r -r -F -d 'Runbooks folder (default ./runbooks).'
 complete -c opsrun -n '__fish_seen_subcommand_from watch' -l state-dir -r -F -d 'State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).'
@@ -132,3 +139,5 @@ complete -c opsrun -n '__fish_seen_subcommand_from watch' -l max-parallel -r -d 
 complete -c opsrun -n '__fish_seen_subcommand_from watch' -l drain-limit -r -d 'On SIGTERM, how long running runs may take to finish before they are interrupted.'
 complete -c opsrun -n '__fish_seen_subcommand_from watch' -l log-format -r -d 'plain or json.'
 complete -c opsrun -n '__fish_seen_subcommand_from watch' -l secrets-file -r -F -d 'NAME=value file of secrets (mode 0600).'
+complete -c opsrun -n '__fish_seen_subcommand_from watch' -l inventory -r -F -d 'Hosts of SSH steps (default: the inventory.yaml beside the runbooks).'
+complete -c opsrun -n '__fish_seen_subcommand_from watch' -l accept-new-hosts -d 'Trust SSH host keys not seen before (never changed ones); they are kept in the state folder and audited.'

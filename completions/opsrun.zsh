@@ -166,7 +166,9 @@ _opsrun_dispatch() {
     '(--runbooks -r)'{--runbooks,-r}'[Runbooks folder (default ./runbooks).]:value:_files -/' \
     '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/' \
     '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
-    '(--secrets-file)'--secrets-file'[NAME=value file of secrets (mode 0600).]:value:_files'
+    '(--secrets-file)'--secrets-file'[NAME=value file of secrets (mode 0600).]:value:_files' \
+    '(--inventory)'--inventory'[Hosts of SSH steps (default - the inventory.yaml beside the runbooks).]:value:_files' \
+    '(--accept-new-hosts)'--accept-new-hosts'[Trust SSH host keys not seen before (never changed ones); they are kept in the state folder and audited.]'
 }
 
 _opsrun_emit() {
@@ -207,6 +209,8 @@ _opsrun_resume() {
     '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/' \
     '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
     '(--secrets-file)'--secrets-file'[NAME=value file of secrets (mode 0600).]:value:_files' \
+    '(--inventory)'--inventory'[Hosts of SSH steps (default - the inventory.yaml beside the runbooks).]:value:_files' \
+    '(--accept-new-hosts)'--accept-new-hosts'[Trust SSH host keys not seen before (never changed ones); they are kept in the state folder and audited.]' \
     '*:file:_files'
 }
 
@@ -221,6 +225,8 @@ _opsrun_run() {
     '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/' \
     '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
     '(--secrets-file)'--secrets-file'[NAME=value file of secrets (mode 0600).]:value:_files' \
+    '(--inventory)'--inventory'[Hosts of SSH steps (default - the inventory.yaml beside the runbooks).]:value:_files' \
+    '(--accept-new-hosts)'--accept-new-hosts'[Trust SSH host keys not seen before (never changed ones); they are kept in the state folder and audited.]' \
     '*:runbook:{_opsrun_runbooks; _files}'
 }
 
@@ -267,6 +273,7 @@ _opsrun_validate() {
     '(--runbooks -r)'{--runbooks,-r}'[Runbooks folder (default ./runbooks).]:value:_files -/' \
     '(--json)'--json'[Machine-readable output.]' \
     '(--format)'--format'[text, or github for GitHub Actions annotations.]:value: ' \
+    '(--inventory)'--inventory'[Hosts of SSH steps (default - the inventory.yaml beside the runbooks).]:value:_files' \
     '*:runbook:{_opsrun_runbooks; _files}'
 }
 
@@ -279,7 +286,9 @@ _opsrun_watch() {
     '(--max-parallel)'--max-parallel'[Runs running at once (default - cores × 4).]:value: ' \
     '(--drain-limit)'--drain-limit'[On SIGTERM, how long running runs may take to finish before they are interrupted.]:value: ' \
     '(--log-format)'--log-format'[plain or json.]:value: ' \
-    '(--secrets-file)'--secrets-file'[NAME=value file of secrets (mode 0600).]:value:_files'
+    '(--secrets-file)'--secrets-file'[NAME=value file of secrets (mode 0600).]:value:_files' \
+    '(--inventory)'--inventory'[Hosts of SSH steps (default - the inventory.yaml beside the runbooks).]:value:_files' \
+    '(--accept-new-hosts)'--accept-new-hosts'[Trust SSH host keys not seen before (never changed ones); they are kept in the state folder and audited.]'
 }
 
 _opsrun "$@"

@@ -57,6 +57,18 @@ def _runbooks_opt() -> Any:
                         help=_RUNBOOKS_HELP, show_envvar=True)
 
 
+def _inventory_opt() -> Any:
+    return typer.Option(None, "--inventory", metavar="FILE",
+                        help="Hosts of SSH steps (default: the inventory.yaml beside the "
+                             "runbooks).")
+
+
+def _accept_new_hosts_opt() -> Any:
+    return typer.Option(False, "--accept-new-hosts",
+                        help="Trust SSH host keys not seen before (never changed ones); "
+                             "they are kept in the state folder and audited.")
+
+
 # ── runbooks: init, validate, list, show, schema ────────────────────────────
 
 @app.command("init")
@@ -80,6 +92,7 @@ def _validate(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     fmt: str = typer.Option("text", "--format", help="text, or github for GitHub Actions "
                                                      "annotations."),
+    inventory: Optional[Path] = _inventory_opt(),
 ) -> None:
     """Check runbooks and report every problem as file:line:col."""
     from opsrun import paths as paths_mod
@@ -88,7 +101,7 @@ def _validate(
     if fmt not in ("text", "github"):
         raise typer.BadParameter("use text or github", param_hint="--format")
     targets = list(paths or [paths_mod.runbooks_dir_from_env(runbooks)])
-    _finish(ctx, lambda: validate.main(targets, as_json=as_json, fmt=fmt))
+    _finish(ctx, lambda: validate.main(targets, as_json=as_json, fmt=fmt, inventory=inventory))
 
 
 @app.command("list")
@@ -255,6 +268,8 @@ def _run(
     secrets_file: Optional[str] = typer.Option(None, "--secrets-file",
                                                envvar="OPSRUN_SECRETS_FILE",
                                                help="NAME=value file of secrets (mode 0600)."),
+    inventory: Optional[Path] = _inventory_opt(),
+    accept_new_hosts: bool = _accept_new_hosts_opt(),
 ) -> None:
     """Run a runbook now, step by step."""
     from opsrun import paths as paths_mod
@@ -264,7 +279,8 @@ def _run(
     _finish(ctx, lambda: run.main(runbook, folder, param_args=param or [], event_arg=event,
                                   dry_run=dry_run, yes=yes, as_json=as_json,
                                   state_dir=state_dir, audit_log=audit_log,
-                                  secrets_file=secrets_file))
+                                  secrets_file=secrets_file, inventory=inventory,
+                                  accept_new_hosts=accept_new_hosts))
 
 
 @app.command("runs")
@@ -310,12 +326,16 @@ def _resume(
     secrets_file: Optional[str] = typer.Option(None, "--secrets-file",
                                                envvar="OPSRUN_SECRETS_FILE",
                                                help="NAME=value file of secrets (mode 0600)."),
+    inventory: Optional[Path] = _inventory_opt(),
+    accept_new_hosts: bool = _accept_new_hosts_opt(),
 ) -> None:
     """Pick up a waiting or interrupted run at the step where it stopped."""
     from opsrun.commands import runs
 
     _finish(ctx, lambda: runs.resume_run(state_dir, audit_log, run_id, yes=yes,
-                                         as_json=as_json, secrets_file=secrets_file))
+                                         as_json=as_json, secrets_file=secrets_file,
+                                         inventory=inventory,
+                                         accept_new_hosts=accept_new_hosts))
 
 
 @app.command("cancel")
@@ -414,6 +434,8 @@ def _dispatch(
     secrets_file: Optional[str] = typer.Option(None, "--secrets-file",
                                                envvar="OPSRUN_SECRETS_FILE",
                                                help="NAME=value file of secrets (mode 0600)."),
+    inventory: Optional[Path] = _inventory_opt(),
+    accept_new_hosts: bool = _accept_new_hosts_opt(),
 ) -> None:
     """Read JSON lines on stdin and run each event's runbooks here; exit with the worst code."""
     from opsrun import paths as paths_mod
@@ -422,7 +444,9 @@ def _dispatch(
     folder = paths_mod.runbooks_dir_from_env(runbooks)
     _finish(ctx, lambda: events.dispatch(folder, dry_run=dry_run, parallel=parallel,
                                          state_dir=state_dir, audit_log=audit_log,
-                                         secrets_file=secrets_file, as_json=as_json))
+                                         secrets_file=secrets_file, as_json=as_json,
+                                         inventory=inventory,
+                                         accept_new_hosts=accept_new_hosts))
 
 
 @app.command("sources")
@@ -459,6 +483,8 @@ def _watch(
     secrets_file: Optional[str] = typer.Option(None, "--secrets-file",
                                                envvar="OPSRUN_SECRETS_FILE",
                                                help="NAME=value file of secrets (mode 0600)."),
+    inventory: Optional[Path] = _inventory_opt(),
+    accept_new_hosts: bool = _accept_new_hosts_opt(),
 ) -> None:
     """Watch every source of every runbook and run the runbooks whose triggers match."""
     from opsrun import paths as paths_mod
@@ -471,7 +497,8 @@ def _watch(
     except DurationError as e:
         raise typer.BadParameter(str(e), param_hint="--drain-limit") from None
     opts = WatchOptions(paths_mod.runbooks_dir_from_env(runbooks), stdin=stdin,
-                        drain_limit_s=drain_s)
+                        drain_limit_s=drain_s, inventory=inventory,
+                        accept_new_hosts=accept_new_hosts)
     if max_parallel:
         opts.max_parallel = max_parallel
     _finish(ctx, lambda: watch_cmd.watch(opts, state_dir=state_dir, audit_log=audit_log,

@@ -47,6 +47,8 @@ class WatchOptions:
     stdin: bool = False
     max_parallel: int = field(default_factory=lambda: (os.cpu_count() or 1) * 4)
     drain_limit_s: float = 60.0
+    inventory: Path | None = None  # --inventory, else the one in the runbooks folder
+    accept_new_hosts: bool = False
 
 
 class Daemon:
@@ -131,7 +133,7 @@ class Daemon:
 
     def reload(self, *, initial: bool = False) -> None:
         """Load the runbooks again; an invalid edit keeps the last valid version in force."""
-        found, problems = load_runbooks([self.opts.runbooks_dir])
+        found, problems = load_runbooks([self.opts.runbooks_dir], inventory=self.opts.inventory)
         fresh = {rb.path.resolve(): rb for rb in found}
         bad_files = sorted({p.file for p in problems})
         for problem in problems:
@@ -172,7 +174,7 @@ class Daemon:
                 run = self.rc.store.get_run(job.run_id)
                 if run is None or run.state != rt.WAITING:
                     return
-                request = resume.load_request(self.rc.store, run)
+                request = resume.load_request(self.rc.store, run, self.opts.inventory)
             self.requests[job.run_id] = request
             result = self.engine.run(request, job.cancel)
             if result.state == rt.WAITING and result.waiting_step:
@@ -283,7 +285,7 @@ class Daemon:
         if driver_pid(self.rc.state_dir, run.id) is not None:
             return
         try:
-            request = resume.load_request(self.rc.store, run)
+            request = resume.load_request(self.rc.store, run, self.opts.inventory)
         except OpsrunError as e:
             self.log("cannot take over run", level="error", run_id=run.id, error=str(e))
             return

@@ -66,6 +66,13 @@ class Engine:
         """Run to the end (or until parked); a failed step is a result, an unwritable record raises StateError."""
         return _Run(self, req, cancel or threading.Event()).go()
 
+    def end_run(self, run_id: str) -> None:
+        """Let executors free what they keep for a run (SSH connections), however it ended."""
+        for executor in self.executors.values():
+            end = getattr(executor, "end_run", None)
+            if end is not None:
+                end(run_id)
+
     def emit(self, kind: str, data: dict[str, Any]) -> None:
         for listener in self.listeners:
             listener.transition(kind, data)
@@ -120,6 +127,12 @@ class _Run:
         self.ordinal = 0
 
     def go(self) -> rt.RunResult:
+        try:
+            return self._go()
+        finally:
+            self.e.end_run(self.req.run_id)
+
+    def _go(self) -> rt.RunResult:
         result = rt.RunResult(self.req.run_id, self.rb.name, rt.RUNNING, self.results)
         try:
             self.e.emit("run.started", self._run_fields(
@@ -293,7 +306,9 @@ class _Run:
             timeout = self._timeout_for(step)
             self.e.emit("step.started", {**base, "attempt": attempt,
                                          "attempts": step.retry.attempts,
-                                         "command": rendered.display, "hosts": list(step.hosts),
+                                         "command": rendered.display,
+                                         "hosts": [h.name for h in step.targets]
+                                         or list(step.hosts),
                                          "workdir": workdir, "timeout_s": timeout})
             capture = _Capture(self.e, step.id)
             request = ExecRequest(step, self.req.run_id, rendered.script, rendered.display, env,
@@ -302,7 +317,10 @@ class _Run:
             x = executor.execute(request, capture.feed, self.cancel)
             capture.close()
             result = self._result(step, x, capture, attempt, time.monotonic() - started)
-            self.e.emit("step.finished", {**base, "attempt": attempt, "outcome": result.outcome,
+            # An SSH step's record says per host what ran where: the command goes with it.
+            ssh_fields = {"command": rendered.display} if step.hosts else {}
+            self.e.emit("step.finished", {**base, **ssh_fields, "attempt": attempt,
+                                          "outcome": result.outcome,
                                           "exit_code": x.exit_code,
                                           "duration": round(time.monotonic() - t0, 3),
                                           "stdout": result.stdout, "stderr": result.stderr,
@@ -339,9 +357,21 @@ class _Run:
         if x.timed_out and error is None:
             error = f"step {step.id!r} timed out"
         masked_outputs = {k: self.e.masker(v) for k, v in x.outputs.items()}
-        return rt.StepResult(step.id, outcome, x.exit_code, capture.text("stdout"),
-                             capture.text("stderr"), masked_outputs, duration, attempt,
-                             x.hosts, error)
+        stdout, stderr = capture.text("stdout"), capture.text("stderr")
+        hosts = {name: {**entry, "stdout": capture.text("stdout", name),
+                        "stderr": capture.text("stderr", name),
+                        "outputs": {k: self.e.masker(v)
+                                    for k, v in entry.get("outputs", {}).items()}}
+                 for name, entry in x.hosts.items()}
+        if len(hosts) == 1:  # one host: the step's output is that host's
+            (only,) = hosts.values()
+            stdout, stderr = only["stdout"], only["stderr"]
+        elif hosts:
+            stdout, stderr = (_prefixed(hosts, "stdout"), _prefixed(hosts, "stderr"))
+        if x.error is not None:
+            error = self.e.masker(x.error)
+        return rt.StepResult(step.id, outcome, x.exit_code, stdout, stderr, masked_outputs,
+                             duration, attempt, hosts, error)
 
     # ── confirm steps ───────────────────────────────────────────────────────
 
@@ -409,23 +439,33 @@ def _approvers_record(step: Step) -> dict[str, Any]:
     return {"users": list(a.users), "groups": list(a.groups), "not_starter": a.not_starter}
 
 
+def _prefixed(hosts: Mapping[str, Mapping[str, Any]], stream: str) -> str:
+    """Several hosts' output as one text, each line after its host's name, host by host."""
+    lines = [f"{name}: {line}" for name, entry in hosts.items()
+             for line in str(entry[stream]).splitlines()]
+    text = "\n".join(lines) + ("\n" if lines else "")
+    return text[-OUTPUT_TAIL_CHARS:]
+
+
 class _Capture:
-    """Decodes, masks and keeps the tail of a step's output, and passes it on live."""
+    """Decodes, masks and keeps the tail of a step's output (per host), and passes it on live."""
 
     def __init__(self, engine: Engine, step_id: str) -> None:
         self.engine = engine
         self.step_id = step_id
         self.streams: dict[tuple[str, str | None], tuple[Any, StreamMasker]] = {}
-        self.tails: dict[str, list[str]] = {"stdout": [], "stderr": []}
-        self.sizes: dict[str, int] = {"stdout": 0, "stderr": 0}
+        self.tails: dict[tuple[str, str | None], list[str]] = {}
+        self.sizes: dict[tuple[str, str | None], int] = {}
+        self.lock = threading.Lock()  # fan-out hosts feed from several threads
 
     def feed(self, stream: str, data: bytes, host: str | None) -> None:
         key = (stream, host)
-        if key not in self.streams:
-            self.streams[key] = (codecs.getincrementaldecoder("utf-8")("replace"),
-                                 self.engine.masker.stream())
-        decoder, masker = self.streams[key]
-        self._emit(stream, host, masker.feed(decoder.decode(data)))
+        with self.lock:
+            if key not in self.streams:
+                self.streams[key] = (codecs.getincrementaldecoder("utf-8")("replace"),
+                                     self.engine.masker.stream())
+            decoder, masker = self.streams[key]
+            self._emit(stream, host, masker.feed(decoder.decode(data)))
 
     def close(self) -> None:
         for (stream, host), (decoder, masker) in self.streams.items():
@@ -434,23 +474,22 @@ class _Capture:
     def _emit(self, stream: str, host: str | None, text: str) -> None:
         if not text:
             return
-        if host is None:
-            self._keep(stream, text)
+        self._keep((stream, host), text)
         self.engine.output(self.step_id, stream, text, host)
 
-    def _keep(self, stream: str, text: str) -> None:
-        tail = self.tails[stream]
+    def _keep(self, key: tuple[str, str | None], text: str) -> None:
+        tail = self.tails.setdefault(key, [])
         tail.append(text)
-        self.sizes[stream] += len(text)
-        while self.sizes[stream] - len(tail[0]) >= OUTPUT_TAIL_CHARS and len(tail) > 1:
-            self.sizes[stream] -= len(tail.pop(0))
-        if self.sizes[stream] > 4 * OUTPUT_TAIL_CHARS:
+        self.sizes[key] = self.sizes.get(key, 0) + len(text)
+        while self.sizes[key] - len(tail[0]) >= OUTPUT_TAIL_CHARS and len(tail) > 1:
+            self.sizes[key] -= len(tail.pop(0))
+        if self.sizes[key] > 4 * OUTPUT_TAIL_CHARS:
             joined = "".join(tail)[-OUTPUT_TAIL_CHARS:]
             tail[:] = [joined]
-            self.sizes[stream] = len(joined)
+            self.sizes[key] = len(joined)
 
-    def text(self, stream: str) -> str:
-        return "".join(self.tails[stream])[-OUTPUT_TAIL_CHARS:]
+    def text(self, stream: str, host: str | None = None) -> str:
+        return "".join(self.tails.get((stream, host), []))[-OUTPUT_TAIL_CHARS:]
 
 
 # ── dry run ────────────────────────────────────────────────────────────────

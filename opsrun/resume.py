@@ -14,13 +14,16 @@ from opsrun.store import RunRecord, Store
 RESUMABLE = (rt.WAITING, rt.INTERRUPTED)
 
 
-def runbook_of(store: Store, run: RunRecord) -> Runbook:
-    """The exact runbook version the run started with (kept in the store)."""
+def runbook_of(store: Store, run: RunRecord, inventory: Path | None = None) -> Runbook:
+    """The exact runbook version the run started with (kept in the store).
+
+    Its SSH hosts come from the inventory as it is now: `inventory`, else the one beside it.
+    """
     kept = store.runbook_version(run.runbook_sha256 or "")
     if kept is not None:
-        return load_runbook_bytes(kept[1], Path(kept[0]))
+        return load_runbook_bytes(kept[1], Path(kept[0]), inventory=inventory)
     if run.runbook_path and Path(run.runbook_path).is_file():
-        rb = load_runbook(Path(run.runbook_path))
+        rb = load_runbook(Path(run.runbook_path), inventory=inventory)
         if rb.sha256 == run.runbook_sha256:
             return rb
     raise UsageError(f"run {run.id}: the runbook version it started with "
@@ -28,17 +31,17 @@ def runbook_of(store: Store, run: RunRecord) -> Runbook:
                      "start a new run")
 
 
-def request_for(store: Store, run: RunRecord) -> RunRequest:
+def request_for(store: Store, run: RunRecord, inventory: Path | None = None) -> RunRequest:
     """A RunRequest that continues `run` at the step where it stopped."""
     if run.state not in RESUMABLE:
         raise UsageError(f"run {run.id} {rt.state_phrase(run.state)}; only waiting or "
                          "interrupted runs can be resumed (start a new one with `opsrun run`)")
-    return load_request(store, run)
+    return load_request(store, run, inventory)
 
 
-def load_request(store: Store, run: RunRecord) -> RunRequest:
+def load_request(store: Store, run: RunRecord, inventory: Path | None = None) -> RunRequest:
     """The request of a recorded run, at its current step, with the results before it."""
-    rb = runbook_of(store, run)
+    rb = runbook_of(store, run, inventory)
     at = run.current_step or 0
     if at >= len(rb.steps):
         raise UsageError(f"run {run.id} stopped in its on_failure/on_denied steps; those are "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,9 +31,21 @@ class RunContext:
     store: Store
     audit: AuditLog
     secrets: dict[str, str]
+    accept_new_hosts: bool = False  # --accept-new-hosts: learn unknown SSH host keys
 
     def executors(self) -> dict[str, Any]:
-        return {"run": LocalExecutor()}
+        return {"run": LocalExecutor(), "ssh": _LazySsh(self._ssh_executor)}
+
+    def _ssh_executor(self) -> Any:
+        from opsrun.executors.ssh import SshExecutor, SshOptions
+
+        options = SshOptions(self.state_dir, accept_new_hosts=self.accept_new_hosts,
+                             grace_s=LocalExecutor().grace_s)
+        return SshExecutor(options, on_learned=self._audit_learned_key)
+
+    def _audit_learned_key(self, run_id: str, learned: dict[str, Any]) -> None:
+        self.audit.append("host_key.learned", run_id=run_id,
+                          runbook=self.runbook_record(run_id), **learned)
 
     def engine(self, listeners: Sequence[rt.Listener], *,
                confirmer: rt.Confirmer | None) -> Engine:
@@ -77,10 +90,30 @@ class RunContext:
         return record
 
 
+class _LazySsh:
+    """The SSH executor, made (and paramiko imported) only when a step needs it."""
+
+    def __init__(self, make: Any) -> None:
+        self._make = make
+        self._made: Any = None
+        self._lock = threading.Lock()
+
+    def execute(self, request: Any, on_output: Any, cancel: Any) -> Any:
+        with self._lock:
+            if self._made is None:
+                self._made = self._make()
+        return self._made.execute(request, on_output, cancel)
+
+    def end_run(self, run_id: str) -> None:
+        if self._made is not None:
+            self._made.end_run(run_id)
+
+
 @contextmanager
 def open_run_context(state_dir: str | None, audit_log: str | None,
                      secret_values: Mapping[str, str], *,
-                     durable_store: bool = True) -> Iterator[RunContext]:
+                     durable_store: bool = True,
+                     accept_new_hosts: bool = False) -> Iterator[RunContext]:
     """Open the state folder's store and audit log for the length of a command."""
     folder = paths.ensure_state_dir(paths.state_dir_from_env(state_dir))
     store = Store.open(folder, durable=durable_store)
@@ -88,7 +121,7 @@ def open_run_context(state_dir: str | None, audit_log: str | None,
     audit = AuditLog(audit_path, store=store, masker=Masker(dict(secret_values)),
                      max_segment_bytes=audit_segment_bytes())
     try:
-        yield RunContext(folder, store, audit, dict(secret_values))
+        yield RunContext(folder, store, audit, dict(secret_values), accept_new_hosts)
     finally:
         audit.close()
         store.close()

@@ -16,12 +16,12 @@ from typing import Any, Union
 from opsrun import expressions, runbook_schema as schema, shell_words
 from opsrun.criteria import Criteria, parse_where
 from opsrun.errors import Problem, RunbookInvalid, UsageError
+from opsrun.inventory import INVENTORY_NAMES, Host, Inventories, Inventory, InventoryInvalid
 from opsrun.params import Param
 from opsrun.paths import DEFAULT_RUNBOOKS
 from opsrun.schema_checks import INVALID, PathT, Problems, show_path
 from opsrun.yaml_load import Document, YamlError, load_bytes, read_limited
 
-INVENTORY_NAMES = ("inventory.yaml", "inventory.yml")
 COMMON_EVENT_FIELDS = ("source", "id", "time")
 RUN_FIELDS = ("id", "runbook", "sha256", "started_by", "dry_run")
 FAILURE_RUN_FIELDS = ("failed_step",)
@@ -109,6 +109,7 @@ class Step:
     on_timeout: str = "deny"
     explicit_id: bool = True
     plan: shell_words.ShellPlan | None = None
+    targets: tuple[Host, ...] = ()  # `hosts:` with groups expanded, from the inventory
 
     @property
     def title(self) -> str:
@@ -177,9 +178,12 @@ def _event_fields(triggers: Iterable[Trigger]) -> set[str] | None:
 
 # ── loading ─────────────────────────────────────────────────────────────────
 
-def load_runbook(path: Path) -> Runbook:
-    """Load and validate one runbook file; raise RunbookInvalid with every problem."""
-    runbook, problems = _load(path)
+def load_runbook(path: Path, *, inventory: Path | None = None) -> Runbook:
+    """Load and validate one runbook file; raise RunbookInvalid with every problem.
+
+    Host names are checked against `inventory`, else the inventory found beside the file.
+    """
+    runbook, problems = _load(path, inventories=Inventories(inventory))
     if problems or runbook is None:
         raise RunbookInvalid(problems)
     return runbook
@@ -197,21 +201,34 @@ def runbook_files(folder: Path) -> list[Path]:
     return found
 
 
-def load_runbooks(paths: Iterable[Path]) -> tuple[list[Runbook], list[Problem]]:
-    """Load files and folders; return the valid runbooks and all problems, names deduplicated."""
-    files: list[Path] = []
+def load_runbooks(paths: Iterable[Path], *, inventory: Path | None = None
+                  ) -> tuple[list[Runbook], list[Problem]]:
+    """Load files and folders; return the valid runbooks and all problems, names deduplicated.
+
+    An inventory file among the paths is checked as an inventory; each inventory's problems
+    are reported once, however many runbooks use it.
+    """
+    files: list[tuple[Path, Inventories]] = []
     problems: list[Problem] = []
+    loose = Inventories(inventory)
     for p in paths:
         if p.is_dir():
-            files.extend(runbook_files(p))
+            found = Inventories(inventory, root=p)
+            files.extend((f, found) for f in runbook_files(p))
+        elif p.is_file() and p.name in INVENTORY_NAMES:
+            checked = Inventories(p).for_runbook(p)
+            if isinstance(checked, InventoryInvalid):
+                problems.extend(checked.problems)
         elif p.is_file():
-            files.append(p)
+            files.append((p, loose))
         else:
             problems.append(Problem(str(p), 0, 0, "no such file or folder"))
     runbooks: list[Runbook] = []
     seen: dict[str, Runbook] = {}
-    for f in files:
-        rb, probs = _load(f)
+    reported: set[Path] = set()
+    for f, inventories in files:
+        inventories.reported = reported
+        rb, probs = _load(f, inventories=inventories)
         problems.extend(probs)
         if rb is None:
             continue
@@ -241,7 +258,7 @@ def _list_command(folder: Path) -> str:
     return "opsrun list" if folder == Path(DEFAULT_RUNBOOKS) else f"opsrun list -r {folder}"
 
 
-def find_runbook(ref: str, folder: Path) -> Runbook:
+def find_runbook(ref: str, folder: Path, *, inventory: Path | None = None) -> Runbook:
     """A runbook by file path, or by name within the runbooks folder."""
     p = Path(ref)
     if p.suffix in (".yaml", ".yml") or "/" in ref:
@@ -249,15 +266,18 @@ def find_runbook(ref: str, folder: Path) -> Runbook:
             what = "it is a folder" if p.is_dir() else "there is no such file"
             raise UsageError(f"no runbook file {ref!r}: {what}; check the path, or give a "
                              f"runbook's name: `{_list_command(folder)}` shows them")
-        return load_runbook(p)
+        return load_runbook(p, inventory=inventory)
     if not folder.is_dir():
         raise UsageError(f"no runbook named {ref!r}: the runbooks folder {folder} does not "
                          "exist; give the runbook's file, or the folder with --runbooks DIR "
                          f"(`opsrun init {folder}` creates one with a starter runbook)")
     candidates = [f for f in runbook_files(folder) if f.stem == ref]
     for f in candidates:
-        return load_runbook(f)
-    runbooks, _ = load_runbooks([folder])
+        runbook, problems = _load(f, inventories=Inventories(inventory, root=folder))
+        if problems or runbook is None:
+            raise RunbookInvalid(problems)
+        return runbook
+    runbooks, _ = load_runbooks([folder], inventory=inventory)
     for rb in runbooks:
         if rb.name == ref:
             return rb
@@ -268,15 +288,16 @@ def find_runbook(ref: str, folder: Path) -> Runbook:
                      f"`{_list_command(folder)}` shows them all")
 
 
-def load_runbook_bytes(raw: bytes, path: Path) -> Runbook:
+def load_runbook_bytes(raw: bytes, path: Path, *, inventory: Path | None = None) -> Runbook:
     """A runbook from the bytes of its file (as kept by the state store for a resumed run)."""
-    runbook, problems = _load(path, raw)
+    runbook, problems = _load(path, raw, inventories=Inventories(inventory))
     if problems or runbook is None:
         raise RunbookInvalid(problems)
     return runbook
 
 
-def _load(path: Path, raw: bytes | None = None) -> tuple[Runbook | None, list[Problem]]:
+def _load(path: Path, raw: bytes | None = None, *, inventories: Inventories
+          ) -> tuple[Runbook | None, list[Problem]]:
     try:
         if raw is None:
             raw = read_limited(path)
@@ -293,10 +314,12 @@ def _load(path: Path, raw: bytes | None = None) -> tuple[Runbook | None, list[Pr
     data = schema.RUNBOOK.check(doc.data, (), problems)
     # Checks across the runbook run even when parts are wrong, on the parts that are right,
     # so one pass reports everything.
-    _check_whole(data if data is not INVALID else _partial_view(doc.data), problems)
-    if problems:
-        return None, _to_problems(problems, doc, path)
-    return _build(data, path, raw), []
+    whole = data if data is not INVALID else _partial_view(doc.data)
+    _check_whole(whole, problems)
+    inventory, inventory_problems = _check_hosts(whole, path, inventories, problems)
+    if problems or inventory_problems:
+        return None, inventory_problems + _to_problems(problems, doc, path)
+    return _build(data, path, raw, inventory), []
 
 
 def _to_problems(problems: Problems, doc: Document, path: Path) -> list[Problem]:
@@ -515,9 +538,45 @@ def _check_ref(ref: expressions.Ref, path: PathT, offset: int, scope: _Scope,
                            f"{listing}{extra}", offset=offset)
 
 
+def _host_names(step: dict[str, Any], path: PathT) -> list[tuple[PathT, str]]:
+    """The names a run step's `host:`/`hosts:` give, each with where it was written."""
+    if step.get("run") is None:
+        return []
+    hosts = step.get("hosts")
+    if isinstance(hosts, list) and hosts:
+        return [((*path, "hosts", j), h) for j, h in enumerate(hosts) if isinstance(h, str)]
+    host = step.get("host")
+    return [((*path, "host"), host)] if isinstance(host, str) else []
+
+
+def _check_hosts(data: dict[str, Any], path: Path, inventories: Inventories,
+                 problems: Problems) -> tuple[Inventory, list[Problem]]:
+    """Every host and group a step names must be known; the inventory is read only if needed."""
+    named = [n for list_name in ("steps", "on_failure", "on_denied")
+             for i, step in enumerate(data[list_name]) for n in _host_names(step, (list_name, i))]
+    if not named:
+        return Inventory(None), []
+    found = inventories.for_runbook(path)
+    if isinstance(found, InventoryInvalid):
+        first = found.problems[0].file if found.problems else "the inventory"
+        where = named[0][0][:-1] if named[0][0][-1] != "host" else named[0][0]
+        problems.add(where, f"{show_path(where)}: the host names cannot be checked: the "
+                     f"inventory {first} has problems (shown with its name); fix it first",
+                     at_key=True)
+        if Path(first) in inventories.reported:
+            return Inventory(None), []
+        inventories.reported.add(Path(first))
+        return Inventory(None), list(found.problems)
+    for where, name in named:
+        why = found.problem_with(name)
+        if why is not None:
+            problems.add(where, f"{show_path(where)}: {why}")
+    return found, []
+
+
 # ── building the immutable model ───────────────────────────────────────────
 
-def _build(data: dict[str, Any], path: Path, raw: bytes) -> Runbook:
+def _build(data: dict[str, Any], path: Path, raw: bytes, inventory: Inventory) -> Runbook:
     params = {name: Param(name=name, type=p["type"], description=p["description"],
                           default=p["default"], required=p["required"], pattern=p["pattern"],
                           choices=tuple(p["choices"]))
@@ -534,9 +593,9 @@ def _build(data: dict[str, Any], path: Path, raw: bytes) -> Runbook:
         env=dict(data["env"]),
         concurrency=Concurrency(conc["key"], conc["policy"]),
         timeout_s=data["timeout"],
-        steps=_build_steps(data["steps"], "step"),
-        on_failure=_build_steps(data["on_failure"], "on_failure"),
-        on_denied=_build_steps(data["on_denied"], "on_denied"),
+        steps=_build_steps(data["steps"], "step", inventory),
+        on_failure=_build_steps(data["on_failure"], "on_failure", inventory),
+        on_denied=_build_steps(data["on_denied"], "on_denied", inventory),
     )
 
 
@@ -556,11 +615,12 @@ def _build_triggers(raw: list[dict[str, Any]]) -> tuple[Trigger, ...]:
     return tuple(out)
 
 
-def _build_steps(raw: list[dict[str, Any]], prefix: str) -> tuple[Step, ...]:
-    return tuple(_build_step(s, i, prefix) for i, s in enumerate(raw))
+def _build_steps(raw: list[dict[str, Any]], prefix: str, inventory: Inventory
+                 ) -> tuple[Step, ...]:
+    return tuple(_build_step(s, i, prefix, inventory) for i, s in enumerate(raw))
 
 
-def _build_step(s: dict[str, Any], index: int, prefix: str) -> Step:
+def _build_step(s: dict[str, Any], index: int, prefix: str, inventory: Inventory) -> Step:
     kind = "run" if s["run"] is not None else "confirm"
     retry = s["retry"]
     if isinstance(retry, int):
@@ -609,4 +669,5 @@ def _build_step(s: dict[str, Any], index: int, prefix: str) -> Step:
         on_timeout=s["on_timeout"] or "deny",
         explicit_id=s["id"] is not None,
         plan=plan,
+        targets=inventory.expand(hosts) if kind == "run" else (),
     )

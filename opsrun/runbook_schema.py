@@ -7,6 +7,7 @@ from typing import Any
 
 from opsrun import criteria as criteria_mod
 from opsrun import expressions
+from opsrun.inventory import PASSWORD_KEYS
 from opsrun.schema_checks import (
     INVALID, Alternatives, Anything, Boolean, Check, Custom, Duration, Enum, Field, Integer,
     ListOf, MapOf, Number, Object, PathT, PositionedError, Problems, Text, show_path,
@@ -406,6 +407,10 @@ STEP = Object("a step", {
               "timeout-minutes": "timeout", "timeout_minutes": "timeout", "retries": "retry",
               "working-directory": "workdir", "cwd": "workdir", "chdir": "workdir",
               "environment": "env", "approver": "approvers", "hostname": "host"},
+    refused={k: f"`{k}` is refused: a runbook never holds a password; SSH steps log in "
+                "with keys (the inventory's `key:`, the SSH agent or your usual keys), and "
+                "a secret a command needs comes from `secrets.NAME`"
+             for k in PASSWORD_KEYS},
     json_extra={"oneOf": [{"required": ["run"]}, {"required": ["confirm"]}]})
 
 STEPS = ListOf(STEP, min_items=1, description="The steps, run in order",

@@ -358,9 +358,11 @@ class Object(Check):
     def __init__(self, what: str, fields: dict[str, Field], *, description: str = "",
                  rules: Callable[[dict[str, Any], PathT, Problems], None] | None = None,
                  json_extra: dict[str, Any] | None = None,
-                 synonyms: Mapping[str, str] | None = None) -> None:
+                 synonyms: Mapping[str, str] | None = None,
+                 refused: Mapping[str, str] | None = None) -> None:
         self.what, self.fields, self.description = what, fields, description
         self.synonyms = dict(synonyms or {})  # keys from other tools → ours, for the hint
+        self.refused = dict(refused or {})  # keys never accepted, with the reason why
         self.rules = rules
         self.json_extra = json_extra or {}
         self.expects = f"a mapping ({what})"
@@ -371,6 +373,11 @@ class Object(Check):
         out: dict[str, Any] = {}
         bad = False
         for k, v in value.items():
+            if k in self.refused:
+                problems.add((*path, k), f"{show_path((*path, k))}: {self.refused[k]}",
+                             at_key=True)
+                bad = True
+                continue
             if k not in self.fields:
                 hint = (f" (did you mean {self.synonyms[k]!r}?)" if k in self.synonyms
                         else did_you_mean(k, self.fields))

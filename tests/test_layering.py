@@ -13,11 +13,12 @@ for layer, names in enumerate([
     "errors exit_codes paths ids terminal_text suggest durations sizes",
     # L1: the runbook and plain data
     "yaml_load schema_checks runbook_schema expressions shell_words runbook secrets run_types "
-    "event criteria params describe cron globs step_outputs identity completion_scripts",
+    "event criteria params describe cron globs step_outputs identity completion_scripts "
+    "inventory",
     # L2
     "matcher",
     # L3: the world: processes, files, sockets, the store and the audit log
-    "proc file_lock store audit audit_verify control approvals inventory "
+    "proc file_lock store audit audit_verify control approvals "
     "sources executors",
     # L4: orchestration
     "engine concurrency run_records resume",

@@ -92,6 +92,9 @@ CLI_CASES: dict[str, Cli] = {
     "runbooks/dispatch-invalid": cli("dispatch", "-r", "bad", *S, stdin="{}\n"),
     "runbooks/init-exists": cli("init", "started"),
     "runbooks/init-file-in-the-way": cli("init", "a-file"),
+    # SSH steps: the inventory
+    "ssh/inventory-missing": cli("run", "hello", "-r", "rb", "--inventory", "nosuch.yaml", *S),
+    "ssh/inventory-bad": cli("validate", "badinv"),
     # params
     "params/unknown": cli("run", "hello", "-r", "rb", "-p", "nme=Ada", *S),
     "params/no-equals": cli("run", "hello", "-r", "rb", "-p", "name", *S),
@@ -214,12 +217,16 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
     ws = Workspace(root, clean_env(root))
     rb = root / "rb"
     rb.mkdir()
-    for name in ("hello.yaml", "deploy.yaml"):
+    for name in ("hello.yaml", "deploy.yaml", "inventory.yaml"):
         shutil.copy(ROOT / "runbooks" / name, rb / name)
     for name, text in RUNBOOKS.items():
         (rb / name).write_text(textwrap.dedent(text).replace("USER", getpass.getuser()))
     (root / "bad").mkdir()
     (root / "bad" / "x.yaml").write_text("name: x\nsteps:\n  - run: echo\n    retyr: 1\n")
+    (root / "badinv").mkdir()
+    (root / "badinv" / "inventory.yaml").write_text(
+        "hosts:\n  web-1: {hostname: 192.0.2.1, password: hunter2}\n  web-2: {host: 192.0.2.2}\n")
+    (root / "badinv" / "up.yaml").write_text("steps:\n  - run: uptime\n    host: web-1\n")
     (root / "secrets-open").write_text("TOKEN=abc\n")
     (root / "secrets-open").chmod(0o644)
     (root / "secrets-bad").write_text("TOKEN\n")

@@ -176,6 +176,8 @@ def test_on_with_an_empty_event_trigger(tmp_path: Path) -> None:
 
 
 def test_single_values_where_lists_are_expected(tmp_path: Path) -> None:
+    write(tmp_path, "inventory.yaml", "hosts:\n  web-1: {hostname: 192.0.2.1}\n"
+                                      "  db-1: {hostname: 192.0.2.2}\n")
     rb = load_runbook(write(tmp_path, "s.yaml", """\
 on:
   - file: {paths: /srv/in/*.csv, events: added, ignore: "*.tmp"}

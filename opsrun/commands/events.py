@@ -141,11 +141,15 @@ def _audit_rejection(audit: AuditLog, r: Rejection, source: str) -> None:
 # ── dispatch ───────────────────────────────────────────────────────────────
 
 def dispatch(folder: Path, *, dry_run: bool, parallel: int, state_dir: str | None,
-             audit_log: str | None, secrets_file: str | None, as_json: bool) -> int:
+             audit_log: str | None, secrets_file: str | None, as_json: bool,
+             inventory: Path | None = None, accept_new_hosts: bool = False) -> int:
     """Read JSON lines on stdin and run each event's runbooks in this process."""
+    from opsrun.inventory import check_option as check_inventory_option
+
     if sys.stdin.isatty():
         raise UsageError("dispatch reads JSON lines on stdin; pipe events into it")
-    runbooks, problems = load_runbooks([folder])
+    check_inventory_option(inventory)
+    runbooks, problems = load_runbooks([folder], inventory=inventory)
     for p in problems:
         print(f"opsrun: {p}", file=sys.stderr)
     if problems:
@@ -154,7 +158,8 @@ def dispatch(folder: Path, *, dry_run: bool, parallel: int, state_dir: str | Non
     matcher = Matcher(runbooks)
     if dry_run:
         return _dry_run(matcher, read_events(sys.stdin.buffer), as_json=as_json)
-    return _run_all(matcher, parallel, state_dir, audit_log, secrets_file, as_json)
+    return _run_all(matcher, parallel, state_dir, audit_log, secrets_file, as_json,
+                    accept_new_hosts)
 
 
 def _dry_run(matcher: Matcher, items: Iterable[Event | Rejection], *, as_json: bool) -> int:
@@ -178,7 +183,7 @@ def _dry_run(matcher: Matcher, items: Iterable[Event | Rejection], *, as_json: b
 
 
 def _run_all(matcher: Matcher, parallel: int, state_dir: str | None, audit_log: str | None,
-             secrets_file: str | None, as_json: bool) -> int:
+             secrets_file: str | None, as_json: bool, accept_new_hosts: bool) -> int:
     from opsrun.dispatch import Dispatcher
     from opsrun.engine import RunRequest
     from opsrun.run_setup import driving, open_run_context
@@ -187,7 +192,8 @@ def _run_all(matcher: Matcher, parallel: int, state_dir: str | None, audit_log: 
     codes: list[int] = []
     results: list[dict[str, Any]] = []
     lock = threading.Lock()
-    with open_run_context(state_dir, audit_log, secret_values) as rc:
+    with open_run_context(state_dir, audit_log, secret_values,
+                          accept_new_hosts=accept_new_hosts) as rc:
         reporter = output.reporter(as_json)
         eng = rc.engine([reporter], confirmer=rc.waiting_confirmer())
         scheduler = Scheduler(parallel)

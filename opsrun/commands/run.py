@@ -15,15 +15,18 @@ from opsrun import identity, output, params as params_mod, secrets
 from opsrun.errors import UsageError
 from opsrun.event import Event, EventRejected, from_object, new_event, parse_json_event
 from opsrun.ids import new_id
+from opsrun.inventory import check_option as check_inventory_option
 from opsrun.run_setup import driving, open_run_context
-from opsrun.runbook import Runbook, find_runbook
+from opsrun.runbook import Runbook, Step, find_runbook
 
 
 def main(ref: str, folder: Path, *, param_args: list[str], event_arg: str | None,
          dry_run: bool, yes: bool, as_json: bool, state_dir: str | None,
-         audit_log: str | None, secrets_file: str | None) -> int:
+         audit_log: str | None, secrets_file: str | None, inventory: Path | None = None,
+         accept_new_hosts: bool = False) -> int:
     """Run a runbook (or show what it would do) and return the run's exit code."""
-    rb = find_runbook(ref, folder)
+    check_inventory_option(inventory)
+    rb = find_runbook(ref, folder, inventory=inventory)
     given = parse_param_args(param_args)
     try:
         typed = params_mod.resolve(rb.params, given)
@@ -37,7 +40,8 @@ def main(ref: str, folder: Path, *, param_args: list[str], event_arg: str | None
         eng = engine_mod.Engine({}, [], secrets=secret_values)
         return print_plan(rb, engine_mod.plan(eng, req), as_json=as_json)
     reporter = output.reporter(as_json)
-    with open_run_context(state_dir, audit_log, secret_values) as rc, \
+    with open_run_context(state_dir, audit_log, secret_values,
+                          accept_new_hosts=accept_new_hosts) as rc, \
             driving(rc.state_dir, req.run_id):
         asks = any(s.kind == "confirm" for s in rb.all_steps())
         eng = rc.engine([reporter], confirmer=rc.confirmer(yes=yes, starter=starter)
@@ -130,7 +134,8 @@ def print_plan(rb: Runbook, planned: list[engine_mod.PlannedStep], *, as_json: b
     if as_json:
         output.print_json({"version": 1, "dry_run": True, "runbook": rb.name, "steps": [
             {"section": p.section, "id": p.step.id, "verdict": p.verdict, "note": p.note,
-             "command": p.command, "hosts": list(p.step.hosts)} for p in planned]})
+             "command": p.command, "hosts": [h.name for h in p.step.targets],
+             "parallel": p.step.parallel if p.step.targets else None} for p in planned]})
         return 2 if any(p.verdict == "error" for p in planned) else 0
     print(f"dry run of {rb.name}: nothing will be run")
     titles = {"steps": "Steps", "on_failure": "On failure", "on_denied": "On denied"}
@@ -142,10 +147,19 @@ def print_plan(rb: Runbook, planned: list[engine_mod.PlannedStep], *, as_json: b
             section = p.section
             print(f"\n{titles[section]}")
         print(f"  {p.step.id}: {words[p.verdict]}" + (f" ({output.safe(p.note)})" if p.note else ""))
-        if p.step.hosts:
-            print(f"      on hosts: {', '.join(p.step.hosts)}")
+        if p.step.targets:
+            print(f"      on hosts: {_hosts_line(p.step)}")
         label = "confirm:" if p.step.kind == "confirm" else "$"
         for i, line in enumerate(output.safe(p.command).splitlines() or [""]):
             print(f"      {label if i == 0 else ' ' * len(label)} {line}")
     return 2 if any(p.verdict == "error" for p in planned) else 0
 
+
+
+def _hosts_line(step: Step) -> str:
+    """The hosts a step reaches, groups expanded: `web-1, web-2 (group:web; 10 at once)`."""
+    names = ", ".join(h.name for h in step.targets)
+    notes = [n for n in step.hosts if n.startswith("group:")]
+    if len(step.targets) > 1:
+        notes.append(f"{min(step.parallel, len(step.targets))} at once")
+    return names + (f" ({'; '.join(notes)})" if notes else "")

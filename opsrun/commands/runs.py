@@ -12,6 +12,7 @@ from opsrun.approvals import resolve_run_id
 from opsrun.commands.run import result_document, run_with_signals
 from opsrun.durations import format_duration
 from opsrun.errors import UsageError
+from opsrun.inventory import check_option as check_inventory_option
 from opsrun.run_setup import driver_pid, driving, open_run_context
 from opsrun.store import RunRecord, Store
 
@@ -118,17 +119,20 @@ def logs(state_dir: str | None, run_ref: str | None, *, as_json: bool) -> int:
 
 
 def resume_run(state_dir: str | None, audit_log: str | None, run_ref: str, *, yes: bool,
-               as_json: bool, secrets_file: str | None) -> int:
+               as_json: bool, secrets_file: str | None, inventory: Path | None = None,
+               accept_new_hosts: bool = False) -> int:
     """Pick up a waiting or interrupted run at the step where it stopped."""
     from opsrun import identity
 
+    check_inventory_option(inventory)
     secret_values = secrets.load(Path(secrets_file) if secrets_file else None)
-    with open_run_context(state_dir, audit_log, secret_values) as rc:
+    with open_run_context(state_dir, audit_log, secret_values,
+                          accept_new_hosts=accept_new_hosts) as rc:
         run_id = resolve_run_id(rc.store, run_ref)
         with driving(rc.state_dir, run_id):
             run = rc.store.get_run(run_id)
             assert run is not None
-            req = resume.request_for(rc.store, run)
+            req = resume.request_for(rc.store, run, inventory)
             rc.audit.append("run.resumed", run_id=run_id, runbook={
                 "name": run.runbook, "path": run.runbook_path, "sha256": run.runbook_sha256},
                 from_state=run.state, at_step=req.resume_at)

@@ -5,12 +5,25 @@ from pathlib import Path
 
 from opsrun import output
 from opsrun.errors import Problem
+from opsrun.inventory import INVENTORY_NAMES, InventoryInvalid, check_option, load_inventory
 from opsrun.runbook import load_runbooks
 
 
-def main(paths: list[Path], *, as_json: bool = False, fmt: str = "text") -> int:
-    """Validate files and folders; exit 2 if anything is wrong."""
-    runbooks, problems = load_runbooks(paths)
+def main(paths: list[Path], *, as_json: bool = False, fmt: str = "text",
+         inventory: Path | None = None) -> int:
+    """Validate files and folders; exit 2 if anything is wrong.
+
+    Host names of SSH steps are checked against `inventory`, else the inventory.yaml beside
+    each runbook; an inventory given among the paths is checked as one.
+    """
+    check_option(inventory)
+    runbooks, problems = load_runbooks(paths, inventory=inventory)
+    if inventory is not None:  # checked even when no runbook uses it
+        try:
+            load_inventory(inventory)
+        except InventoryInvalid as e:
+            problems = [*problems, *(p for p in e.problems if p not in problems)]
+    inventories = [p for p in paths if p.name in INVENTORY_NAMES and p.is_file()]
     if as_json:
         output.print_json({
             "version": 1,
@@ -31,6 +44,8 @@ def main(paths: list[Path], *, as_json: bool = False, fmt: str = "text") -> int:
             print(f"{len(problems)} problem{'s' * (len(problems) != 1)} in {files} "
                   f"file{'s' * (files != 1)}; {len(runbooks)} runbook"
                   f"{'s' * (len(runbooks) != 1)} valid")
+        elif not runbooks and inventories:
+            print(f"{', '.join(str(p) for p in inventories)}: valid inventory")
         elif not runbooks:
             print("no runbooks found in " + ", ".join(str(p) for p in paths))
         else:

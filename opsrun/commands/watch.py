@@ -9,6 +9,7 @@ from opsrun import control, output, paths, secrets
 from opsrun.daemon import Daemon, WatchOptions
 from opsrun.daemon_log import DaemonLog
 from opsrun.errors import UsageError
+from opsrun.inventory import check_option as check_inventory_option
 from opsrun.run_setup import open_run_context
 from opsrun.systemd import Notifier, unit_file
 
@@ -18,6 +19,7 @@ def watch(opts: WatchOptions, *, state_dir: str | None, audit_log: str | None,
     """Run the service until SIGTERM."""
     if log_format not in ("plain", "json"):
         raise UsageError(f"--log-format {log_format!r}: choose plain or json")
+    check_inventory_option(opts.inventory)
     if not opts.runbooks_dir.is_dir():
         raise UsageError(f"the runbooks folder {opts.runbooks_dir} does not exist; give "
                          f"another with --runbooks DIR, or create it with `opsrun init "
@@ -28,7 +30,8 @@ def watch(opts: WatchOptions, *, state_dir: str | None, audit_log: str | None,
     logging.getLogger("opsrun").propagate = False
     secret_values = secrets.load(Path(secrets_file) if secrets_file else None)
     # The service's bookkeeping is not synced transaction by transaction: see store.py.
-    with open_run_context(state_dir, audit_log, secret_values, durable_store=False) as rc:
+    with open_run_context(state_dir, audit_log, secret_values, durable_store=False,
+                          accept_new_hosts=opts.accept_new_hosts) as rc:
         return Daemon(opts, rc, log, Notifier()).run()
 
 
