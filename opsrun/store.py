@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import resource
 import sqlite3
 import threading
 import time
@@ -648,7 +649,7 @@ class Store:
             c.execute("PRAGMA foreign_keys = ON")
 
     def _migrate(self) -> None:
-        with self._errors("upgrading the schema of"):
+        with self._errors("upgrading its schema"):
             c = self._conn
             if self._user_version() == SCHEMA_VERSION:
                 return
@@ -708,7 +709,20 @@ def _state_error(path: Path, doing: str, e: sqlite3.Error) -> StateError:
                 "try again")
     elif "readonly" in str(e) or "read-only" in str(e):
         hint = "the state folder or state.db is read-only for this user"
+    elif _disk_full(path.parent):  # SQLite may call it only "disk I/O error"
+        hint = "the disk holding the state folder is full: free some space"
+    elif resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+        hint = ("check that the disk is not full and that the file size limit (ulimit -f) "
+                "leaves room for state.db to grow")
     return StateError(f"state store {path}: {doing} failed: {e}; {hint}")
+
+
+def _disk_full(folder: Path) -> bool:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) == 0
 
 
 def _check_state(state: str) -> None:
