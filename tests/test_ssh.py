@@ -161,6 +161,20 @@ def test_a_refused_key_and_a_missing_key_file_fail_their_host_only(ws: Ws, sshd:
     assert step(doc, "all")["error"].startswith("2 of 3 hosts failed: stranger (")
 
 
+def test_a_name_only_in_ssh_config_is_reached_with_its_entry(ws: Ws, sshd: Sshd) -> None:
+    sshd.trust()
+    (ws.rb / "inventory.yaml").unlink()
+    config = Path.home() / ".ssh" / "config"
+    config.write_text(f"Host via-config\n  HostName {sshd.host}\n  Port {sshd.port}\n"
+                      f"  User {sshd.user}\n  IdentityFile {sshd.client_key}\n")
+    ws.runbook("steps:\n  - {id: up, host: via-config, run: echo \"on $OPSRUN_HOST\"}\n")
+    r, doc = ws.run()
+    assert r.returncode == 0, doc
+    up = step(doc, "up")
+    assert up["stdout"] == "on via-config\n"
+    assert up["hosts"]["via-config"]["address"] == f"{sshd.user}@127.0.0.1:{sshd.port}"
+
+
 # ── what the command gets, and what comes back ──────────────────────────────
 
 def test_env_workdir_outputs_and_exit_codes_reach_and_come_back(ws: Ws, sshd: Sshd) -> None:

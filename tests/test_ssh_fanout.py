@@ -206,3 +206,75 @@ def test_connections_are_closed_when_the_run_ends(rb: Path, tmp_path: Path) -> N
     assert all(c.alive() for c in conns)
     executor.end_run("run-1")
     assert executor._conns == {} and not any(c.alive() for c in conns)
+
+
+@pytest.fixture
+def silent_server() -> Any:
+    """A TCP port that accepts connections and never says a word (no SSH banner)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1], accepted
+    stop.set()
+    thread.join()
+    for s in [*accepted, server]:
+        s.close()
+
+
+def test_the_step_timeout_bounds_connecting_too(rb: Path, silent_server: Any, sshd: Sshd
+                                                ) -> None:
+    port, _ = silent_server
+    with (rb / "inventory.yaml").open("a") as f:
+        f.write(f"  mute: {{hostname: 127.0.0.1, port: {port}, user: {sshd.user}}}\n")
+    r, finished = run(rb, """\
+        steps:
+          - id: s
+            hosts: [mute, h01]
+            parallel: 2
+            timeout: 1s
+            run: echo fine
+        """)
+    assert r.returncode == 1
+    (s,) = finished
+    assert s["hosts"]["h01"]["outcome"] == "success"
+    mute = s["hosts"]["mute"]
+    assert mute["outcome"] == "timed_out", mute
+    assert mute["error"].startswith("mute: ")
+    assert mute["duration"] < 5  # the 1 s step timeout, not the 10 s connect timeout
+
+
+def test_a_cancel_stops_a_connection_in_progress(silent_server: Any, tmp_path: Path,
+                                                 sshd: Sshd) -> None:
+    from opsrun.inventory import Host
+
+    port, accepted = silent_server
+    host = Host("mute", "127.0.0.1", port, sshd.user)
+    step = Step("s", "run", 0, run="true", hosts=("mute",), targets=(host,))
+    executor = SshExecutor(SshOptions(tmp_path, connect_timeout_s=60))
+    request = ExecRequest(step, "run-1", "true", "true", {}, None, None, str(tmp_path))
+    cancel = threading.Event()
+    results: list[Any] = []
+    worker = threading.Thread(target=lambda: results.append(
+        executor.execute(request, lambda *a: None, cancel)))
+    worker.start()
+    wait_for(lambda: accepted, timeout=5, message="opsrun did not connect")
+    cancel.set()  # while it waits for the server's banner
+    worker.join(timeout=10)  # far below the 60 s connect timeout
+    assert not worker.is_alive(), "the connection was not given up at the cancel"
+    (x,) = results
+    assert x.cancelled and x.hosts["mute"]["outcome"] == "cancelled"
+    assert x.hosts["mute"]["error"] == (f"mute: connecting to {sshd.user}@127.0.0.1:{port} "
+                                        "was cancelled")

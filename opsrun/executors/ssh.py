@@ -68,8 +68,15 @@ LearnedFn = Callable[[str, dict[str, Any]], None]  # (run_id, what was learned)
 
 
 def _paramiko() -> Any:
+    import logging
+
     import paramiko
 
+    # paramiko logs each failed connection with a traceback; with no handler anywhere,
+    # Python would print it on stderr. opsrun reports the failure itself, once, clearly.
+    logger = logging.getLogger("paramiko")
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
     return paramiko
 
 
@@ -320,7 +327,7 @@ class SshExecutor:
             client.close()
             _close_quietly(sock)
             if cancel.is_set():
-                raise HostFailed(f"connecting to {t.address} was cancelled") from None
+                raise HostFailed(f"{t.name}: connecting to {t.address} was cancelled") from None
             raise self._explain(e, t, timeout) from None
         finally:
             sockets.pop(t.name, None)
