@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from opsrun.errors import StateError
@@ -40,6 +41,7 @@ def ensure_state_dir(path: Path) -> Path:
     if not path.is_dir():
         raise StateError(f"the state folder {path} is not a folder; "
                          "choose another with --state-dir or OPSRUN_STATE_DIR")
+    _check_trusted(path)
     if not os.access(path, os.W_OK | os.X_OK):
         if _read_only_mount(path):
             raise StateError(f"the state folder {path} is on a read-only file system; "
@@ -47,6 +49,51 @@ def ensure_state_dir(path: Path) -> Path:
         raise StateError(f"the state folder {path} is not writable by this user; "
                          "fix its permissions or choose another with --state-dir")
     return path
+
+
+def _check_trusted(path: Path) -> None:
+    """Refuse a state folder that someone else could swap files in (as sshd's StrictModes).
+
+    Whoever may write in the folder, or in a folder above it, can put a symlink where the
+    audit log or state.db goes, and opsrun (root, often) would write through it. So the
+    folder and every folder above it must belong to this user or root, the folder itself
+    may not be writable by its group or others, and no folder above it by everyone unless
+    it is sticky like /tmp.
+    """
+    me = os.geteuid()
+    link = os.lstat(path)
+    if stat.S_ISLNK(link.st_mode) and link.st_uid not in (me, 0):
+        _untrusted(path, f"is a symbolic link made by {_owner(link.st_uid)}",
+                   "remove the link, or choose another folder with --state-dir")
+    real = Path(os.path.realpath(path))
+    for folder in (real, *real.parents):
+        st = os.stat(folder)
+        where = "is" if folder == real else f"is inside {folder}, which is"
+        if st.st_uid not in (me, 0):
+            user = _owner(st.st_uid)
+            _untrusted(path, f"{where} owned by {user}", f"run opsrun as {user} "
+                       f"(sudo -u {user} opsrun …), or choose another folder with --state-dir")
+        if folder == real and st.st_mode & 0o022:
+            _untrusted(path, f"can be written by its group or others (mode "
+                       f"{stat.S_IMODE(st.st_mode):04o})", f"run `chmod go-w {path}`")
+        if st.st_mode & 0o002 and not st.st_mode & stat.S_ISVTX:
+            _untrusted(path, f"is inside {folder}, which everyone may write to",
+                       f"run `chmod o-w {folder}`, or choose another folder with --state-dir")
+
+
+def _untrusted(path: Path, why: str, fix: str) -> None:
+    raise StateError(f"the state folder {path} {why}: another user could swap the audit "
+                     f"log or the state store for a link to elsewhere, so opsrun will not use "
+                     f"it; {fix}")
+
+
+def _owner(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def _read_only_mount(path: Path) -> bool:
