@@ -290,6 +290,7 @@ class _Run:
 
     def _fail_before_start(self, step: Step, base: dict[str, Any], error: str
                            ) -> rt.StepResult:
+        error = self.e.masker(error)  # an expression's error may quote a secret's value
         r = rt.StepResult(step.id, rt.FAILURE, error=error)
         self.e.emit("step.finished", {**base, "attempt": 1, "outcome": r.outcome,
                                       "exit_code": None, "duration": 0.0, "stdout": "",
@@ -506,7 +507,13 @@ class PlannedStep:
 
 
 def plan(engine: Engine, req: RunRequest) -> list[PlannedStep]:
-    """Render every step with the real event and params; nothing runs."""
+    """Render every step with the real event and params; nothing runs. Secrets are masked."""
+    mask = engine.masker
+    return [PlannedStep(p.section, p.step, p.verdict, mask(p.note), mask(p.command))
+            for p in _plan(engine, req)]
+
+
+def _plan(engine: Engine, req: RunRequest) -> list[PlannedStep]:
     ctx = engine.context(req, {})
     ctx["run"]["dry_run"] = True
     out: list[PlannedStep] = []
