@@ -14,13 +14,12 @@ and the step is written to its stdin, which is then closed: `export NAME='value'
 for the step's environment (shell-quoted; servers refuse most `env` requests, and stdin
 keeps the values out of the remote process list), `cd` to the workdir, and
 `bash -c SCRIPT` (the step's `shell:`). `$OPSRUN_HOST` is the host's inventory name.
-`$OPSRUN_OUTPUT` names a fresh private file in the
-remote `$TMPDIR` (or /tmp); when the command has ended, the loader prints that file between
-two markers made of a random token (so no output can fake them) and removes it: the
-outputs come back on the same channel, without a second round trip, and the markers and
-what is between them are never shown as output.
-`$OPSRUN_EVENT_FILE` names a local file, so it is not given to remote commands (the event
-is in `$OPSRUN_EVENT` and `$OPSRUN_EVENT_<FIELD>`).
+`$OPSRUN_OUTPUT` names a fresh private file in the remote `$TMPDIR` (or /tmp); when the
+command has ended, the loader prints that file between two markers made of a random token
+(so no output can fake them) and removes it: the outputs come back on the same channel,
+without a second round trip, and the markers and what is between them are never shown as
+output. `$OPSRUN_EVENT_FILE` names a local file, so it is not given to remote commands
+(the event is in `$OPSRUN_EVENT` and `$OPSRUN_EVENT_<FIELD>`).
 
 Stopping. At a timeout or a cancel, the command's process group gets SIGTERM, then SIGKILL
 after the grace period, from `kill` on a second channel: the command writes its process
@@ -48,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from opsrun import step_outputs
+from opsrun import run_types as rt, step_outputs
 from opsrun.executors.base import ExecRequest, ExecResult, OutputFn
 from opsrun.inventory import Host
 
@@ -61,8 +60,9 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _LOCAL_ONLY_ENV = frozenset({"OPSRUN_EVENT_FILE"})
 _POLL_S = 0.05
 
-# Host outcomes, as steps have them (run_types is above the executors' reach here).
-SUCCESS, FAILURE, TIMED_OUT, CANCELLED = "success", "failure", "timed_out", "cancelled"
+# Host outcomes are step outcomes.
+SUCCESS, FAILURE, TIMED_OUT, CANCELLED = rt.SUCCESS, rt.FAILURE, rt.STEP_TIMED_OUT, \
+    rt.STEP_CANCELLED
 
 LearnedFn = Callable[[str, dict[str, Any]], None]  # (run_id, what was learned)
 
@@ -537,7 +537,7 @@ class _Channel:
             try:
                 self.kill(sig)
             except Exception:  # noqa: BLE001 - a dead connection cannot carry the kill
-                return self.chan.exit_status_ready()
+                return bool(self.chan.exit_status_ready())
             end = time.monotonic() + wait_s
             while time.monotonic() < end and not self.chan.exit_status_ready():
                 if not self._read():
