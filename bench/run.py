@@ -439,17 +439,27 @@ def memory(tmp: Path, quick: bool) -> list[Row]:
 
 
 def ssh_fanout(tmp: Path, repeat: int) -> list[Row]:
-    script = HERE / "ssh.py"
-    if not script.exists():
-        return [Row("SSH fan-out", None, "s", {}, "", None, "bench/ssh.py is not there yet")]
-    done = subprocess.run([PY, str(script), "--json"], capture_output=True, text=True,
-                          check=False)
-    if done.returncode != 0:
-        return [Row("SSH fan-out", None, "s", {}, "", None,
-                    "bench/ssh.py failed: " + (done.stderr.strip().splitlines() or ["?"])[-1])]
-    data = json.loads(done.stdout)
-    return [Row(r["figure"], r["opsrun"], r["unit"], r.get("baselines", {}), r.get("goal", ""),
-                r.get("met"), r.get("note", "")) for r in data]
+    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(HERE.parent))
+    import ssh as ssh_bench  # bench/ssh.py
+
+    server = ssh_bench.start_sshd(tmp / "sshd")
+    try:
+        got = dict(ssh_bench.measure(server, tmp / "ssh", 20, max(3, repeat)))
+    finally:
+        server.stop()
+    ms = {k: v * 1000 for k, v in got.items()}
+    return [
+        Row("SSH: one `true` step on 1 host (whole command)", ms["opsrun, one host"], "ms",
+            {"ssh host true": ms["OpenSSH, one `ssh host true`"]}, "", None,
+            "each run connects afresh, like each ssh"),
+        Row("SSH fan-out: one `true` step on 20 hosts, parallel: 20",
+            ms["opsrun, 20 hosts, parallel: 20"], "ms",
+            {"20 × ssh host true, xargs -P 20": ms["OpenSSH, 20 x `ssh host true`, xargs -P 20"],
+             "opsrun, parallel: 1": ms["opsrun, 20 hosts, parallel: 1"]},
+            "well under parallel: 1",
+            ms["opsrun, 20 hosts, parallel: 20"] < 0.7 * ms["opsrun, 20 hosts, parallel: 1"]),
+    ]
 
 
 # ── peers, the table, the machine ──────────────────────────────────────────
