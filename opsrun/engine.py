@@ -381,8 +381,11 @@ class _Run:
             question = expressions.render_text(step.confirm or "", self._step_context(step))
         except ExpressionError as err:
             return self._fail_before_start(step, base, f"confirm: {err}")
+        # Shown to whoever answers, and stored for `opsrun pending`: secrets masked.
+        question = self.e.masker(question)
+        guarded = tuple(self.e.masker(command) for command in self._guarded(step))
         request = rt.ConfirmRequest(self.req.run_id, self.rb.name, step.id, question,
-                                    tuple(self._guarded(step)), step.approvers,
+                                    guarded, step.approvers,
                                     step.timeout_s, step.on_timeout, self.req.starter)
         if self.e.confirmer is None:
             return self._fail_before_start(step, base, "no way to ask for confirmation here")
