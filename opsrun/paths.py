@@ -51,6 +51,13 @@ def ensure_state_dir(path: Path) -> Path:
     return path
 
 
+def check_trusted(path: Path) -> None:
+    """Refuse a state folder someone else could have planted links in (see _check_trusted);
+    for commands that only read it, when it exists."""
+    if path.is_dir():
+        _check_trusted(path)
+
+
 def _check_trusted(path: Path) -> None:
     """Refuse a state folder that someone else could swap files in (as sshd's StrictModes).
 

@@ -141,7 +141,9 @@ def _reading(log_path: Path) -> Iterator[None]:
 def _log_path(state_dir: str | None, audit_log: str | None) -> Path:
     if audit_log:
         return Path(os.path.abspath(Path(audit_log).expanduser()))
-    return Path(os.path.abspath(paths.state_dir_from_env(state_dir) / paths.AUDIT_LOG))
+    folder = paths.state_dir_from_env(state_dir)
+    paths.check_trusted(folder)  # a log someone else could swap is no evidence
+    return Path(os.path.abspath(folder / paths.AUDIT_LOG))
 
 
 def _open(state_dir: str | None, audit_log: str | None

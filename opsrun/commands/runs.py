@@ -19,6 +19,7 @@ from opsrun.store import RunRecord, Store
 
 def _store(state_dir: str | None) -> Store:
     folder = paths.state_dir_from_env(state_dir)
+    paths.check_trusted(folder)
     if not (folder / paths.STATE_DB).exists():
         raise UsageError(f"no state store in {folder}: nothing has run yet "
                          "(or give --state-dir)")
