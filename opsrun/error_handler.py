@@ -32,10 +32,10 @@ def call(fn: Callable[[], int], *, debug: bool = False) -> int:
     except Exception as e:  # noqa: BLE001 - the last line of defence
         if debug:
             traceback.print_exc()
-        limit = _EXHAUSTED.get(getattr(e, "errno", None) or 0) if isinstance(e, OSError) \
+        limit = _ENVIRONMENT.get(getattr(e, "errno", None) or 0) if isinstance(e, OSError) \
             else ("out of memory" if isinstance(e, MemoryError) else None)
         if limit is not None:
-            # Not a bug: the machine or this process ran out of something; say which.
+            # Not a bug: something ran out, or this user may not; say which.
             print(f"opsrun: {safe(str(e))}: {limit}", file=sys.stderr)
             return int(exit_codes.RUN_FAILED)
         print(f"opsrun: internal error: {type(e).__name__}: {safe(str(e))}\n"
@@ -44,13 +44,17 @@ def call(fn: Callable[[], int], *, debug: bool = False) -> int:
         return 70  # EX_SOFTWARE
 
 
-_EXHAUSTED = {
+_ENVIRONMENT = {
     errno.EMFILE: "this process's limit on open files is reached; raise it with ulimit -n "
                   "(LimitNOFILE= in a systemd unit)",
     errno.ENFILE: "the system's limit on open files is reached (fs.file-max)",
     errno.ENOSPC: "the disk (or the kernel's inotify watch limit) is full; free some space",
     errno.EDQUOT: "the disk quota is exhausted",
     errno.ENOMEM: "out of memory",
+    errno.EACCES: "this user may not use it; run opsrun as its owner, or ask the owner to "
+                  "share the state folder with your group",
+    errno.EPERM: "this user may not use it; run opsrun as its owner",
+    errno.EROFS: "the file system is read-only",
 }
 
 
