@@ -35,10 +35,10 @@ from opsrun.runbook import EventTrigger, Runbook, load_runbook_bytes
 from opsrun.sources.stdin_json import Rejection, read_events
 from opsrun.yaml_load import YamlError, load_bytes, load_text
 
-SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None,
+SETTINGS = settings(max_examples=100, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow,
                                            HealthCheck.filter_too_much])
-FEW = settings(SETTINGS, max_examples=60)
+FEW = settings(SETTINGS, max_examples=40)
 
 # Pieces of text an attacker would try, mixed into generated text.
 SNIPPETS = [
