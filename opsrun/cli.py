@@ -243,8 +243,9 @@ def _state_dir_opt() -> Any:
 
 
 def _audit_log_opt() -> Any:
-    return typer.Option(None, "--audit-log", help="Audit log file (default: audit.jsonl in "
-                                                  "the state folder).")
+    # The same variable as the audit commands read: a log set there is the one written.
+    return typer.Option(None, "--audit-log", envvar="OPSRUN_AUDIT_LOG", show_envvar=True,
+                        help="Audit log file (default: audit.jsonl in the state folder).")
 
 
 @app.command("run")

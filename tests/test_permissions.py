@@ -409,3 +409,16 @@ def test_secrets_never_leave_the_process(tmp_path: Path,
     stored = b"".join(f.read_bytes() for f in state.iterdir() if f.is_file())
     assert SECRET.encode() not in stored
     assert b"***" in (state / "audit.jsonl").read_bytes()
+
+
+def test_the_audit_log_verified_is_the_one_written(tmp_path: Path) -> None:
+    """OPSRUN_AUDIT_LOG names the log for every command, not only for `opsrun audit`."""
+    log = tmp_path / "elsewhere" / "audit.jsonl"
+    log.parent.mkdir(mode=0o700)
+    env = {"OPSRUN_STATE_DIR": str(tmp_path / "state"), "OPSRUN_AUDIT_LOG": str(log)}
+    rb = write(tmp_path, "r.yaml", "steps:\n  - run: 'true'\n")
+    assert opsrun("run", str(rb), env=env).returncode == 0
+    assert not (tmp_path / "state" / "audit.jsonl").exists()
+    verify = opsrun("audit", "verify", env=env)
+    assert verify.returncode == 0 and f"verified: {log}: 4 records" in verify.stdout, \
+        verify.stdout
