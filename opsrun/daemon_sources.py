@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 READY_TIMEOUT_S = 15.0
 QUEUE_POLL_S = 0.1
+QUEUE_TAKE = 500  # events leased from the queue at a time
 RESTART_BACKOFF_S = 5.0
 
 
@@ -75,9 +76,12 @@ class Sources:
                            "going on", level="warning")
 
     def emit(self, events: Sequence[Event]) -> None:
-        """Taken = recorded: runs are in the store before a source moves its position."""
-        for event in events:
-            self.d.dispatcher.dispatch(event)
+        """Taken = recorded: runs are in the store before a source moves its position.
+
+        A batch is recorded together (dispatch_batch), so the time in which a crash makes
+        a source hand the same events over again does not grow with the batch.
+        """
+        self.d.dispatcher.dispatch_batch(events)
 
     def _stop_current(self) -> None:
         self.stop_current.set()
@@ -160,23 +164,31 @@ class Sources:
             self.d.log("cannot release the event queue's leases", level="error", error=str(e))
         while not self.stop_forever.is_set():
             try:
-                items = store.take_events(limit=100, lease_s=60.0)
+                items = store.take_events(limit=QUEUE_TAKE, lease_s=60.0)
             except Exception as e:  # noqa: BLE001 - keep draining after a store hiccup
                 self.d.log("cannot read the event queue", level="error", error=str(e))
                 items = []
                 self.stop_forever.wait(1.0)
-            for item in items:
-                if self.stop_forever.is_set():
-                    break
+            if items and not self.stop_forever.is_set():
                 try:
-                    self.d.dispatcher.dispatch(from_object(item.event, "json"),
-                                               queue_id=item.id)
-                except Exception as e:  # noqa: BLE001 - the event stays queued; retried later
-                    self.d.log("event could not be handled; it stays queued", level="error",
-                               queue_id=item.id, error=str(e))
+                    self.d.dispatcher.dispatch_batch(
+                        [from_object(item.event, "json") for item in items],
+                        [item.id for item in items])
+                except Exception:  # noqa: BLE001 - one at a time, so one bad event stays alone
+                    self._dispatch_each(items)
             if not items:
                 self.wake_queue.wait(QUEUE_POLL_S)
                 self.wake_queue.clear()
+
+    def _dispatch_each(self, items: Sequence[Any]) -> None:
+        for item in items:
+            if self.stop_forever.is_set():
+                return
+            try:
+                self.d.dispatcher.dispatch(from_object(item.event, "json"), queue_id=item.id)
+            except Exception as e:  # noqa: BLE001 - the event stays queued; retried later
+                self.d.log("event could not be handled; it stays queued", level="error",
+                           queue_id=item.id, error=str(e))
 
     def _rejected(self, rejection: Any) -> None:
         self.d.rc.audit.append("event.rejected", source="stdin", lineno=rejection.lineno,

@@ -9,12 +9,12 @@ that removes the event from the queue, so an emitted event starts its runs exact
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from opsrun import expressions, params as params_mod, run_types as rt
-from opsrun.concurrency import Job, Scheduler
+from opsrun.concurrency import REPLACE, SKIP, Job, Scheduler
 from opsrun.engine import RunRequest
 from opsrun.errors import ExpressionError
 from opsrun.event import Event
@@ -26,6 +26,7 @@ from opsrun.runbook import Runbook
 from opsrun.run_setup import RunContext
 
 Log = Callable[..., None]  # log(message, **fields)
+BATCH = 500  # events whose runs are recorded together by dispatch_batch
 
 
 @dataclass
@@ -55,16 +56,66 @@ class Dispatcher:
         with self._lock:
             self.matcher = matcher
 
-    def plan(self, event: Event) -> list[Planned]:
+    def plan(self, event: Event, matches: Sequence[Match] | None = None) -> list[Planned]:
         """What an event would start (nothing is recorded); skips are audited and logged."""
-        with self._lock:
-            matcher = self.matcher
         out = []
-        for m in matcher.match(event):
+        for m in self._matches(event) if matches is None else matches:
             planned = self._plan_one(m, event)
             if planned is not None:
                 out.append(planned)
         return out
+
+    def _matches(self, event: Event) -> list[Match]:
+        with self._lock:
+            matcher = self.matcher
+        return matcher.match(event)
+
+    def dispatch_batch(self, events: Sequence[Event],
+                       queue_ids: Sequence[int] | None = None) -> list[str]:
+        """Like `dispatch` for each event in turn, with one store transaction and one audit
+        commit for every run of up to BATCH events (group commit) instead of one each.
+
+        An event that a `skip` or `replace` runbook matches is dispatched alone, after what
+        came before it was scheduled, since its decision depends on the runs before it.
+        """
+        ids: list[str] = []
+        pending: list[tuple[Event, int | None, list[Planned]]] = []
+        for n, event in enumerate(events):
+            queue_id = None if queue_ids is None else queue_ids[n]
+            matches = self._matches(event)
+            if any(m.runbook.concurrency.policy in (SKIP, REPLACE) for m in matches):
+                ids += self._record_batch(pending)
+                pending = []
+                ids += self.dispatch(event, queue_id=queue_id)
+                continue
+            pending.append((event, queue_id, self.plan(event, matches)))
+            if len(pending) >= BATCH:
+                ids += self._record_batch(pending)
+                pending = []
+        return ids + self._record_batch(pending)
+
+    def _record_batch(self, pending: Sequence[tuple[Event, int | None, list[Planned]]]
+                      ) -> list[str]:
+        if not pending:
+            return []
+        accepted = self.rc.store.record_runs(
+            [self._row(p) for event, queue_id, planned in pending if queue_id is None
+             for p in planned],
+            [(queue_id, [self._row(p) for p in planned])
+             for event, queue_id, planned in pending if queue_id is not None])
+        taken = [(event, planned) for event, queue_id, planned in pending
+                 if queue_id is None or queue_id in accepted]
+        runs = [(p, event) for event, planned in taken for p in planned]
+        for p, _event in runs:
+            self._save_version(p.request.runbook)
+        self.rc.audit.append_many([("run.queued", self._queued_record(p, event))
+                                   for p, event in runs])
+        for p, event in runs:
+            self._schedule(p, event)
+        for event, planned in taken:
+            if not planned and event.source == "json":
+                self.log("event matched no runbook", event_id=event.id)
+        return [p.request.run_id for p, _event in runs]
 
     def dispatch(self, event: Event, queue_id: int | None = None) -> list[str]:
         """Record and schedule the runs an event starts; return their run ids."""
@@ -127,14 +178,23 @@ class Dispatcher:
                 "run_id": p.request.run_id}
 
     def _submit(self, p: Planned, event: Event) -> None:
-        rb = p.request.runbook
+        self._save_version(p.request.runbook)
+        self.rc.audit.append("run.queued", **self._queued_record(p, event))
+        self._schedule(p, event)
+
+    def _save_version(self, rb: Runbook) -> None:
         if rb.source and rb.sha256 not in self._versions:
             self.rc.store.save_runbook_version(rb.sha256, str(rb.path), rb.source)
             self._versions.add(rb.sha256)
-        self.rc.audit.append("run.queued", run_id=p.request.run_id, runbook=runbook_ref(rb),
-                             event_id=event.id, trigger=p.match.trigger_key,
-                             concurrency_key=p.key, policy=rb.concurrency.policy,
-                             replaces=list(p.replaced) or None)
+
+    def _queued_record(self, p: Planned, event: Event) -> dict[str, Any]:
+        rb = p.request.runbook
+        return {"run_id": p.request.run_id, "runbook": runbook_ref(rb), "event_id": event.id,
+                "trigger": p.match.trigger_key, "concurrency_key": p.key,
+                "policy": rb.concurrency.policy, "replaces": list(p.replaced) or None}
+
+    def _schedule(self, p: Planned, event: Event) -> None:
+        rb = p.request.runbook
         self.log("event matched", runbook=rb.name, run_id=p.request.run_id,
                  event_id=event.id, trigger=p.match.trigger_key)
         request = p.request

@@ -527,21 +527,40 @@ class Store:
         False (and nothing recorded) when the event is no longer in the queue: another
         process took it first. So an emitted event starts its runs exactly once.
         """
+        return queue_id in self.record_runs([], [(queue_id, runs)])
+
+    def record_runs(self, runs: Sequence[Mapping[str, Any]],
+                    queued: Sequence[tuple[int, Sequence[Mapping[str, Any]]]] = ()
+                    ) -> set[int]:
+        """Record new runs, and the runs of queued events with their removal from the
+        queue, all in one transaction; return the queue ids that were still there.
+
+        The runs of an event no longer in the queue (another process took it first) are
+        not recorded, so an emitted event starts its runs exactly once.
+        """
         now = _ts(_now())
-        with self._write("accepting a queued event") as c:
-            gone = c.execute("DELETE FROM event_queue WHERE id = ?", (queue_id,)).rowcount == 0
-            if gone:
-                return False
+        accepted: set[int] = set()
+        with self._write("recording runs"):
             for r in runs:
-                _check_state(r.get("state", "queued"))
-                c.execute("INSERT INTO runs (id, runbook, runbook_path, runbook_sha256, state, "
-                          "event, params, started_by, started_uid, trigger, created_at) "
-                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                          (r["run_id"], r["runbook"], r.get("runbook_path"),
-                           r.get("runbook_sha256"), r.get("state", "queued"),
-                           _json(r.get("event")), _json(r.get("params") or {}),
-                           r.get("started_by"), r.get("started_uid"), r.get("trigger"), now))
-        return True
+                self._insert_run(r, now)
+            for queue_id, event_runs in queued:
+                if self._conn.execute("DELETE FROM event_queue WHERE id = ?",
+                                      (queue_id,)).rowcount == 0:
+                    continue
+                accepted.add(queue_id)
+                for r in event_runs:
+                    self._insert_run(r, now)
+        return accepted
+
+    def _insert_run(self, r: Mapping[str, Any], now: str | None) -> None:
+        _check_state(r.get("state", "queued"))
+        self._conn.execute(
+            "INSERT INTO runs (id, runbook, runbook_path, runbook_sha256, state, event, params, "
+            "started_by, started_uid, trigger, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (r["run_id"], r["runbook"], r.get("runbook_path"), r.get("runbook_sha256"),
+             r.get("state", "queued"), _json(r.get("event")), _json(r.get("params") or {}),
+             r.get("started_by"), r.get("started_uid"), r.get("trigger"), now))
 
     def queue_length(self) -> int:
         """How many events are in the queue, leased or not."""
