@@ -247,13 +247,16 @@ class Daemon:
         for run in left:
             if run.id in ended and self._store_recorded_end(run.id, ended[run.id]):
                 continue
+            # The record first: a kill between the two then leaves the run `running`, and
+            # the next start records it again, rather than an interrupted run no record
+            # explains.
+            self.rc.audit.append("run.interrupted", run_id=run.id,
+                                 runbook=self.rc.runbook_record(run.id),
+                                 current_step=run.current_step)
             if store.update_run(run.id, expect_state=rt.RUNNING, state=rt.INTERRUPTED,
                                 exit_code=rt.EXIT_CODES[rt.INTERRUPTED],
                                 error="opsrun stopped while the run was running; "
                                       "`opsrun resume` or `opsrun cancel` it"):
-                self.rc.audit.append("run.interrupted", run_id=run.id,
-                                     runbook=self.rc.runbook_record(run.id),
-                                     current_step=run.current_step)
                 self.log("run was interrupted by a stop of opsrun", level="warning",
                          run_id=run.id, runbook=run.runbook)
         for run in store.list_runs(state=rt.WAITING, limit=1_000_000):
