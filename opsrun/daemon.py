@@ -12,6 +12,7 @@ Life of the service:
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import threading
@@ -38,6 +39,7 @@ from opsrun.runbook import Runbook, load_runbooks
 from opsrun.systemd import Notifier
 
 PARKED_CHECK_S = 0.25
+_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.EDQUOT, errno.ENOMEM})
 STATUS_EVERY_S = 5.0
 
 
@@ -190,7 +192,10 @@ class Daemon:
 
     def _job_failed(self, job: Job, error: BaseException) -> None:
         self.log("run could not go on", level="error", run_id=job.run_id, error=str(error))
-        if not isinstance(error, OpsrunError):
+        # Out of file descriptors, disk or memory is the machine's state, not a bug here.
+        exhausted = isinstance(error, MemoryError) or (
+            isinstance(error, OSError) and error.errno in _EXHAUSTED)
+        if not isinstance(error, OpsrunError) and not exhausted:
             import traceback
 
             self.log("".join(traceback.format_exception(error)), level="error")
