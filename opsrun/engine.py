@@ -122,8 +122,10 @@ class _Run:
         try:
             self.scratch = tempfile.mkdtemp(prefix=f"opsrun-{req.run_id}-")
         except OSError as e:  # out of space or file descriptors: say so, run nothing
-            raise StateError(f"cannot create a scratch folder for run {req.run_id} in "
-                             f"{tempfile.gettempdir()}: {e.strerror}; nothing was run") from None
+            # Not tempfile.gettempdir() here: it fails again the same way.
+            raise StateError(f"cannot create a scratch folder for run {req.run_id}: "
+                             f"{e.strerror or e} (out of disk space or file descriptors?); "
+                             "nothing was run") from None
         self.ordinal = 0
 
     def go(self) -> rt.RunResult:

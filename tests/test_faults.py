@@ -319,7 +319,8 @@ def test_few_file_descriptors_watch_many_logs(tmp_path: Path) -> None:
             text = log_path.read_text()
             done = [r for r in runs if r["state"] in ("succeeded", "failed") or (
                 r["state"] == "queued" and re.search(
-                    f"run could not go on run_id={r['id']} .*open files", text))]
+                    f"run could not go on run_id={r['id']} .*(open files|file descriptors)",
+                    text))]
             return runs if len(done) == 60 else None
 
         runs = wait_for(ended, timeout=60, interval=0.2, message=log_path.read_text)
