@@ -422,3 +422,40 @@ def test_the_audit_log_verified_is_the_one_written(tmp_path: Path) -> None:
     verify = opsrun("audit", "verify", env=env)
     assert verify.returncode == 0 and f"verified: {log}: 4 records" in verify.stdout, \
         verify.stdout
+
+
+def test_a_log_the_service_may_not_read_is_said(reachable: Path) -> None:
+    """The service's user cannot read a followed log: a warning, once, not a silent gap."""
+    user = other_user()
+    log = reachable / "app.log"
+    log.write_text("ERROR before\n")
+    log.chmod(0o600)  # root's
+    _warm()
+
+    def child() -> int:
+        import logging
+        import sys
+
+        from opsrun.runbook import LogTrigger
+        from opsrun.sources.logtail import LogSource
+
+        class Positions:
+            def get_log_position(self, key: str) -> None:
+                return None
+
+            def set_log_positions(self, items: object) -> None:
+                pass
+
+            def set_log_position(self, *args: object, **kw: object) -> None:
+                pass
+
+        handler = logging.StreamHandler(sys.stdout)
+        logging.getLogger("opsrun.sources").addHandler(handler)
+        source = LogSource([("k", LogTrigger(str(log), "ERROR", "start"))], Positions())
+        for _ in range(3):
+            source.poll(lambda events: None, glob_now=True)
+        return 0
+
+    code, out = run_as(user, child)
+    assert code == 0, out
+    assert out.count(f"log {log}: cannot be opened: Permission denied") == 1, out

@@ -85,6 +85,7 @@ class LogSource:
         self._globbed_at = -GLOB_EVERY_S
         self._started = False
         self._failed = False  # emit raised: what was read since the last commit is not taken
+        self._unreadable: set[str] = set()  # paths there but not openable, already logged
         self.ready = threading.Event()
         """Set once every file present at the start has its starting position."""
 
@@ -210,7 +211,9 @@ class LogSource:
         if f.reader is None:
             f.reader = Reader.open(f.path, 0, 0)  # appeared (again): all of it is new
             if f.reader is None:
+                self._note_unreadable(f.path)
                 return total
+            self._unreadable.discard(f.path)
         reader = f.reader
         got = self._read(f, reader, events)
         if not got:
@@ -218,6 +221,18 @@ class LogSource:
             if f.reader is not None and f.reader is not reader:
                 got = self._read(f, f.reader, events)  # the new file, at once
         return total + got
+
+    def _note_unreadable(self, path: str) -> None:
+        """A file that is there but cannot be opened is said once, not skipped in silence."""
+        try:
+            os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        except FileNotFoundError:
+            self._unreadable.discard(path)  # not there (yet): waited for, as tail -F does
+        except OSError as e:
+            if path not in self._unreadable:
+                self._unreadable.add(path)
+                log.warning("log %s: cannot be opened: %s; its lines are read once it can be",
+                            path, e.strerror)
 
     def _read(self, f: _Follow, r: Reader, events: list[Event]) -> int:
         if r.rewritten():
