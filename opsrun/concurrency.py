@@ -65,6 +65,7 @@ class Scheduler:
         self.on_error = on_error
         self._lock = threading.Condition()
         self._jobs: dict[str, Job] = {}
+        self._groups: dict[tuple[str, str], dict[str, Job]] = {}  # the jobs of each group
         self._queues: dict[tuple[str, str], deque[Job]] = {}  # serial groups' queued jobs
         self._parallel: deque[Job] = deque()
         self._resumes: deque[Job] = deque()
@@ -81,8 +82,9 @@ class Scheduler:
         with self._lock:
             if not self._accepting:
                 return Decision(False, reason="opsrun is shutting down")
-            group = (runbook, key)
-            active = self._in_group(group)
+            if policy not in (SKIP, REPLACE):
+                return Decision(True)
+            active = self._in_group((runbook, key))
             if policy == SKIP and active:
                 return Decision(False, reason=f"run {active[0].run_id} of {runbook} "
                                               f"(key {key!r}) is still in progress")
@@ -98,7 +100,7 @@ class Scheduler:
             if job.policy == REPLACE:
                 for other in self._in_group(job.group):
                     self._cancel_locked(other, rt.CANCELLED, f"replaced by run {job.run_id}")
-            self._jobs[job.run_id] = job
+            self._remember(job)
             if job.serial:
                 q = self._queues.setdefault(job.group, deque())
                 q.append(job)
@@ -121,7 +123,7 @@ class Scheduler:
         """A job that was already waiting for an answer when opsrun started."""
         with self._lock:
             job.state = "parked"
-            self._jobs[job.run_id] = job
+            self._remember(job)
             if job.serial:
                 self._busy[job.group] = job
 
@@ -149,12 +151,12 @@ class Scheduler:
             for q in self._queues.values():
                 for j in q:
                     j.state = "done"
-                    self._jobs.pop(j.run_id, None)
+                    self._forget(j)
             self._queues.clear()
             self._ready.clear()
             for j in self._parallel:
                 j.state = "done"
-                self._jobs.pop(j.run_id, None)
+                self._forget(j)
             self._parallel.clear()
             self._lock.notify_all()
 
@@ -180,12 +182,25 @@ class Scheduler:
 
     # ── inside ──────────────────────────────────────────────────────────────
 
+    def _remember(self, job: Job) -> None:
+        self._jobs[job.run_id] = job
+        self._groups.setdefault(job.group, {})[job.run_id] = job
+
+    def _forget(self, job: Job) -> None:
+        self._jobs.pop(job.run_id, None)
+        members = self._groups.get(job.group)
+        if members is not None:
+            members.pop(job.run_id, None)
+            if not members:
+                del self._groups[job.group]
+
     def _in_group(self, group: tuple[str, str]) -> list[Job]:
+        """The group's jobs in progress: its busy one, its queue in order, the rest."""
         out = [self._busy[group]] if group in self._busy else []
         out += list(self._queues.get(group, ()))
-        out += [j for j in self._parallel if j.group == group]
-        out += [j for j in self._jobs.values() if j.group == group and j.state == "running"
-                and j not in out]
+        listed = {j.run_id for j in out}
+        out += [j for j in self._groups.get(group, {}).values()
+                if j.state in ("queued", "running") and j.run_id not in listed]
         return out
 
     def _cancel_locked(self, job: Job, reason: str, why: str | None) -> None:
@@ -193,7 +208,7 @@ class Scheduler:
         if job.state == "parked":
             # Nothing runs; the caller records the cancel of a parked run itself.
             job.state = "done"
-            self._jobs.pop(job.run_id, None)
+            self._forget(job)
             self._release(job)
         elif job.state == "queued":
             # Never started: start it now (no slot needed) so the engine records the cancel.
@@ -265,7 +280,7 @@ class Scheduler:
             if job.state == "running":
                 job.state = "done"
             if job.state == "done":
-                self._jobs.pop(job.run_id, None)
+                self._forget(job)
                 self._release(job)
             self._pump_locked()
             self._lock.notify_all()
