@@ -170,7 +170,7 @@ class Daemon:
             self.log("run is driven by another process; leaving it", level="warning",
                      run_id=job.run_id)
             return
-        parked = False
+        parked = ended = False
         try:
             if job.resume:
                 run = self.rc.store.get_run(job.run_id)
@@ -179,6 +179,7 @@ class Daemon:
                 request = resume.load_request(self.rc.store, run, self.opts.inventory)
             self.requests[job.run_id] = request
             result = self.engine.run(request, job.cancel)
+            ended = result.state in rt.FINAL_STATES
             if result.state == rt.WAITING and result.waiting_step:
                 self.waiting_steps[job.run_id] = result.waiting_step
                 self.scheduler.mark_parked(job)
@@ -188,7 +189,7 @@ class Daemon:
             if not parked:
                 self.requests.pop(job.run_id, None)
                 self.waiting_steps.pop(job.run_id, None)
-                self._unlock_run(job.run_id)
+                self._unlock_run(job.run_id, remove=ended)
 
     def _job_failed(self, job: Job, error: BaseException) -> None:
         self.log("run could not go on", level="error", run_id=job.run_id, error=str(error))
@@ -238,7 +239,7 @@ class Daemon:
                              error=f"cancelled by {who} while waiting for an answer")
         self.requests.pop(job.run_id, None)
         self.waiting_steps.pop(job.run_id, None)
-        self._unlock_run(job.run_id)
+        self._unlock_run(job.run_id, remove=True)
 
     # ── after a crash ───────────────────────────────────────────────────────
 
@@ -335,10 +336,21 @@ class Daemon:
             self.locks[run_id] = fd
             return True
 
-    def _unlock_run(self, run_id: str) -> None:
+    def _unlock_run(self, run_id: str, *, remove: bool = False) -> None:
+        """Let go of a run; `remove` (for a run that has ended) also deletes its lock file,
+        still locked, so that a busy service does not leave one file per run behind."""
+        from opsrun.run_setup import runs_dir
+
         with self._locks_mutex:
             fd = self.locks.pop(run_id, None)
         if fd is not None:
+            if remove:
+                # Whoever opens the name later makes a new file, locks it, and finds the
+                # run ended: an ended run needs no more exclusion.
+                try:
+                    (runs_dir(self.rc.state_dir) / f"{run_id}.lock").unlink(missing_ok=True)
+                except OSError:
+                    pass  # a lock file left behind does no harm
             os.close(fd)
 
     # ── stop ────────────────────────────────────────────────────────────────

@@ -583,6 +583,9 @@ class Store:
         it points at was fsynced already, and a head that lags after a power cut only means
         verify checks fewer records against it. It keeps durable appends at one fsync each.
         """
+        if not self.durable:  # already NORMAL: two statements less per audit record
+            self._set_audit_head(head)
+            return
         with self._lock, self._errors("saving the audit head"):
             self._conn.execute("PRAGMA synchronous = NORMAL")
             try:
