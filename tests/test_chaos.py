@@ -27,7 +27,7 @@ SEED = 11
 
 
 def test_chaos_kill_9_loop() -> None:
-    iterations = int(os.environ.get("OPSRUN_CHAOS_ITERATIONS", "30"))
+    iterations = int(os.environ.get("OPSRUN_CHAOS_ITERATIONS", "25"))
     report = run_chaos(iterations, SEED)
     print(json.dumps(report, indent=2))
     assert report["problems"] == []
