@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -26,58 +27,110 @@ from opsrun.sources.stdin_json import Rejection, read_events
 
 BATCH = 10_000
 BATCH_BYTES = 2 * 1024 * 1024  # per request to the service (its limit is 4 MiB)
-
-
-@dataclass
-class _Sent:
-    """What the running service took of an emit."""
-
-    taken: int = 0  # events it acknowledged
-    lost: int = 0  # events of the request it went away in: queued or not, its receipt says
-    receipt: str | None = None
+BATCH_WAIT_S = 1.0  # a batch begun this long ago goes with the next event that comes
 
 
 def emit(arg: str | None, *, state_dir: str | None, audit_log: str | None) -> int:
     """Put events on the durable queue for `opsrun watch`; works while it is down.
 
-    What the service does not take (none runs, or it stops in the middle) goes straight
-    into the queue it drains, each event exactly once.
+    Events are sent in batches as they are read, so a flood on stdin takes no more memory
+    than a batch. What the service does not take (none runs, or it stops in the middle)
+    goes straight into the queue it drains, each event exactly once.
     """
-    items = list(_events_from_arg(arg))
-    events = [e for e in items if isinstance(e, Event)]
-    rejected = [r for r in items if isinstance(r, Rejection)]
-    for r in rejected:
-        print(f"opsrun: {_where(arg)}{r}", file=sys.stderr)
-    sent = _send_to_service(state_dir, events) if events else _Sent()
-    later = 0
-    if rejected or sent.taken < len(events):
-        from opsrun.run_setup import open_run_context
-
-        with open_run_context(state_dir, audit_log, {}) as rc:
-            for r in rejected:
-                _audit_rejection(rc.audit, r, "emit")
-            if sent.receipt is not None and rc.store.has_receipt(sent.receipt):
-                sent.taken += sent.lost  # the service queued it before it went away
-            rest = events[sent.taken:]
-            for start in range(0, len(rest), BATCH):
-                rc.store.enqueue_events([e.data for e in rest[start:start + BATCH]],
-                                        source={"via": "opsrun emit",
-                                                "user": identity.current().user})
-            later = len(rest)
-    if events:
-        print(_queued_message(len(events), sent, later))
-    return 2 if rejected else 0
+    with _Emitter(state_dir, audit_log) as out:
+        batch: list[dict[str, Any]] = []
+        size, began = 0, 0.0
+        for item in _events_from_arg(arg):
+            if isinstance(item, Rejection):
+                print(f"opsrun: {_where(arg)}{item}", file=sys.stderr)
+                out.reject(item)
+                continue
+            n = len(item.to_json()) + 2
+            if batch and (len(batch) >= BATCH or size + n > BATCH_BYTES
+                          or time.monotonic() - began > BATCH_WAIT_S):
+                out.send(batch)
+                batch, size = [], 0
+            if not batch:
+                began = time.monotonic()
+            batch.append(dict(item.data))
+            size += n
+        if batch:
+            out.send(batch)
+    if out.taken or out.later:
+        print(out.message())
+    return 2 if out.rejected else 0
 
 
-def _queued_message(total: int, sent: _Sent, later: int) -> str:
-    if not later:
-        return f"queued {total} event{'s' * (total != 1)} for the running service"
-    if not sent.taken and not sent.lost:
-        return (f"queued {total} event{'s' * (total != 1)} for later: no service is running; "
-                "it takes queued events when it starts")
-    return (f"queued {total} events: {sent.taken} for the running service, {later} for "
-            "later: the service stopped while taking them; it takes queued events when it "
-            "starts")
+class _Emitter:
+    """Hands batches to the running service until it is gone (or found not to run), then
+    queues them straight in the state store; each event exactly once."""
+
+    def __init__(self, state_dir: str | None, audit_log: str | None) -> None:
+        self.state_dir = state_dir
+        self.audit_log = audit_log
+        self.sock = paths.state_dir_from_env(state_dir) / paths.CONTROL_SOCKET
+        self.service = True  # worth asking: not found gone yet
+        self.lost = False  # it went away in the middle
+        self.taken = self.later = self.rejected = 0
+        self._stack = ExitStack()
+        self._rc: Any = None
+
+    def __enter__(self) -> _Emitter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def send(self, batch: list[dict[str, Any]]) -> None:
+        if self.service and self._to_service(batch):
+            self.taken += len(batch)
+            return
+        self._context().store.enqueue_events(batch, source={
+            "via": "opsrun emit", "user": identity.current().user})
+        self.later += len(batch)
+
+    def _to_service(self, batch: list[dict[str, Any]]) -> bool:
+        """Whether the service queued the batch (asking it, or its receipt when it went
+        away before it answered)."""
+        from opsrun import control
+        from opsrun.ids import new_id
+
+        receipt = new_id()
+        try:
+            reply = control.request(self.sock, {"op": "emit", "events": batch,
+                                                "receipt": receipt}, timeout_s=120)
+        except control.ControlLost:
+            self.service, self.lost = False, True
+            return bool(self._context().store.has_receipt(receipt))
+        except control.ControlUnavailable:
+            self.service, self.lost = False, self.taken > 0
+            return False
+        if not reply.ok:
+            raise UsageError(reply.message)
+        return True
+
+    def reject(self, r: Rejection) -> None:
+        self.rejected += 1
+        _audit_rejection(self._context().audit, r, "emit")
+
+    def _context(self) -> Any:
+        if self._rc is None:
+            from opsrun.run_setup import open_run_context
+
+            self._rc = self._stack.enter_context(open_run_context(self.state_dir,
+                                                                  self.audit_log, {}))
+        return self._rc
+
+    def message(self) -> str:
+        total = self.taken + self.later
+        if not self.later:
+            return f"queued {total} event{'s' * (total != 1)} for the running service"
+        if not self.taken and not self.lost:
+            return (f"queued {total} event{'s' * (total != 1)} for later: no service is "
+                    "running; it takes queued events when it starts")
+        return (f"queued {total} events: {self.taken} for the running service, "
+                f"{self.later} for later: the service stopped while taking them; it takes "
+                "queued events when it starts")
 
 
 def _where(arg: str | None) -> str:
@@ -94,43 +147,6 @@ def _events_from_arg(arg: str | None) -> Iterator[Event | Rejection]:
         yield parse_json_event(arg.encode("utf-8", "surrogateescape"))
     except EventRejected as e:
         raise UsageError(f"the event was rejected: {e}") from None
-
-
-def _send_to_service(state_dir: str | None, events: list[Event]) -> _Sent:
-    """Hand events to the running service, batch by batch, until done or it is gone."""
-    from opsrun import control
-    from opsrun.ids import new_id
-
-    sock = paths.state_dir_from_env(state_dir) / paths.CONTROL_SOCKET
-    sent = _Sent()
-    for batch in _batches(events):
-        receipt = new_id()
-        try:
-            reply = control.request(sock, {"op": "emit", "events": batch,
-                                           "receipt": receipt}, timeout_s=120)
-        except control.ControlLost:
-            return _Sent(sent.taken, len(batch), receipt)
-        except control.ControlUnavailable:
-            return sent
-        if not reply.ok:
-            raise UsageError(reply.message)
-        sent.taken += len(batch)
-    return sent
-
-
-def _batches(events: list[Event]) -> Iterator[list[dict[str, Any]]]:
-    """Events in requests of at most BATCH events and about BATCH_BYTES."""
-    batch: list[dict[str, Any]] = []
-    size = 0
-    for e in events:
-        n = len(e.to_json()) + 2
-        if batch and (len(batch) >= BATCH or size + n > BATCH_BYTES):
-            yield batch
-            batch, size = [], 0
-        batch.append(dict(e.data))
-        size += n
-    if batch:
-        yield batch
 
 
 def _audit_rejection(audit: AuditLog, r: Rejection, source: str) -> None:
