@@ -5,6 +5,8 @@ scheduler whether the run may join (a `skip` policy may drop it: audited as run.
 records the run as `queued` in the state store and the audit log, and hands it to the
 scheduler. Runs for an event from the `emit` queue are recorded in the same transaction
 that removes the event from the queue, so an emitted event starts its runs exactly once.
+The service hands over batches (`dispatch_batch`): their runs share one transaction and
+one audit group commit.
 """
 from __future__ import annotations
 
