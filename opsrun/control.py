@@ -16,7 +16,8 @@ import socket
 import stat
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from opsrun.errors import OpsrunError
 from opsrun.identity import Identity, for_uid
 
 MAX_REQUEST = 4 * 1024 * 1024  # a batch of events (each at most 1 MiB) fits
+MAX_ADDRESS = 107  # sun_path holds 108 bytes, the last a NUL
 Handler = Callable[[dict[str, Any], Identity], dict[str, Any]]
 
 
@@ -66,7 +68,8 @@ class Server:
         """Bind (replacing a stale socket file) and serve in the background."""
         _remove_stale(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(self.path))
+        with address(self.path) as where:
+            sock.bind(where)
         _share_with_folder_group(self.path)
         sock.listen(16)
         sock.settimeout(0.2)
@@ -133,7 +136,8 @@ def request(path: Path, payload: dict[str, Any], *, timeout_s: float = 30.0) -> 
     sock.settimeout(timeout_s)
     try:
         try:
-            sock.connect(str(path))
+            with address(path) as where:
+                sock.connect(where)
         except (FileNotFoundError, ConnectionRefusedError) as e:
             raise ControlUnavailable(str(e)) from None
         except PermissionError as e:
@@ -167,6 +171,28 @@ def _read_line(sock: socket.socket) -> bytes:
     return buf.split(b"\n", 1)[0]
 
 
+@contextmanager
+def address(path: Path) -> Iterator[str]:
+    """An address for bind or connect that reaches `path` however long the path is.
+
+    A Unix socket address holds at most 107 bytes, which a state folder in a deep home or
+    temp folder can pass; then the socket is reached through an open descriptor of its
+    folder, `/proc/self/fd/N/NAME`, which is short and names the same file.
+    """
+    text = str(path)
+    if len(os.fsencode(text)) <= MAX_ADDRESS:
+        yield text
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        short = f"/proc/self/fd/{fd}/{path.name}"
+        if len(os.fsencode(short)) > MAX_ADDRESS:
+            raise OpsrunError(f"the socket name {path.name!r} is too long for a Unix socket")
+        yield short
+    finally:
+        os.close(fd)
+
+
 def _remove_stale(path: Path) -> None:
     """A socket file left by a dead process is removed; a live one is an error."""
     try:
@@ -177,7 +203,8 @@ def _remove_stale(path: Path) -> None:
         raise OpsrunError(f"{path} exists and is not a socket; remove it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        probe.connect(str(path))
+        with address(path) as where:
+            probe.connect(where)
     except (ConnectionRefusedError, FileNotFoundError):
         path.unlink(missing_ok=True)
         return
