@@ -1,6 +1,7 @@
 """A second OS user for the tests of who may do what (CI runs as root and creates it)."""
 from __future__ import annotations
 
+import fcntl
 import grp
 import os
 import pwd
@@ -26,15 +27,23 @@ def other_user() -> OtherUser:
     """Create (once) a user outside root's groups, in the group GROUP."""
     if os.geteuid() != 0:
         pytest.skip("creating a second user needs root (CI runs the tests as root)")
+    # Test workers run side by side: whoever comes second finds the lock of /etc/passwd
+    # taken or the user made, so the outcome that counts is the user existing afterwards.
+    lock = open("/run/opsrun-test-user.lock", "w")
     try:
-        grp.getgrnam(GROUP)
-    except KeyError:
-        subprocess.run(["groupadd", "-f", GROUP], check=True)
-    try:
-        pw = pwd.getpwnam(USER)
-    except KeyError:
-        subprocess.run(["useradd", "-M", "-N", "-g", GROUP, "-s", "/bin/sh", USER], check=True)
-        pw = pwd.getpwnam(USER)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            grp.getgrnam(GROUP)
+        except KeyError:
+            subprocess.run(["groupadd", "-f", GROUP], check=True)
+        try:
+            pw = pwd.getpwnam(USER)
+        except KeyError:
+            subprocess.run(["useradd", "-M", "-N", "-g", GROUP, "-s", "/bin/sh", USER],
+                           check=True)
+            pw = pwd.getpwnam(USER)
+    finally:
+        lock.close()
     return OtherUser(USER, pw.pw_uid, pw.pw_gid)
 
 
