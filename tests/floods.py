@@ -81,8 +81,10 @@ def run_measured(argv: Sequence[str], stdin: bytes, env: dict[str, str],
     """Run a command with `stdin`, stdout to `out`; return (exit code, seconds, peak RSS
     in MB of that process, from wait4)."""
     t0 = time.monotonic()
+    peak_file = out.with_suffix(".peak")
     with open(out, "wb") as sink, open(out.with_suffix(".err"), "wb") as err:
-        p = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=sink, stderr=err,
+        p = subprocess.Popen([sys.executable, "-c", _PEAK_OF_CHILD, str(peak_file), *argv],
+                             stdin=subprocess.PIPE, stdout=sink, stderr=err,
                              env={**os.environ, **env})
         assert p.stdin is not None
 
@@ -95,10 +97,28 @@ def run_measured(argv: Sequence[str], stdin: bytes, env: dict[str, str],
 
         feeder = threading.Thread(target=feed, daemon=True)
         feeder.start()
-        _, status, usage = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
+        p.wait()
         feeder.join(timeout=10)
-    return p.returncode, time.monotonic() - t0, usage.ru_maxrss / 1024
+    return p.returncode, time.monotonic() - t0, int(peak_file.read_text()) / 1024
+
+
+# The kernel starts a new program's peak RSS at the peak of the process that made it (exec
+# keeps the old high-water mark), so a command started straight from a big pytest worker
+# would report the worker's size. A small Python in between starts it and reads its own
+# child's peak from wait4.
+_PEAK_OF_CHILD = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
 
 @contextmanager
