@@ -146,13 +146,16 @@ def audit_segment_bytes(environ: Mapping[str, str] | None = None) -> int:
 
 
 @contextmanager
-def driving(state_dir: Path, run_id: str) -> Iterator[None]:
+def driving(state_dir: Path, run_id: str, store: Store) -> Iterator[None]:
     """Hold the lock that says "this process drives this run" while it runs or waits.
 
     The kernel drops the lock when the process dies, so `opsrun resume` can tell a run that
     nobody drives any more from one another process is still working on or waiting for.
+    Once the run has ended the lock file is removed, still locked, so that the folder does
+    not keep one file per run ever made.
     """
     from opsrun import file_lock
+    from opsrun.store import FINAL_RUN_STATES
 
     path = runs_dir(state_dir) / f"{run_id}.lock"
     fd = file_lock.open_lock_file(path)
@@ -161,6 +164,9 @@ def driving(state_dir: Path, run_id: str) -> Iterator[None]:
             with file_lock.flock(fd, timeout_s=0, what=str(path)):
                 _write_pid(fd, path)
                 yield
+                run = store.get_run(run_id)
+                if run is not None and run.state in FINAL_RUN_STATES:
+                    path.unlink(missing_ok=True)
         except file_lock.LockTimeout:
             raise RunBusy(f"run {run_id} is still being run or waited on by another opsrun "
                           f"process (pid {driver_pid(state_dir, run_id) or '?'}); stop that "

@@ -403,3 +403,16 @@ def test_live_view_on_a_terminal(repo_root: Path, env: dict[str, str]) -> None:
     assert "Hello, Tty!" in out
     assert "✓" in out and "Say hello" in out
     assert "succeeded" in out and "outcome" in out  # the summary table
+
+
+def test_an_ended_run_leaves_no_lock_file(tmp_path: Path, env: dict[str, str]) -> None:
+    ok = write(tmp_path, "ok.yaml", "steps:\n  - run: 'true'\n")
+    bad = write(tmp_path, "bad.yaml", "steps:\n  - run: 'false'\n")
+    assert opsrun("run", str(ok), env=env).returncode == 0
+    assert opsrun("run", str(bad), env=env).returncode == 1
+    events = '{"kind": "x"}\n'
+    (tmp_path / "rb").mkdir()
+    write(tmp_path / "rb", "e.yaml", "on: [{event: {where: {kind: x}}}]\nsteps:\n  - run: 'true'\n")
+    assert opsrun("dispatch", "-r", str(tmp_path / "rb"), input=events, env=env).returncode == 0
+    runs = Path(env["OPSRUN_STATE_DIR"]) / "runs"
+    assert list(runs.glob("*.lock")) == []

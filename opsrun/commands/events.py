@@ -215,7 +215,7 @@ def _run_all(matcher: Matcher, parallel: int, state_dir: str | None, audit_log: 
         scheduler = Scheduler(parallel)
 
         def start(job: Job, request: RunRequest) -> None:
-            with driving(rc.state_dir, request.run_id):
+            with driving(rc.state_dir, request.run_id, rc.store):
                 result = eng.run(request, job.cancel)
             with lock:
                 codes.append(result.exit_code)

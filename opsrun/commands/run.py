@@ -42,7 +42,7 @@ def main(ref: str, folder: Path, *, param_args: list[str], event_arg: str | None
     reporter = output.reporter(as_json)
     with open_run_context(state_dir, audit_log, secret_values,
                           accept_new_hosts=accept_new_hosts) as rc, \
-            driving(rc.state_dir, req.run_id):
+            driving(rc.state_dir, req.run_id, rc.store):
         asks = any(s.kind == "confirm" for s in rb.all_steps())
         eng = rc.engine([reporter], confirmer=rc.confirmer(yes=yes, starter=starter)
                         if asks else None)

@@ -130,7 +130,7 @@ def resume_run(state_dir: str | None, audit_log: str | None, run_ref: str, *, ye
     with open_run_context(state_dir, audit_log, secret_values,
                           accept_new_hosts=accept_new_hosts) as rc:
         run_id = resolve_run_id(rc.store, run_ref)
-        with driving(rc.state_dir, run_id):
+        with driving(rc.state_dir, run_id, rc.store):
             run = rc.store.get_run(run_id)
             assert run is not None
             req = resume.request_for(rc.store, run, inventory)
@@ -178,7 +178,7 @@ def cancel_run(state_dir: str | None, audit_log: str | None, run_ref: str) -> in
             else:
                 print(f"asked opsrun process {pid} to stop run {run_id}")
                 return 0
-        with driving(rc.state_dir, run_id):
+        with driving(rc.state_dir, run_id, rc.store):
             if not rc.store.update_run(run_id, expect_state=(rt.QUEUED, rt.WAITING,
                                                               rt.INTERRUPTED, rt.RUNNING),
                                        state=rt.CANCELLED,
