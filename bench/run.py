@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -53,13 +54,14 @@ def median_of(fn: Callable[[], float], repeat: int) -> float:
     return statistics.median(fn() for _ in range(repeat))
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 60.0) -> object:
+def wait_for(predicate: Callable[[], object], timeout: float = 60.0,
+             interval: float = 0.002) -> object:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         value = predicate()
         if value:
             return value
-        time.sleep(0.002)  # polling a condition with a deadline, not waiting for an outcome
+        time.sleep(interval)  # polling a condition with a deadline, not waiting for an outcome
     raise TimeoutError("condition not met in time")
 
 
@@ -88,6 +90,8 @@ def service(runbooks: Path, state: Path, *extra: str) -> Iterator[subprocess.Pop
             break
     else:
         raise RuntimeError("opsrun watch did not start")
+    # Keep reading its log: a full pipe would stop the service at its next log line.
+    threading.Thread(target=lambda: all(True for _ in p.stderr or ()), daemon=True).start()
     try:
         yield p
     finally:
@@ -428,7 +432,7 @@ def memory(tmp: Path, quick: bool) -> list[Row]:
                 def drained() -> bool:
                     with sqlite3.connect(f"file:{state}?mode=ro", uri=True) as c:
                         return c.execute("SELECT count(*) FROM event_queue").fetchone()[0] == 0
-                wait_for(drained, 600)
+                wait_for(drained, 600, interval=0.5)
                 after = rss_mb(p.pid)
                 rows.append(Row(f"memory: watch RSS after {count:,} events ({n:,} runbooks)",
                                 after, "MB", {"idle, same service": idle},
@@ -544,7 +548,12 @@ def main() -> int:
             if only and name not in only:
                 continue
             print(f"measuring {name} …", file=sys.stderr, flush=True)
-            rows += fn()
+            try:
+                rows += fn()
+            except Exception as e:  # noqa: BLE001 - one broken figure must not lose the rest
+                print(f"  {name} failed: {type(e).__name__}: {e}", file=sys.stderr)
+                rows.append(Row(name, None, "", {}, "", None,
+                                f"failed: {type(e).__name__}: {e}"[:200]))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     text = table(rows)
