@@ -207,15 +207,19 @@ def latency(tmp: Path, repeat: int) -> list[Row]:
             peers["entr"] = None
         with service(rbdir, tmp / "lat-state"):
             file_ms = statistics.median(through(target, stamps["file"], rounds))
-            emit = []
+            emit, after_return = [], []
             for i in range(rounds):
                 before = count(stamps["emit"])
                 t0 = time.time()
                 subprocess.run([*opsrun_cmd(), "emit", json.dumps({"kind": "bench", "i": i})],
                                env=env, check=True, capture_output=True)
+                returned = time.time()
                 wait_for(lambda: count(stamps["emit"]) > before, 30)
                 emit.append((last(stamps["emit"]) - t0) * 1000)
+                # The step often starts before emit has exited: that is no wait at all.
+                after_return.append(max(0.0, last(stamps["emit"]) - returned) * 1000)
             emit_ms = statistics.median(emit)
+            returned_ms = statistics.median(after_return)
     finally:
         for p in procs:
             os.killpg(p.pid, signal.SIGTERM)
@@ -224,9 +228,11 @@ def latency(tmp: Path, repeat: int) -> list[Row]:
                     "median < 100 ms, ≤ 5× inotifywait + bash",
                     file_ms < 100 and (base is None or file_ms <= 5 * base),
                     "includes the default 50 ms debounce"))
+    rows.append(Row("event latency: `opsrun emit` returned → step started", returned_ms, "ms",
+                    {}, "< 100 ms", returned_ms < 100,
+                    "0 when the step started before emit had exited"))
     rows.append(Row("event latency: `opsrun emit` started → step started", emit_ms, "ms",
-                    {}, "< 100 ms after emit returns",
-                    None, "includes emit's own start-up; the step starts before emit exits"))
+                    {}, "", None, "includes the start-up of the emit command itself"))
     return rows
 
 
@@ -558,6 +564,8 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     text = table(rows)
     print(text)
+    if only:
+        return 0  # a partial table is printed, never written over the full one
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     mode = " (--quick)" if args.quick else ""
     (HERE / "RESULTS.md").write_text(
