@@ -38,6 +38,21 @@ def write(folder: Path, name: str, text: str) -> Path:
     return path
 
 
+def marker_runbook(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A runbooks folder with one runbook, fired by `{"kind": "go"}`, that touches a marker:
+    (folder, runbook, marker)."""
+    marker = tmp_path / "ran"
+    rbdir = tmp_path / "runbooks"
+    rbdir.mkdir()
+    rb = write(rbdir, "m.yaml", f"""\
+        on:
+          - event: {{where: {{kind: go}}}}
+        steps:
+          - run: touch {marker}
+        """)
+    return rbdir, rb, marker
+
+
 def _mount(*args: str) -> bool:
     return os.geteuid() == 0 and subprocess.run(["mount", *args], capture_output=True,
                                                 check=False).returncode == 0
@@ -155,15 +170,7 @@ def test_state_disk_full_run_emit_watch(tmp_path: Path, mounts: list[Path]) -> N
         pytest.skip("needs root that may mount a small tmpfs")
     state = fs / "state"
     env = {"OPSRUN_STATE_DIR": str(state)}
-    marker = tmp_path / "ran"
-    rbdir = tmp_path / "runbooks"
-    rbdir.mkdir()
-    rb = write(rbdir, "m.yaml", f"""\
-        on:
-          - event: {{where: {{kind: go}}}}
-        steps:
-          - run: touch {marker}
-        """)
+    rbdir, rb, marker = marker_runbook(tmp_path)
     assert opsrun("run", str(rb), env=env).returncode == 0
     assert opsrun("emit", '{"kind": "go", "n": 1}', env=env).returncode == 0
     marker.unlink()
@@ -216,15 +223,7 @@ def test_state_disk_full_run_emit_watch(tmp_path: Path, mounts: list[Path]) -> N
 def test_read_only_state_folder(tmp_path: Path, mounts: list[Path]) -> None:
     state = tmp_path / "state"
     env = {"OPSRUN_STATE_DIR": str(state)}
-    marker = tmp_path / "ran"
-    rbdir = tmp_path / "runbooks"
-    rbdir.mkdir()
-    rb = write(rbdir, "m.yaml", f"""\
-        on:
-          - event: {{where: {{kind: go}}}}
-        steps:
-          - run: touch {marker}
-        """)
+    rbdir, rb, marker = marker_runbook(tmp_path)
     assert opsrun("run", str(rb), env=env).returncode == 0
     marker.unlink()
     before = (state / "audit.jsonl").read_bytes()
