@@ -260,17 +260,25 @@ def log_burst(work: Path, count: int, *, every: int = 100) -> Figure:
         with log.open("a") as f:
             f.write(body)
         expected = {f"{n} {n + 1}" for n in range(count) if (n + 1) % every == 0}
-        wait_for(lambda: len(marker_lines(marks)) >= len(expected) and settled(svc),
-                 timeout=600, interval=0.25,
-                 message=lambda: f"{len(marker_lines(marks))} of {len(expected)} ran")
-        seconds = time.monotonic() - t0
-        rss = vm_hwm_mb(svc.proc.pid)
-        assert left_behind(svc) == []
-        assert svc.stop() == 0
+        seconds, rss = until_all_ran(svc, marks, len(expected), t0)
     got = Counter(marker_lines(marks))
     assert set(got) == expected and max(got.values()) == 1
     return check_rss(Figure("log lines in one burst", count, seconds, rss,
                             {"runs": len(expected)}))
+
+
+def until_all_ran(svc: Service, marks: Path, count: int, t0: float) -> tuple[float, float]:
+    """Wait until `count` runs wrote their marker and the service is idle, then stop it:
+    (seconds since t0, the service's peak RSS in MB); no lock file may be left."""
+    assert svc.proc is not None
+    wait_for(lambda: len(marker_lines(marks)) >= count and settled(svc),
+             timeout=600, interval=0.25,
+             message=lambda: f"{len(marker_lines(marks))} of {count} ran")
+    seconds = time.monotonic() - t0
+    rss = vm_hwm_mb(svc.proc.pid)
+    assert left_behind(svc) == []
+    assert svc.stop() == 0
+    return seconds, rss
 
 
 def files_at_once(work: Path, count: int) -> Figure:
@@ -288,13 +296,7 @@ def files_at_once(work: Path, count: int) -> Figure:
         t0 = time.monotonic()
         for n in range(count):
             (drop / f"f{n}.csv").write_text(str(n))
-        wait_for(lambda: len(marker_lines(marks)) >= count and settled(svc),
-                 timeout=600, interval=0.25,
-                 message=lambda: f"{len(marker_lines(marks))} of {count} ran")
-        seconds = time.monotonic() - t0
-        rss = vm_hwm_mb(svc.proc.pid)
-        assert left_behind(svc) == []
-        assert svc.stop() == 0
+        seconds, rss = until_all_ran(svc, marks, count, t0)
     got = Counter(marker_lines(marks))
     assert set(got) == {str(drop / f"f{n}.csv") for n in range(count)}
     assert max(got.values()) == 1
