@@ -592,7 +592,8 @@ def _clean(value: Any, mask: Masker | None) -> Any:
 
 
 def _rfc3339(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.fromtimestamp(t, timezone.utc).replace(tzinfo=None).isoformat(
+        timespec="microseconds") + "Z"
 
 
 def _identity() -> tuple[str, int, str]:
