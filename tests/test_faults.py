@@ -53,6 +53,13 @@ def marker_runbook(tmp_path: Path) -> tuple[Path, Path, Path]:
     return rbdir, rb, marker
 
 
+def reap(proc: subprocess.Popen[bytes]) -> None:
+    """Kill a service a failed test left running, so it cannot outlive the test."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def _mount(*args: str) -> bool:
     return os.geteuid() == 0 and subprocess.run(["mount", *args], capture_output=True,
                                                 check=False).returncode == 0
@@ -209,9 +216,7 @@ def test_state_disk_full_run_emit_watch(tmp_path: Path, mounts: list[Path]) -> N
         svc.send_signal(signal.SIGTERM)
         assert svc.wait(timeout=30) == 0
     finally:
-        if svc.poll() is None:
-            svc.kill()
-            svc.wait()
+        reap(svc)
     text = log_path.read_text()
     assert "Traceback" not in text, text
     verify = opsrun("audit", "verify", env=env)
@@ -326,9 +331,7 @@ def test_few_file_descriptors_watch_many_logs(tmp_path: Path) -> None:
         svc.send_signal(signal.SIGTERM)
         assert svc.wait(timeout=30) == 0
     finally:
-        if svc.poll() is None:
-            svc.kill()
-            svc.wait()
+        reap(svc)
     text = log_path.read_text()
     assert "Traceback" not in text, text
     assert sorted(r["runbook"] for r in runs) == sorted(f"r{i}" for i in range(60))  # once each
@@ -380,9 +383,7 @@ def test_inotify_watch_limit_is_said_and_nothing_is_missed(tmp_path: Path) -> No
         svc.send_signal(signal.SIGTERM)
         assert svc.wait(timeout=30) == 0
     finally:
-        if svc.poll() is None:
-            svc.kill()
-            svc.wait()
+        reap(svc)
     text = log_path.read_text()
     assert "inotify limit is reached" in text and "max_user_watches" in text, text
     assert "Traceback" not in text
