@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from opsrun import run_types as rt
 from opsrun.audit import AuditLog
+from opsrun.describe import describe_answer
 from opsrun.errors import OpsrunError, UsageError
 from opsrun.identity import Identity
-from opsrun.runbook import Approvers
+from opsrun.runbook import Approvers, Step
 from opsrun.store import ApprovalRecord, Store
 
 POLL_S = 0.2
@@ -28,7 +29,24 @@ class AnswerRefused(OpsrunError):
 
 
 def approvers_record(a: Approvers) -> dict[str, Any]:
+    """Who may answer, as stored with the question and written to the audit log."""
     return {"users": list(a.users), "groups": list(a.groups), "not_starter": a.not_starter}
+
+
+def check_flag_may_answer(steps: Iterable[Step], who: Identity, starter: str) -> None:
+    """`--yes` answers only where whoever gave it may answer; otherwise nothing runs.
+
+    Raises UsageError naming the first confirm step the flag cannot answer and who can.
+    """
+    for step in steps:
+        if step.kind != "confirm":
+            continue
+        rec = approvers_record(step.approvers)
+        why = refusal(rec, who, starter)
+        if why:
+            raise UsageError(f"--yes cannot answer step {step.id!r}: {why}; who may answer: "
+                             f"{describe_approvers(rec)}. Nothing was run: run it without "
+                             "--yes, and one of them answers with `opsrun approve`")
 
 
 def describe_approvers(rec: dict[str, Any] | list[Any]) -> str:
@@ -115,8 +133,11 @@ def _nothing_waits(store: Store, run_id: str, step_id: str | None = None) -> str
     if answered:
         a = answered[-1]
         when = a.answered_at.strftime("%Y-%m-%d %H:%M:%S UTC") if a.answered_at else "?"
-        return (f"run {run_id} was already answered: step {a.step_id!r} {a.answer} by "
-                f"{a.answered_by} ({a.how}) at {when}")
+        if a.how == "cancel":
+            return (f"run {run_id} was cancelled at {when} while step {a.step_id!r} waited "
+                    "for an answer: its question is closed, and answers are no longer taken")
+        return (f"run {run_id} was already answered: step {a.step_id!r} "
+                f"{describe_answer(a.answer == 'approved', a.answered_by, a.how)} at {when}")
     waiting = store.pending_approvals(run_id)
     if step_id is not None and waiting:
         other = waiting[0].step_id

@@ -230,9 +230,7 @@ class Daemon:
         store.update_run(job.run_id, state=rt.CANCELLED, finished_at=datetime.now(timezone.utc),
                          exit_code=rt.EXIT_CODES[rt.CANCELLED],
                          error=f"cancelled by {who} while waiting for an answer")
-        for q in store.pending_approvals(job.run_id):
-            store.answer_approval(job.run_id, "denied", answered_by="(cancelled)",
-                                  answered_uid=None, how="cancel", step_id=q.step_id)
+        store.close_questions(job.run_id)
         self.rc.audit.append("run.finished", run_id=job.run_id,
                              runbook=self.rc.runbook_record(job.run_id), state=rt.CANCELLED,
                              exit_code=rt.EXIT_CODES[rt.CANCELLED],

@@ -88,3 +88,14 @@ def step_facts(step: Step) -> list[str]:
 
 def runbook_triggers_short(rb: Runbook) -> str:
     return "; ".join(trigger_short(t) for t in rb.triggers) or "manual"
+
+
+def describe_answer(approved: bool, by: str | None, how: str | None) -> str:
+    """An answer as a person reads it: `approved by alice (command)`, `denied: no answer in
+    time`, `denied: the run was cancelled`."""
+    verdict = "approved" if approved else "denied"
+    if how == "timeout":
+        return f"{verdict}: no answer in time"
+    if how == "cancel":
+        return f"{verdict}: the run was cancelled"
+    return f"{verdict} by {by or '?'} ({how or '?'})"

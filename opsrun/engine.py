@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opsrun import expressions, run_types as rt, shell_words
+from opsrun.approvals import approvers_record
 from opsrun.errors import ExpressionError, StateError
 from opsrun.event import Event
 from opsrun.executors.base import ExecRequest, ExecResult, Executor
@@ -395,16 +396,19 @@ class _Run:
         if not asked_before(self.req.run_id, step.id):  # a resumed run asked it already
             self.e.emit("confirm.asked", {**base, "question": question,
                                           "guarded": list(request.guarded),
-                                          "approvers": _approvers_record(step),
+                                          "approvers": approvers_record(step.approvers),
                                           "timeout_s": step.timeout_s,
                                           "on_timeout": step.on_timeout})
         t0 = time.monotonic()
         answer = self.e.confirmer.confirm(request, self.cancel)
+        if self.cancel.is_set() and not answer.approved and answer.how == "cancel":
+            # Nobody answered: the question is closed, which is not an answer.
+            self.e.emit("confirm.closed", {**base, "question": question,
+                                           "reason": rt.cancel_reason(self.cancel)})
+            return rt.StepResult(step.id, rt.STEP_CANCELLED, answer=answer.as_record())
         # An answer given from another process was audited there; say the run went on.
         self.e.emit("confirm.resumed" if answer.recorded else "confirm.answered",
                     {**base, **answer.as_record(), "question": question})
-        if self.cancel.is_set() and not answer.approved and answer.how == "cancel":
-            return rt.StepResult(step.id, rt.STEP_CANCELLED, answer=answer.as_record())
         outcome = rt.SUCCESS if answer.approved else rt.STEP_DENIED
         return rt.StepResult(step.id, outcome, duration=time.monotonic() - t0,
                              answer=answer.as_record())
@@ -438,11 +442,6 @@ def render_display(step: Step, ctx: dict[str, Any]) -> str:
         return prefix + shell_words.render(step.plan, value).display
     except ExpressionError:
         return prefix + (step.run or "")
-
-
-def _approvers_record(step: Step) -> dict[str, Any]:
-    a = step.approvers
-    return {"users": list(a.users), "groups": list(a.groups), "not_starter": a.not_starter}
 
 
 def _prefixed(hosts: Mapping[str, Mapping[str, Any]], stream: str) -> str:

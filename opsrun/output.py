@@ -137,14 +137,20 @@ class PlainReporter:
         elif kind == "step.skipped":
             self._print(f"[{sid}] skipped (if: {safe(str(data['condition']), keep_newlines=False)})")
         elif kind in ("confirm.answered", "confirm.resumed"):
-            verdict = "approved" if data["approved"] else "denied"
-            self._print(f"[{sid}] {verdict} by {data['answered_by']} ({data['how']})"
-                        + (f": {safe(data['comment'])}" if data.get("comment") else ""))
+            self._print(f"[{sid}] {self._answer(data)}")
+        elif kind == "confirm.closed":
+            self._print(f"[{sid}] no answer: the run was {data['reason']}")
         elif kind == "run.finished":
             err = f": {safe(data['error'])}" if data.get("error") and data["state"] != "succeeded" \
                 else ""
             self._print(f"run {data['run_id']} {data['state']} in "
                         f"{_dur(data['duration'])}{err}")
+
+    def _answer(self, data: dict[str, Any]) -> str:
+        from opsrun.describe import describe_answer
+
+        text = describe_answer(data["approved"], data.get("answered_by"), data.get("how"))
+        return text + (f": {safe(data['comment'])}" if data.get("comment") else "")
 
     def _finished(self, data: dict[str, Any]) -> str:
         outcome = data["outcome"]
@@ -204,7 +210,17 @@ class RichReporter(PlainReporter):
         elif kind == "step.skipped":
             self._done(sid, data["step_name"], "skipped",
                        f"skipped (if: {safe(str(data['condition']), keep_newlines=False)})")
-        elif kind in ("confirm.answered", "confirm.resumed", "confirm.asked"):
+        elif kind in ("confirm.answered", "confirm.resumed"):
+            self._stop_status()
+            super().transition(kind, data)
+            outcome = "success" if data["approved"] else (
+                "timed_out" if data.get("how") == "timeout" else "denied")
+            self.finished.append((sid, outcome, self._answer(data)))
+        elif kind == "confirm.closed":
+            self._stop_status()
+            super().transition(kind, data)
+            self.finished.append((sid, "cancelled", f"no answer: the run was {data['reason']}"))
+        elif kind == "confirm.asked":
             self._stop_status()
             super().transition(kind, data)
         elif kind == "run.finished":

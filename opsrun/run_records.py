@@ -91,6 +91,9 @@ class StoreListener:
                                        k: data.get(k) for k in ("approved", "answered_by",
                                                                 "answered_uid", "how",
                                                                 "comment")}})
+        elif kind == "confirm.closed":
+            self.store.record_step(run_id, data["index"], data["step_id"],
+                                   outcome=rt.STEP_CANCELLED, finished_at=now)
         elif kind == "run.finished":
             self.store.update_run(run_id, state=data["state"], finished_at=now,
                                   exit_code=data["exit_code"], error=data.get("error"))

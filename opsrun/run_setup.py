@@ -64,15 +64,19 @@ class RunContext:
         return WaitingConfirmer(waiter, park=park, runbook_record=self.runbook_record,
                                 socket_dir=None if park else runs_dir(self.state_dir))
 
-    def confirmer(self, *, yes: bool, starter: Identity) -> rt.Confirmer:
-        """--yes answers; a terminal is asked; anything else waits for `opsrun approve`."""
+    def confirmer(self, *, yes: bool, who: Identity) -> rt.Confirmer:
+        """--yes answers; a terminal is asked; anything else waits for `opsrun approve`.
+
+        `who` is the person at this terminal (identity.current()), who answers at the
+        prompt or gave --yes: for a resumed run not necessarily the one who started it.
+        """
         from opsrun.executors.confirm import FlagConfirmer, PromptConfirmer
 
-        if yes:
-            return FlagConfirmer(starter)
         waiting = self.waiting_confirmer()
+        if yes:
+            return FlagConfirmer(who, waiting, on_refused=self._audit_refusal(who, "flag"))
         if sys.stdin.isatty():
-            return PromptConfirmer(starter, waiting, on_refused=self._audit_refusal(starter))
+            return PromptConfirmer(who, waiting, on_refused=self._audit_refusal(who, "prompt"))
         return waiting
 
     def runbook_record(self, run_id: str) -> dict[str, Any] | None:
@@ -81,12 +85,12 @@ class RunContext:
             return None
         return {"name": run.runbook, "path": run.runbook_path, "sha256": run.runbook_sha256}
 
-    def _audit_refusal(self, who: Identity) -> Any:
+    def _audit_refusal(self, who: Identity, how: str) -> Any:
         def record(request: rt.ConfirmRequest, why: str) -> None:
             self.audit.append("confirm.refused", run_id=request.run_id,
                               runbook=self.runbook_record(request.run_id),
                               step_id=request.step_id, answerer=who.as_record(), reason=why,
-                              how="prompt")
+                              how=how)
         return record
 
 

@@ -459,6 +459,18 @@ def _check_step(step: dict[str, Any], path: PathT, scope: _Scope, problems: Prob
             _check_template(step[key], (*path, key), step_scope, problems)
     if step["run"] is not None:
         _check_run(step, path, step_scope, problems)
+    if step.get("on_timeout") == "approve" and _limits_answerers(step.get("approvers")):
+        problems.add((*path, "on_timeout"), f"{show_path((*path, 'on_timeout'))}: `approve` "
+                     "would let the clock approve a step that `approvers:` limits to certain "
+                     "people (four eyes); with approvers, a timeout denies: remove "
+                     "`on_timeout: approve`")
+
+
+def _limits_answerers(approvers: Any) -> bool:
+    if isinstance(approvers, Mapping):
+        return bool(approvers.get("users") or approvers.get("groups")
+                    or approvers.get("not_starter"))
+    return bool(approvers)
 
 
 def _check_run(step: dict[str, Any], path: PathT, scope: _Scope, problems: Problems) -> None:

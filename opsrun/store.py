@@ -399,19 +399,35 @@ class Store:
         """
         if answer not in ANSWERS:
             raise ValueError(f"answer must be one of {sorted(ANSWERS)}, not {answer!r}")
+        # Not for a run that has ended: its questions are closed, whatever a row says.
         sql = ("UPDATE approvals SET answer = ?, answered_by = ?, answered_uid = ?, "
-               "comment = ?, how = ?, answered_at = ? WHERE run_id = ? AND answer IS NULL")
-        args: list[Any] = [answer, answered_by, answered_uid, comment, how, _ts(_now()), run_id]
+               "comment = ?, how = ?, answered_at = ? WHERE run_id = ? AND answer IS NULL "
+               f"AND NOT EXISTS ({_RUN_ENDED})")
+        args: list[Any] = [answer, answered_by, answered_uid, comment, how, _ts(_now()), run_id,
+                           *sorted(FINAL_RUN_STATES)]
         if step_id is not None:
             sql += " AND step_id = ?"
             args.append(step_id)
         with self._write("recording an answer") as c:
             return c.execute(sql, args).rowcount >= 1
 
+    def close_questions(self, run_id: str, *, closed_by: str = "(cancelled)",
+                        how: str = "cancel", uid: int | None = None) -> int:
+        """Close every open question of a run that ended (denied, by `closed_by`, `how`).
+
+        Return how many were open. Later answers find nothing waiting.
+        """
+        with self._write("closing a run's questions") as c:
+            return c.execute("UPDATE approvals SET answer = 'denied', answered_by = ?, "
+                             "answered_uid = ?, how = ?, answered_at = ? WHERE run_id = ? "
+                             "AND answer IS NULL",
+                             (closed_by, uid, how, _ts(_now()), run_id)).rowcount
+
     def pending_approvals(self, run_id: str | None = None) -> list[ApprovalRecord]:
-        """Questions still waiting for an answer, oldest first."""
-        sql = f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE answer IS NULL"
-        args: list[Any] = []
+        """Questions still waiting for an answer (of runs that have not ended), oldest first."""
+        sql = (f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE answer IS NULL "
+               f"AND NOT EXISTS ({_RUN_ENDED})")
+        args: list[Any] = sorted(FINAL_RUN_STATES)
         if run_id is not None:
             sql += " AND run_id = ?"
             args.append(run_id)
@@ -790,6 +806,8 @@ _RUN_COLUMNS = ("id, runbook, runbook_path, runbook_sha256, state, event, params
                 "current_step")
 _STEP_COLUMNS = ("run_id, idx, step_id, attempt, outcome, started_at, finished_at, exit_code, "
                  "stdout_tail, stderr_tail, outputs, hosts")
+_RUN_ENDED = ("SELECT 1 FROM runs WHERE runs.id = approvals.run_id AND runs.state IN "
+              f"({', '.join('?' * len(FINAL_RUN_STATES))})")
 _APPROVAL_COLUMNS = ("id, run_id, step_id, question, approvers, starter, asked_at, deadline, "
                      "answer, answered_by, answered_uid, comment, how, answered_at")
 

@@ -374,3 +374,75 @@ def test_not_starter(tmp_path: Path, shared: Path) -> None:
     assert p.returncode == 0
     rec = [r for r in audit(state) if r["kind"] == "confirm.answered"][0]
     assert rec["answered_by"] == user.name and rec["answered_uid"] == user.uid
+
+
+# ── four eyes on every path ─────────────────────────────────────────────────
+
+@pytest.mark.parametrize("approvers, why", [
+    ("{users: [root, nobody], not_starter: true}",
+     "root started this run, and this step needs someone else to answer"),
+    ("[nobody]", "only nobody may answer; root is not among them"),
+])
+def test_yes_cannot_answer_for_others(tmp_path: Path, env: dict[str, str], state: Path,
+                                      approvers: str, why: str) -> None:
+    rb = runbook(tmp_path, f"approvers: {approvers}")
+    r = opsrun("run", str(rb), "--yes", env=env)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "--yes cannot answer step 'ask'" in r.stderr and why in r.stderr
+    assert "who may answer: nobody" in r.stderr or "who may answer: root, nobody" in r.stderr
+    assert no_traceback(r)
+    assert not (tmp_path / "deleted").exists()
+    assert not (state / "audit.jsonl").exists()  # refused before anything ran
+
+
+def test_resume_yes_cannot_answer_for_others(tmp_path: Path, env: dict[str, str]) -> None:
+    rb = runbook(tmp_path, "approvers: [nobody]")
+    p = start_waiting(rb, env)
+    q = wait_pending(env)
+    p.send_signal(signal.SIGKILL)  # the run is left waiting, with nobody driving it
+    p.wait(timeout=30)
+    r = opsrun("resume", q["run_id"], "--yes", env=env)
+    assert r.returncode == 2 and "--yes cannot answer step 'ask'" in r.stderr
+    assert pending(env)[0]["run_id"] == q["run_id"]  # still waits for nobody
+
+
+def test_cancelled_run_closes_its_question(tmp_path: Path, env: dict[str, str],
+                                          state: Path) -> None:
+    rb = runbook(tmp_path)
+    p = start_waiting(rb, env)
+    q = wait_pending(env)
+    r = opsrun("cancel", q["run_id"], env=env)
+    assert r.returncode == 0, r.stderr
+    p.communicate(timeout=30)
+    assert p.returncode == 130
+    assert pending(env) == []
+    r = opsrun("approve", q["run_id"], env=env)
+    assert r.returncode == 1 and no_traceback(r)
+    assert "was cancelled" in r.stderr and "answers are no longer taken" in r.stderr
+    kinds = [a["kind"] for a in audit(state)]
+    assert "confirm.answered" not in kinds[kinds.index("confirm.asked"):]
+    assert kinds[-1] == "run.finished"
+    assert not (tmp_path / "deleted").exists()
+
+
+def test_live_view_shows_confirm_steps(tmp_path: Path, env: dict[str, str]) -> None:
+    """The colour view's summary lists confirm steps too, and a deadline's answer reads as
+    one (not `approved by (timeout) (timeout)`)."""
+    rb = tmp_path / "t.yaml"
+    rb.write_text(textwrap.dedent("""\
+        steps:
+          - id: first
+            run: 'true'
+          - id: go_ahead
+            confirm: Go on?
+            timeout: 300ms
+            on_timeout: approve
+          - id: last
+            run: 'true'
+        """))
+    t = Terminal(["run", str(rb)], {**env, "NO_COLOR": "", "TERM": "xterm", "COLUMNS": "120"})
+    t.read_until("Proceed? [y/N]")
+    assert t.finish() == 0, t.text
+    summary = t.text[t.text.rindex("outcome"):]
+    assert "go_ahead" in summary and "approved: no answer in time" in summary
+    assert "(timeout) (timeout)" not in t.text

@@ -146,6 +146,7 @@ CLI_CASES: dict[str, Cli] = {
     "approvals/ended": cli("approve", "{done}", *S),
     "approvals/not-starter": cli("approve", "{waiting}", *S),
     "approvals/wrong-step": cli("deny", "{waiting}", "--step", "deploy", *S),
+    "approvals/yes-not-starter": cli("run", "ask", "-r", "rb", "--yes", *S),
 }
 
 

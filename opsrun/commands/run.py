@@ -12,6 +12,7 @@ from typing import Any
 
 from opsrun import engine as engine_mod
 from opsrun import identity, output, params as params_mod, secrets
+from opsrun.approvals import check_flag_may_answer
 from opsrun.errors import UsageError
 from opsrun.event import Event, EventRejected, from_object, new_event, parse_json_event
 from opsrun.ids import new_id
@@ -39,12 +40,14 @@ def main(ref: str, folder: Path, *, param_args: list[str], event_arg: str | None
     if dry_run:
         eng = engine_mod.Engine({}, [], secrets=secret_values)
         return print_plan(rb, engine_mod.plan(eng, req), as_json=as_json)
+    if yes:
+        check_flag_may_answer(rb.all_steps(), starter, starter.user)
     reporter = output.reporter(as_json)
     with open_run_context(state_dir, audit_log, secret_values,
                           accept_new_hosts=accept_new_hosts) as rc, \
             driving(rc.state_dir, req.run_id, rc.store):
         asks = any(s.kind == "confirm" for s in rb.all_steps())
-        eng = rc.engine([reporter], confirmer=rc.confirmer(yes=yes, starter=starter)
+        eng = rc.engine([reporter], confirmer=rc.confirmer(yes=yes, who=starter)
                         if asks else None)
         result = run_with_signals(eng, req)
     if as_json:

@@ -8,8 +8,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from opsrun import output, paths, resume, run_types as rt, secrets
-from opsrun.approvals import resolve_run_id
+from opsrun.approvals import check_flag_may_answer, resolve_run_id
 from opsrun.commands.run import result_document, run_with_signals
+from opsrun.describe import describe_answer
 from opsrun.durations import format_duration
 from opsrun.errors import UsageError
 from opsrun.inventory import check_option as check_inventory_option
@@ -113,8 +114,9 @@ def logs(state_dir: str | None, run_ref: str | None, *, as_json: bool) -> int:
                 print(f"  {stream}{output.safe(line, keep_newlines=False)}")
         answer = s.outputs.get("answer") if isinstance(s.outputs, dict) else None
         if isinstance(answer, dict):
-            verdict = "approved" if answer.get("approved") else "denied"
-            print(f"  {verdict} by {answer.get('answered_by')} ({answer.get('how')})"
+            text = describe_answer(bool(answer.get("approved")), answer.get("answered_by"),
+                                   answer.get("how"))
+            print(f"  {output.safe(text)}"
                   + (f": {output.safe(str(answer['comment']))}" if answer.get("comment") else ""))
     return 0
 
@@ -134,13 +136,15 @@ def resume_run(state_dir: str | None, audit_log: str | None, run_ref: str, *, ye
             run = rc.store.get_run(run_id)
             assert run is not None
             req = resume.request_for(rc.store, run, inventory)
+            who = identity.current()
+            if yes:
+                rb = req.runbook
+                check_flag_may_answer([*rb.steps[req.resume_at:], *rb.on_failure,
+                                       *rb.on_denied], who, req.starter.user)
             rc.audit.append("run.resumed", run_id=run_id, runbook={
                 "name": run.runbook, "path": run.runbook_path, "sha256": run.runbook_sha256},
                 from_state=run.state, at_step=req.resume_at)
-            who = identity.current()
-            eng = rc.engine([output.reporter(as_json)],
-                            confirmer=rc.confirmer(yes=yes, starter=req.starter)
-                            if not yes else rc.confirmer(yes=True, starter=who))
+            eng = rc.engine([output.reporter(as_json)], confirmer=rc.confirmer(yes=yes, who=who))
             result = run_with_signals(eng, req)
     if as_json:
         output.print_json(result_document(result, req.runbook))
@@ -185,10 +189,7 @@ def cancel_run(state_dir: str | None, audit_log: str | None, run_ref: str) -> in
                                        finished_at=datetime.now(timezone.utc),
                                        exit_code=rt.EXIT_CODES[rt.CANCELLED]):
                 raise UsageError(f"run {run_id} could not be cancelled (it just ended?)")
-            for q in rc.store.pending_approvals(run_id):
-                rc.store.answer_approval(run_id, "denied", answered_by="(cancelled)",
-                                         answered_uid=os.getuid(), how="cancel",
-                                         step_id=q.step_id)
+            rc.store.close_questions(run_id, uid=os.getuid())
             rc.audit.append("run.finished", run_id=run_id, runbook=rc.runbook_record(run_id),
                             state=rt.CANCELLED, exit_code=rt.EXIT_CODES[rt.CANCELLED],
                             error=f"cancelled by {identity.current().user} with opsrun "

@@ -18,12 +18,28 @@ from opsrun.terminal_text import safe
 
 
 class FlagConfirmer:
-    """`--yes`: every confirmation of this run is answered yes, by whoever gave the flag."""
+    """`--yes`: every confirmation of this run is answered yes, by whoever gave the flag.
 
-    def __init__(self, who: Identity) -> None:
+    Only where that person may answer: the commands refuse the run beforehand
+    (approvals.check_flag_may_answer); a step the flag still may not answer (a runbook
+    version that changed meanwhile) waits for an answer given elsewhere.
+    """
+
+    def __init__(self, who: Identity, fallback: WaitingConfirmer,
+                 on_refused: Callable[[rt.ConfirmRequest, str], None] = lambda r, why: None
+                 ) -> None:
         self.who = who
+        self.fallback = fallback
+        self.on_refused = on_refused
+
+    def already_asked(self, run_id: str, step_id: str) -> bool:
+        return self.fallback.already_asked(run_id, step_id)
 
     def confirm(self, request: rt.ConfirmRequest, cancel: threading.Event) -> rt.Answer:
+        why = refusal(approvers_record(request.approvers), self.who, request.starter.user)
+        if why:
+            self.on_refused(request, why)
+            return self.fallback.confirm(request, cancel)
         return rt.Answer(True, self.who.user, self.who.uid, "flag",
                          comment=f"--yes given by {self.who.user}")
 
@@ -56,6 +72,9 @@ class WaitingConfirmer:
                 answered = self.waiter.wait(q, request.on_timeout, cancel,
                                             self.runbook_record(request.run_id))
             if answered is None:
+                if rt.cancel_reason(cancel) == rt.CANCELLED:
+                    # Closed before the run records its end: no answer can land after it.
+                    store.close_questions(request.run_id)
                 store.update_run(request.run_id, state=rt.RUNNING)
                 return rt.Answer(False, request.starter.user, request.starter.uid, "cancel")
             q = answered
