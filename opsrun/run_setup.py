@@ -34,7 +34,14 @@ class RunContext:
     accept_new_hosts: bool = False  # --accept-new-hosts: learn unknown SSH host keys
 
     def executors(self) -> dict[str, Any]:
-        return {"run": LocalExecutor(), "ssh": _LazySsh(self._ssh_executor)}
+        return {"run": LocalExecutor(extra_env=self.step_env()),
+                "ssh": _LazySsh(self._ssh_executor)}
+
+    def step_env(self) -> dict[str, str]:
+        """What local steps are told of this opsrun, so that an `opsrun emit`, `approve` or
+        `audit` inside a step reaches the same state folder, service and audit log."""
+        return {"OPSRUN_STATE_DIR": str(self.state_dir),
+                "OPSRUN_AUDIT_LOG": str(self.audit.path)}
 
     def _ssh_executor(self) -> Any:
         from opsrun.executors.ssh import SshExecutor, SshOptions

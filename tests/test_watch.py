@@ -355,3 +355,32 @@ def test_max_parallel_bounds_running_runs(tmp_path: Path, rbdir: Path,
     assert svc.stop() == 0
     states = sorted(r["state"] for r in svc.runs())
     assert states == ["interrupted", "interrupted", "queued", "queued"]
+
+
+def test_steps_reach_the_same_service(tmp_path: Path, rbdir: Path,
+                                      services: list[Service]) -> None:
+    """Under `watch --state-dir X`, `opsrun emit` inside a step queues to X (and its audit
+    log), not to the default state folder."""
+    import sys
+
+    out = tmp_path / "out"
+    state = tmp_path / "elsewhere"
+    write(rbdir, "first.yaml", f"""\
+        on: [{{event: {{where: {{kind: first}}}}}}]
+        steps:
+          - run: '"{sys.executable}" -m opsrun emit "{{\\"kind\\": \\"second\\"}}"'
+        """)
+    write(rbdir, "second.yaml", f"""\
+        on: [{{event: {{where: {{kind: second}}}}}}]
+        steps:
+          - run: echo "$OPSRUN_STATE_DIR $OPSRUN_AUDIT_LOG" >> {out}
+        """)
+    svc = Service(tmp_path, rbdir, "--state-dir", str(state), env={"OPSRUN_STATE_DIR": ""})
+    services.append(svc)
+    svc.start()
+    r = svc.cli("emit", '{"kind": "first"}', "--state-dir", str(state))
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: lines(out), timeout=30, message=svc.log)
+    assert lines(out) == [f"{state} {state / 'audit.jsonl'}"]
+    default = Path(os.environ["XDG_STATE_HOME"]) / "opsrun"
+    assert not default.exists()

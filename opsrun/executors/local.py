@@ -41,9 +41,10 @@ class LocalExecutor:
     """Runs `run:` steps as local processes."""
 
     def __init__(self, grace_s: float | None = None,
-                 environ: Mapping[str, str] | None = None) -> None:
+                 environ: Mapping[str, str] | None = None,
+                 extra_env: Mapping[str, str] | None = None) -> None:
         self.grace_s = kill_grace() if grace_s is None else grace_s
-        self.base_env = base_environment(environ)
+        self.base_env = {**base_environment(environ), **(extra_env or {})}
 
     def execute(self, request: ExecRequest, on_output: OutputFn,
                 cancel: threading.Event) -> ExecResult:
