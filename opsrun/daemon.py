@@ -41,6 +41,9 @@ from opsrun.systemd import Notifier
 PARKED_CHECK_S = 0.25
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.EDQUOT, errno.ENOMEM})
 STATUS_EVERY_S = 5.0
+# A stop drains or interrupts its runs and records them: one left `running` was not stopped.
+CRASHED = ("the opsrun process running it ended without finishing it (killed, crashed, or "
+           "the machine went down)")
 
 
 @dataclass
@@ -259,9 +262,8 @@ class Daemon:
                                  current_step=run.current_step)
             if store.update_run(run.id, expect_state=rt.RUNNING, state=rt.INTERRUPTED,
                                 exit_code=rt.EXIT_CODES[rt.INTERRUPTED],
-                                error="opsrun stopped while the run was running; "
-                                      "`opsrun resume` or `opsrun cancel` it"):
-                self.log("run was interrupted by a stop of opsrun", level="warning",
+                                error=CRASHED + "; `opsrun resume` or `opsrun cancel` it"):
+                self.log(f"run was interrupted: {CRASHED}", level="warning",
                          run_id=run.id, runbook=run.runbook)
         for run in store.list_runs(state=rt.WAITING, limit=1_000_000):
             self._adopt(run, parked=True)

@@ -156,3 +156,27 @@ def test_schema_rejects_what_validator_rejects(repo_root: Path) -> None:
     assert not v.is_valid({"steps": [{"run": "x", "timeout": "2 secs"}]})
     assert not v.is_valid({"steps": []})
     assert not v.is_valid({"on": [{"cron": {}}], "steps": [{"run": "x"}]})
+
+
+@pytest.mark.parametrize("tz, utc_line, berlin_line", [
+    ("UTC", r"next: \d{4}-\d\d-\d\d 03:00:00 UTC$",
+     r"next: \d{4}-\d\d-\d\d 02:00:00 UTC \(Europe/Berlin: \d{4}-\d\d-\d\d 03:00:00 CET\)$"),
+    ("Europe/Berlin", r"next: \d{4}-\d\d-\d\d 04:00:00 CET \(UTC: \d{4}-\d\d-\d\d 03:00:00 UTC\)$",
+     r"next: \d{4}-\d\d-\d\d 03:00:00 CET$"),
+])
+def test_sources_name_the_zone_of_each_time(tmp_path: Path, tz: str, utc_line: str,
+                                            berlin_line: str) -> None:
+    folder = tmp_path / "rb"
+    folder.mkdir()
+    (folder / "a.yaml").write_text('on: [{schedule: {cron: "0 3 * * *"}}]\n'
+                                   "steps: [{run: 'true'}]\n")
+    (folder / "b.yaml").write_text('on: [{schedule: {cron: "0 3 * * *", timezone: '
+                                   "Europe/Berlin}}]\nsteps: [{run: 'true'}]\n")
+    # In winter the next fires fall in CET; in summer the same lines say CEST.
+    r = opsrun("sources", "-r", str(folder), env={"TZ": tz})
+    assert r.returncode == 0, r.stderr
+    text = r.stdout.split("  b: ")
+    assert "local" not in r.stdout and "+00:00" not in r.stdout
+    if "CEST" not in r.stdout:  # the summer form is the same with CEST
+        assert re.search(utc_line, text[0], re.M), r.stdout
+        assert re.search(berlin_line, text[1], re.M), r.stdout

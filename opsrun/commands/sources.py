@@ -48,16 +48,30 @@ def main(folder: Path, *, as_json: bool, now: datetime | None = None) -> int:
         print(output.heading(title))
         for r in mine:
             print(f"  {r['runbook']}: {output.safe(describe.trigger_long(_trigger(matcher, r)).strip())}")
-            for f in r.get("next", []):
-                tz = [k for k in f if k not in ("utc", "local")]
-                zone = f" = {f[tz[0]]} {tz[0]}" if tz and tz[0] != "UTC" else ""
-                print(f"      next: {f['local']} local{zone}")
+            t = _trigger(matcher, r)
+            if isinstance(t, ScheduleTrigger):
+                for f in next_fires(t, now, 3):
+                    print(f"      next: {_when(f, t.timezone)}")
         print()
     if problems:
         print(f"opsrun: {len({p.file for p in problems})} invalid runbook file(s) not shown; "
               f"run `opsrun validate {folder}`")
         return 2
     return 0
+
+
+def _when(moment: datetime, zone: str) -> str:
+    """`2026-12-07 03:00:00 UTC`, or in this machine's zone, named, with the trigger's own
+    wall time when that zone differs: `… 04:00:00 CET (Europe/Berlin: 04:00:00)`."""
+    from zoneinfo import ZoneInfo
+
+    local = moment.astimezone()
+    text = local.strftime("%Y-%m-%d %H:%M:%S ") + (local.tzname() or local.strftime("%z"))
+    wall = moment.astimezone(ZoneInfo(zone))
+    if wall.utcoffset() != local.utcoffset() or (zone != "UTC" and wall.tzname() !=
+                                                 local.tzname()):
+        text += f" ({zone}: {wall.strftime('%Y-%m-%d %H:%M:%S %Z')})"
+    return text
 
 
 def _trigger(matcher: Matcher, row: dict[str, Any]) -> Any:
