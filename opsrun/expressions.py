@@ -288,9 +288,15 @@ def check(source: str) -> list[Ref]:
     seen_names: set[int] = set()
     for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
         key = _static_key(node)
-        if isinstance(key, str) and key.startswith("_"):
-            raise ExpressionSyntaxError(f"`{source}`: names starting with `_` are private "
-                                        "and cannot be read")
+        # Data may have such keys (journald's `_SYSTEMD_UNIT`): `event['_X']` reads one,
+        # while attributes starting with `_` (and `['__x']`) reach Python's internals.
+        private = "__" if isinstance(node, nodes.Getitem) else "_"
+        if isinstance(key, str) and key.startswith(private):
+            raise ExpressionSyntaxError(f"`{source}`: names starting with `{private}` are "
+                                        "private and cannot be read" + (
+                                            f"; a field named {key!r} is read with brackets: "
+                                            f"['{key}']" if private == "_" and not
+                                            key.startswith("__") else ""))
         if isinstance(node.node, nodes.Name):
             seen_names.add(id(node.node))
             refs.append(Ref(node.node.name, key if isinstance(key, str) else None))

@@ -87,12 +87,23 @@ def test_check_refs(source: str, refs: list[Ref]) -> None:
 
 @pytest.mark.parametrize("source", [
     "event.__class__", "event._private", "_x", "__builtins__", "event['__class__']",
-    "params['_token']", "steps.a.__dict__", "event.path.__class__.__mro__",
-    "''.__class__.__mro__[1].__subclasses__()", "event.__globals__",
+    "params['__token']", "steps.a.__dict__", "event.path.__class__.__mro__",
+    "''.__class__.__mro__[1].__subclasses__()", "event.__globals__", "event._SYSTEMD_UNIT",
 ])
 def test_check_refuses_private_names(source: str) -> None:
-    with pytest.raises(ExpressionSyntaxError, match="names starting with `_` are private"):
+    with pytest.raises(ExpressionSyntaxError, match="names starting with `__?` are private"):
         ex.check(source)
+
+
+def test_a_field_starting_with_one_underscore_is_read_with_brackets() -> None:
+    """journald's trusted fields (`_SYSTEMD_UNIT`, `_PID`) are data: brackets read them."""
+    assert ex.check("event['_SYSTEMD_UNIT'] == 'nginx.service'") == [
+        Ref("event", "_SYSTEMD_UNIT")]
+    ctx = {"event": {"_SYSTEMD_UNIT": "nginx.service", "_PID": 42}}
+    assert ex.evaluate("event['_SYSTEMD_UNIT']", ctx) == "nginx.service"
+    assert ex.evaluate("event['_PID'] + 1", ctx) == 43
+    with pytest.raises(ExpressionSyntaxError, match=r"read with brackets: \['_SYSTEMD_UNIT'\]"):
+        ex.check("event._SYSTEMD_UNIT")
 
 
 @pytest.mark.parametrize("source, words", [

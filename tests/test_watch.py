@@ -222,6 +222,7 @@ def test_kill_9_and_restart(tmp_path: Path, rbdir: Path, services: list[Service]
     assert lines(out).count("tail 1") == 1  # not read twice
     slow = svc2.runs(runbook="slow")
     assert [r["state"] for r in slow] == ["interrupted"]  # never re-run by itself
+    assert "ended without finishing it (killed, crashed" in slow[0]["error"]
     assert svc2.runs(runbook="ask")[0]["state"] == "waiting"
     assert svc2.cli("approve", waiting_id).returncode == 0
     wait_for(lambda: "answered" in lines(out), timeout=20, message=svc2.log)
