@@ -278,3 +278,25 @@ def test_a_cancel_stops_a_connection_in_progress(silent_server: Any, tmp_path: P
     assert x.cancelled and x.hosts["mute"]["outcome"] == "cancelled"
     assert x.hosts["mute"]["error"] == (f"mute: connecting to {sshd.user}@127.0.0.1:{port} "
                                         "was cancelled")
+
+
+def test_accept_new_hosts_in_parallel_learns_a_shared_key_once(tmp_path: Path,
+                                                              sshd: Sshd) -> None:
+    """Twenty inventory names with one address, all unknown at once: one known_hosts line
+    and one host_key.learned record, not twenty."""
+    folder = tmp_path / "rb"
+    folder.mkdir()
+    (folder / "inventory.yaml").write_text(sshd.inventory(NAMES, groups=("fleet",)))
+    (folder / "t.yaml").write_text(textwrap.dedent("""\
+        steps:
+          - hosts: ["group:fleet"]
+            parallel: 20
+            run: 'true'
+        """))
+    state = tmp_path / "state"
+    r = opsrun("run", "t", "-r", str(folder), "--state-dir", str(state), "--accept-new-hosts")
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = (state / "known_hosts").read_text().splitlines()
+    assert lines == [sshd.host_key_line] or len(lines) == 1, lines
+    records = [json.loads(line) for line in (state / "audit.jsonl").read_text().splitlines()]
+    assert [x["kind"] for x in records].count("host_key.learned") == 1

@@ -397,13 +397,23 @@ class SshExecutor:
         In that order: a key the audit log could not record is not trusted next time.
         """
         path = self.options.known_hosts
-        if self.on_learned is not None:
-            self.on_learned(run_id, {"host_name": t.name, "address": t.address,
-                                     "known_hosts_name": t.known_hosts_name,
-                                     "key_type": key.get_name(),
-                                     "fingerprint": fingerprint(key), "file": str(path)})
         line = f"{t.known_hosts_name} {key.get_name()} {key.get_base64()}\n"
         with self._learn_lock:
+            # Hosts of one fan-out that share an address all find it unknown at once: the
+            # first learns it; the others find it learned, or a different key (refused).
+            known = _learned_keys(path, t.known_hosts_name, key.get_name())
+            if key.get_base64() in known:
+                return
+            if known:
+                raise HostFailed(f"{t.name}: {t.address} offered the host key "
+                                 f"{key.get_name()} {fingerprint(key)}, but a different one "
+                                 f"was learned for it a moment ago (in {path}); this may be "
+                                 "an attack: ask the host's owner")
+            if self.on_learned is not None:
+                self.on_learned(run_id, {"host_name": t.name, "address": t.address,
+                                         "known_hosts_name": t.known_hosts_name,
+                                         "key_type": key.get_name(),
+                                         "fingerprint": fingerprint(key), "file": str(path)})
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 os.write(fd, line.encode())
@@ -701,6 +711,20 @@ def _remote_path(path: str) -> str:
     if path.startswith("~/"):
         return '"$HOME"/' + shlex.quote(path[2:])
     return shlex.quote(path)
+
+
+def _learned_keys(path: Path, name: str, key_type: str) -> set[str]:
+    """The base64 keys of `key_type` that opsrun's own known_hosts file holds for `name`."""
+    try:
+        text = path.read_text("utf-8", "replace")
+    except FileNotFoundError:
+        return set()
+    found = set()
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and name in parts[0].split(",") and parts[1] == key_type:
+            found.add(parts[2])
+    return found
 
 
 class _Policy:
