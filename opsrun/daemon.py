@@ -143,6 +143,8 @@ class Daemon:
         bad_files = sorted({p.file for p in problems})
         for problem in problems:
             self.log("runbook invalid", level="error", problem=str(problem))
+        for warning in (w for rb in found for w in rb.warnings):
+            self.log("runbook warning", level="warning", problem=str(warning))
         for file in bad_files:
             old = self.runbooks.get(Path(file).resolve())
             kept = old is not None and Path(file).exists()

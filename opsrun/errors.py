@@ -27,11 +27,12 @@ class Problem:
     line: int  # 1-based; 0 when the whole file is meant
     col: int  # 1-based; 0 when the whole file is meant
     message: str
+    severity: str = "error"  # or "warning": reported, but the runbook still loads
 
     def __str__(self) -> str:
         if self.line:
-            return f"{self.file}:{self.line}:{self.col}: error: {self.message}"
-        return f"{self.file}: error: {self.message}"
+            return f"{self.file}:{self.line}:{self.col}: {self.severity}: {self.message}"
+        return f"{self.file}: {self.severity}: {self.message}"
 
 
 class RunbookInvalid(OpsrunError):

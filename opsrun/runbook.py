@@ -144,6 +144,8 @@ class Runbook:
     on_failure: tuple[Step, ...] = ()
     on_denied: tuple[Step, ...] = ()
     source: bytes = field(default=b"", repr=False, compare=False)  # the file's bytes
+    # What is right but looks wrong on this machine (an approvers group it lacks).
+    warnings: tuple[Problem, ...] = field(default=(), repr=False, compare=False)
 
     def all_steps(self) -> Iterable[Step]:
         yield from self.steps
@@ -319,7 +321,53 @@ def _load(path: Path, raw: bytes | None = None, *, inventories: Inventories
     inventory, inventory_problems = _check_hosts(whole, path, inventories, problems)
     if problems or inventory_problems:
         return None, inventory_problems + _to_problems(problems, doc, path)
-    return _build(data, path, raw, inventory), []
+    from dataclasses import replace
+
+    warnings = tuple(Problem(str(path), *doc.mark(where), message, "warning")
+                     for where, message in _approver_warnings(doc.data))
+    return replace(_build(data, path, raw, inventory), warnings=warnings), []
+
+
+def _approver_warnings(raw: Mapping[str, Any]) -> list[tuple[PathT, str]]:
+    """Groups in `approvers:` that this machine does not have: nobody answers as one.
+
+    A warning, not an error: runbooks are often checked (CI, pre-commit) on a machine
+    other than the one that runs them.
+    """
+    import grp
+
+    found: list[tuple[PathT, str]] = []
+    for list_name in ("steps", "on_failure", "on_denied"):
+        steps = raw.get(list_name)
+        for i, step in enumerate(steps if isinstance(steps, list) else []):
+            approvers = step.get("approvers") if isinstance(step, Mapping) else None
+            for where, group in _approver_groups(approvers, (list_name, i, "approvers")):
+                try:
+                    grp.getgrnam(group)
+                except KeyError:
+                    found.append((where, f"{show_path(where)}: there is no group {group!r} "
+                                  "on this machine (`getent group` does not know it), so "
+                                  "nobody can answer as one of its members; check the name"))
+    return found
+
+
+def _approver_groups(approvers: Any, at: PathT) -> list[tuple[PathT, str]]:
+    if isinstance(approvers, str):
+        approvers = [approvers]
+    if isinstance(approvers, list):
+        return [((*at, j), a[len("group:"):]) for j, a in enumerate(approvers)
+                if isinstance(a, str) and a.startswith("group:")]
+    if not isinstance(approvers, Mapping):
+        return []
+    out = []
+    for key in ("users", "groups"):
+        items = approvers.get(key)
+        listed = items if isinstance(items, list) else [items]
+        for j, a in enumerate(listed):
+            where = (*at, key, j) if isinstance(items, list) else (*at, key)
+            if isinstance(a, str) and (key == "groups" or a.startswith("group:")):
+                out.append((where, a.removeprefix("group:")))
+    return out
 
 
 def _to_problems(problems: Problems, doc: Document, path: Path) -> list[Problem]:

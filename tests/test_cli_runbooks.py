@@ -45,7 +45,31 @@ def test_help_lists_commands() -> None:
 def test_validate_examples(repo_root: Path) -> None:
     r = opsrun("validate", cwd=repo_root)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert re.fullmatch(r"\d+ runbooks valid\n", r.stdout)
+    *warnings, last = r.stdout.splitlines()
+    assert re.fullmatch(r"\d+ runbooks valid", last), r.stdout
+    # deploy.yaml names group:ops, which this machine may not have
+    assert all(": warning: " in w and "group 'ops'" in w for w in warnings), warnings
+
+
+def test_validate_warns_of_an_approvers_group_this_machine_lacks(tmp_path: Path) -> None:
+    rb = tmp_path / "ask.yaml"
+    rb.write_text("steps:\n  - confirm: Go?\n    approvers: [alice, 'group:root',"
+                  " 'group:no-such-group-zz']\n  - confirm: Again?\n    approvers:"
+                  " {groups: nosuch-zz2}\n")
+    r = opsrun("validate", str(rb))
+    assert r.returncode == 0, r.stdout
+    assert r.stdout.splitlines() == [
+        f"{rb}:3:38: warning: steps[0].approvers[2]: there is no group 'no-such-group-zz' on "
+        "this machine (`getent group` does not know it), so nobody can answer as one of its "
+        "members; check the name",
+        f"{rb}:5:25: warning: steps[1].approvers.groups: there is no group 'nosuch-zz2' on "
+        "this machine (`getent group` does not know it), so nobody can answer as one of its "
+        "members; check the name",
+        "1 runbook valid"]
+    doc = json.loads(opsrun("validate", str(rb), "--json").stdout)
+    assert doc["ok"] and [w["line"] for w in doc["warnings"]] == [3, 5]
+    run = opsrun("run", str(rb), "--dry-run")
+    assert "warning: steps[0].approvers[2]" in run.stderr and run.returncode == 0
 
 
 def test_validate_reports_every_problem(tmp_path: Path) -> None:

@@ -28,6 +28,8 @@ def main(ref: str, folder: Path, *, param_args: list[str], event_arg: str | None
     """Run a runbook (or show what it would do) and return the run's exit code."""
     check_inventory_option(inventory)
     rb = find_runbook(ref, folder, inventory=inventory)
+    for warning in rb.warnings:
+        print(output.safe(str(warning)), file=sys.stderr)
     given = parse_param_args(param_args)
     try:
         typed = params_mod.resolve(rb.params, given)

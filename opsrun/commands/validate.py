@@ -24,19 +24,22 @@ def main(paths: list[Path], *, as_json: bool = False, fmt: str = "text",
         except InventoryInvalid as e:
             problems = [*problems, *(p for p in e.problems if p not in problems)]
     inventories = [p for p in paths if p.name in INVENTORY_NAMES and p.is_file()]
+    warnings = [w for rb in runbooks for w in rb.warnings]
     if as_json:
         output.print_json({
             "version": 1,
             "ok": not problems,
             "runbooks": [{"name": rb.name, "file": str(rb.path), "sha256": rb.sha256}
                          for rb in runbooks],
-            "problems": [{"file": p.file, "line": p.line, "col": p.col, "message": p.message}
-                         for p in problems],
+            "problems": [_json(p) for p in problems],
+            "warnings": [_json(w) for w in warnings],
         })
     elif fmt == "github":
-        for p in problems:
+        for p in [*problems, *warnings]:
             print(_github(p))
     else:
+        for w in warnings:
+            print(output.safe(str(w)))
         for p in problems:
             print(output.error_line(output.safe(str(p))))
         if problems:
@@ -53,6 +56,10 @@ def main(paths: list[Path], *, as_json: bool = False, fmt: str = "text",
     return 2 if problems else 0
 
 
+def _json(p: Problem) -> dict[str, object]:
+    return {"file": p.file, "line": p.line, "col": p.col, "message": p.message}
+
+
 def _github(p: Problem) -> str:
     """A GitHub Actions workflow command that annotates the line in a pull request."""
     def esc(text: str, prop: bool = False) -> str:
@@ -62,4 +69,4 @@ def _github(p: Problem) -> str:
     loc = f"file={esc(p.file, True)}"
     if p.line:
         loc += f",line={p.line},col={p.col}"
-    return output.safe(f"::error {loc}::{esc(p.message)}")
+    return output.safe(f"::{p.severity} {loc}::{esc(p.message)}")
