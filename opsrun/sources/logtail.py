@@ -217,7 +217,7 @@ class LogSource:
         reader = f.reader
         got = self._read(f, reader, events)
         if not got:
-            self._check_rotation(f, reader, now)
+            self._check_rotation(f, reader, now, events)
             if f.reader is not None and f.reader is not reader:
                 got = self._read(f, f.reader, events)  # the new file, at once
         return total + got
@@ -251,7 +251,7 @@ class LogSource:
                 "source": "log", "id": new_id(), "time": now, "trigger": f.trigger_key,
                 "path": f.path, "line": text, "lineno": lineno, **extra}))
 
-    def _check_rotation(self, f: _Follow, r: Reader, now: float) -> None:
+    def _check_rotation(self, f: _Follow, r: Reader, now: float, events: list[Event]) -> None:
         try:
             st = os.stat(f.path)
         except OSError:
@@ -260,6 +260,10 @@ class LogSource:
             return  # same file; a truncation shows as rewritten() at the next read
         log.info("log %s: rotated (%s); following the new file", f.path,
                  "removed or renamed" if st is None else "a new file under the name")
+        # What was written before the rename came after the read that found nothing: it
+        # is older than anything in the new file, so it is taken first.
+        while self._read(f, r, events):
+            pass
         r.idle_since = now
         f.drains.append(r)  # writers may still add to the old file for a moment
         f.reader = Reader.open(f.path, 0, 0) if st is not None else None

@@ -458,3 +458,31 @@ def test_every_strategy_finds_the_lines_plain_search_finds(lines: list[str]) -> 
         assert matcher.scan(buf) == expected, (pattern, "chunk")
         matcher.chunk_pattern = None
         assert matcher.scan(buf) == expected, (pattern, "line")
+
+
+def test_rename_rotation_keeps_the_order_of_lines(tmp_path: Path, store: Store,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A line written to the old file just before the rename (after the read that found
+    nothing) comes before the new file's lines."""
+    log = tmp_path / "app.log"
+    log.write_text("")
+    got = Collect()
+    source = LogSource([(KEY, trig(log))], store)
+    source.poll(got)
+    real_read = loglines.Reader.read
+    fired = []
+
+    def read_then_rotate(self: loglines.Reader, matcher: LineMatcher, budget: int):
+        found = real_read(self, matcher, budget)
+        if not found[1] and not fired:  # the writer acts between our read and our stat
+            fired.append(1)
+            append(log, "line 1 old file\n")
+            log.rename(tmp_path / "app.log.1")
+            log.write_text("line 2 new file\n")
+        return found
+
+    monkeypatch.setattr(loglines.Reader, "read", read_then_rotate)
+    source.poll(got)
+    source.poll(got)
+    assert got.numbers == [1, 2]
+    source.close()
