@@ -15,19 +15,21 @@ _opsrun() {
         w="${COMP_WORDS[i]}"
         if ((skip)); then skip=0; continue; fi
         case "$w" in
-            --audit-log|--comment|--drain-limit|--event|--format|--head|--inventory|--kind|--limit|--lines|--log-format|--max-parallel|--parallel|--param|--run|--runbook|--runbooks|--secrets-file|--since|--state|--state-dir|--step|-m|-n|-p|-r) skip=1 ;;
+            --audit-log|--before|--comment|--drain-limit|--event|--format|--head|--inventory|--keep|--kind|--limit|--lines|--log-format|--max-parallel|--parallel|--param|--run|--runbook|--runbooks|--secrets-file|--since|--state|--state-dir|--step|-m|-n|-p|-r) skip=1 ;;
             -*) ;;
-            *) [[ -z $path ]] && path="$w" || { [[ $path != *" "* ]] && case "$path $w" in "audit head"|"audit show"|"audit tail"|"audit verify") path="$path $w";; esac; } ;;
+            *) [[ -z $path ]] && path="$w" || { [[ $path != *" "* ]] && case "$path $w" in "audit head"|"audit prune"|"audit show"|"audit tail"|"audit verify") path="$path $w";; esac; } ;;
         esac
     done
     case "$prev" in
         --audit-log) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --before) return ;;
         --comment) return ;;
         --drain-limit) return ;;
         --event) return ;;
         --format) return ;;
         --head) return ;;
         --inventory) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --keep) return ;;
         --kind) return ;;
         --limit) return ;;
         --lines) return ;;
@@ -51,8 +53,9 @@ _opsrun() {
     case "$path" in
         "") COMPREPLY=($(compgen -W 'approve audit cancel completion deny dispatch emit init list logs pending resume run runs schema show sources status systemd-unit validate watch --version --debug' -- "$cur")) ;;
         "approve") COMPREPLY=($(compgen -W '--comment -m --step --state-dir --audit-log' -- "$cur") $(compgen -f -- "$cur")) ;;
-        "audit") COMPREPLY=($(compgen -W 'head show tail verify' -- "$cur")) ;;
+        "audit") COMPREPLY=($(compgen -W 'head prune show tail verify' -- "$cur")) ;;
         "audit head") COMPREPLY=($(compgen -W '--state-dir --audit-log --json' -- "$cur")) ;;
+        "audit prune") COMPREPLY=($(compgen -W '--state-dir --audit-log --before --keep --dry-run --json' -- "$cur")) ;;
         "audit show") COMPREPLY=($(compgen -W '--state-dir --audit-log --run --runbook --kind --since --limit -n --json' -- "$cur")) ;;
         "audit tail") COMPREPLY=($(compgen -W '--state-dir --audit-log --follow -f --lines -n --json' -- "$cur")) ;;
         "audit verify") COMPREPLY=($(compgen -W '--state-dir --audit-log --from-start --head --json' -- "$cur")) ;;

@@ -81,6 +81,7 @@ _opsrun_audit() {
   local -a commands
   commands=(
     'head:Print SEQ -HASH of the last record, to keep off this machine (git, ticket, syslog).'
+    'prune:Retire the oldest closed segments; recorded in the chain, so verify still passes.'
     'show:Show audit records as a table, oldest first.'
     'tail:Show the last records; with -f, follow new ones (across segment rotations).'
     'verify:Check the hash chain; exit 0 if intact, 1 if records were altered, removed or added.'
@@ -93,6 +94,7 @@ _opsrun_audit() {
     args)
       case $words[1] in
         head) _opsrun_audit_head ;;
+        prune) _opsrun_audit_prune ;;
         show) _opsrun_audit_show ;;
         tail) _opsrun_audit_tail ;;
         verify) _opsrun_audit_verify ;;
@@ -104,6 +106,16 @@ _opsrun_audit_head() {
   _arguments \
     '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun).]:value:_files -/' \
     '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
+    '(--json)'--json'[Machine-readable output.]'
+}
+
+_opsrun_audit_prune() {
+  _arguments \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun).]:value:_files -/' \
+    '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
+    '(--before)'--before'[Remove closed segments whose last record is older - 90d, 2026-01-01, …]:value: ' \
+    '(--keep)'--keep'[Keep the newest N closed segments (1 or more).]:value: ' \
+    '(--dry-run)'--dry-run'[Say what would go; remove nothing.]' \
     '(--json)'--json'[Machine-readable output.]'
 }
 

@@ -246,7 +246,7 @@ class AuditLog:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL
                              | os.O_CLOEXEC, 0o600)
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
             except FileExistsError:
                 fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         except OSError as e:
@@ -299,7 +299,7 @@ class AuditLog:
                                   "exists; run `opsrun audit verify`")
         try:
             os.rename(self.path, target)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         except OSError as e:
             raise AuditWriteError(f"cannot rename {self.path} to {target} to start a new "
                                   f"segment: {e.strerror}; {_hint(e)}") from e
@@ -312,7 +312,7 @@ class AuditLog:
     def _write(self, tip: Tip, bodies: list[tuple[dict[str, Any], bytes]],
                kind: str) -> list[dict[str, Any]]:
         assert self._fd is not None
-        stamp = _rfc3339(time.time())
+        stamp = rfc3339(time.time())
         seq, prev, chunks, written = tip.seq, tip.hash, [b"\n"] if tip.torn else [], []
         for clean, tail in bodies:
             seq += 1
@@ -586,12 +586,13 @@ def _clean(value: Any, mask: Masker | None) -> Any:
     if isinstance(value, os.PathLike):
         return _clean(os.fspath(value), mask)
     if isinstance(value, datetime):
-        return _clean(_rfc3339(value.timestamp()), mask)
+        return _clean(rfc3339(value.timestamp()), mask)
     raise TypeError(f"an audit field of type {type(value).__name__} cannot be recorded; "
                     "use str, int, float, bool, None, list or dict")
 
 
-def _rfc3339(t: float) -> str:
+def rfc3339(t: float) -> str:
+    """A Unix time as the audit log writes times: RFC 3339, UTC, microseconds."""
     return datetime.fromtimestamp(t, timezone.utc).replace(tzinfo=None).isoformat(
         timespec="microseconds") + "Z"
 
@@ -629,7 +630,8 @@ def _git_info(path: Path) -> dict[str, Any] | None:
     return {"commit": commit, "dirty": rc != 0 or commit is None or bool(out.strip())}
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a rename, creation or removal in `folder` durable."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)

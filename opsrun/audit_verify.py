@@ -9,7 +9,8 @@ without parsing JSON, so a million records take a few seconds. Only where the ch
              kept in the state store (or given with --head);
 - inserted:  a record that the chain steps over, or a line that is no record at all;
 - reordered: records out of `seq` order;
-- segment_missing: a segment file named by its successor is not there.
+- segment_missing: a segment file named by its successor is not there, and no
+             `audit.pruned` record in the log explains it (see audit_prune).
 
 A line cut short by a crash is not tampering: an incomplete last line, or a torn line that
 the next record chains past (the writer after a crash does exactly that), is a warning.
@@ -60,6 +61,7 @@ class VerifyResult:
     problem: Finding | None
     warnings: list[Finding] = field(default_factory=list)
     heads_checked: list[str] = field(default_factory=list)
+    notes: list[Finding] = field(default_factory=list)  # neither problems nor warnings: prunes
 
     def to_json(self) -> dict[str, Any]:
         """A plain dict for --json output."""
@@ -110,6 +112,9 @@ class _Verifier:
         self.labels: list[str] = []
         self.given_head = head
         self.current: _File | None = None
+        self.prunes: list[dict[str, Any]] = []  # audit.pruned records of the log
+        self.notes: list[Finding] = []
+        self.pruned_seq = 0  # the log starts after this seq (its older segments were pruned)
 
     def _expect(self, seq: int, digest: str, label: str) -> None:
         self.heads.setdefault(seq, []).append((digest.lower(), label))
@@ -139,7 +144,8 @@ class _Verifier:
                 "end of the log cannot be detected; check against a saved head with --head",
                 str(self.path)))
         return VerifyResult(self.problem is None, self.records, [f.path.name for f in files],
-                            self.seq, self.hash, self.problem, self.warnings, self.labels)
+                            self.seq, self.hash, self.problem, self.warnings, self.labels,
+                            self.notes)
 
     def _snapshot(self) -> list[_File]:
         found = list_segments(self.path)
@@ -155,6 +161,8 @@ class _Verifier:
 
     def _verify(self, files: list[_File]) -> None:
         checkpoints = {} if self.store is None else self.store.audit_checkpoints(str(self.path))
+        if files and files[0].number > 1:
+            self.prunes = _prune_records(files)
         previous_name: str | None = None
         for f in files:
             problem = permission_problem(f.path)
@@ -252,6 +260,9 @@ class _Verifier:
                            file, 1, hdr[0] or None)
             return hdr[0], hdr[1], record
         named = record.get("previous_segment")
+        if named != previous_name and previous_name is None and \
+                self._pruned_before(file, number, named, hdr):
+            return hdr[0], hdr[1], record
         if named != previous_name:
             where = (f"between {previous_name} and {file.name}" if previous_name
                      else f"before {file.name}, where the log now begins")
@@ -263,6 +274,29 @@ class _Verifier:
                        f"but its place makes it segment {number}: segment files were renamed",
                        file, 1, hdr[0])
         return hdr[0], hdr[1], record
+
+    def _pruned_before(self, file: Path, number: int, named: Any,
+                       hdr: tuple[int, str]) -> bool:
+        """Whether an audit.pruned record explains where the log now begins; if so, the
+        chain starts from the last record of the pruned segment it names."""
+        for record in reversed(self.prunes):
+            for s in record.get("segments") or []:
+                if not isinstance(s, dict) or s.get("number") != number - 1:
+                    continue
+                if s.get("name") != named or (s.get("last_seq"), s.get("last_hash")) != (
+                        hdr[0] - 1, hdr[1]):
+                    continue
+                self.seq, self.hash, self.before = hdr[0] - 1, hdr[1], ""
+                self.pruned_seq = hdr[0] - 1
+                removed = record["segments"]
+                first = removed[0] if isinstance(removed[0], dict) else {}
+                self.notes.append(Finding(
+                    "pruned", f"the log begins with {file.name} at seq {hdr[0]}: segments "
+                    f"up to {named} (seq {first.get('first_seq', '?')} to {hdr[0] - 1}) were "
+                    f"pruned by {record.get('user')} at {record.get('time')} "
+                    f"(audit.pruned, seq {record.get('seq')})", str(file), 1, hdr[0]))
+                return True
+        return False
 
     def _mismatch(self, file: Path, n: int, line: bytes, whole: bool,
                   hdr: tuple[int, str] | None) -> None:
@@ -387,6 +421,12 @@ class _Verifier:
                 pos.file, pos.line, self.seq + 1))
         has_current = any(f.path == self.path for f in files)
         for seq in sorted(self.heads):
+            if seq <= self.pruned_seq:
+                self.warnings.append(Finding(
+                    "head_pruned", f"{self.heads[seq][0][1]} (seq {seq}) lies in segments "
+                    "that were pruned, so it cannot be checked; keep a newer head "
+                    "(`opsrun audit head` after each prune)", str(self.path), None, seq))
+                continue
             if seq > self.seq:
                 label = self.heads[seq][0][1]
                 cut = seq - self.seq
@@ -443,6 +483,27 @@ class _Verifier:
               seq: int | None) -> None:
         if self.problem is None:
             self.problem = Finding(reason, message, str(file), line, seq)
+
+
+def _prune_records(files: list[_File]) -> list[dict[str, Any]]:
+    """The audit.pruned records of the log, oldest first (the chain walk checks them)."""
+    needle = b'"kind":"audit.pruned"'
+    found = []
+    for f in files:
+        carry = b""
+        for chunk in _chunks(f):  # bytes.find over whole chunks: no loop over lines
+            data = carry + chunk
+            end = data.rfind(b"\n") + 1
+            block, carry = data[:end], data[end:]
+            at = block.find(needle)
+            while at != -1:
+                line = block[block.rfind(b"\n", 0, at) + 1:block.find(b"\n", at)]
+                if is_record(line):
+                    record = json.loads(line)
+                    if record.get("kind") == "audit.pruned":
+                        found.append(record)
+                at = block.find(needle, at + len(needle))
+    return found
 
 
 def _chunks(f: _File) -> Iterator[bytes]:

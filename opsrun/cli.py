@@ -234,6 +234,26 @@ def _audit_head(
     _finish(ctx, lambda: commands_audit.head(state_dir, audit_log, as_json))
 
 
+@audit_app.command("prune")
+def _audit_prune(
+    ctx: typer.Context,
+    state_dir: Optional[str] = _audit_state_dir_opt(),
+    audit_log: Optional[str] = _audit_file_opt(),
+    before: Optional[str] = typer.Option(
+        None, "--before", metavar="DATE|DURATION",
+        help="Remove closed segments whose last record is older: 90d, 2026-01-01, …"),
+    keep: Optional[int] = typer.Option(None, "--keep", metavar="N",
+                                       help="Keep the newest N closed segments (1 or more)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would go; remove nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Retire the oldest closed segments; recorded in the chain, so verify still passes."""
+    from opsrun.commands import audit as commands_audit
+
+    _finish(ctx, lambda: commands_audit.prune(state_dir, audit_log, before, keep, dry_run,
+                                              as_json))
+
+
 # ── runs: run, runs, logs ───────────────────────────────────────────────────
 
 def _state_dir_opt() -> Any:

@@ -631,6 +631,12 @@ class Store:
                       (log_path, checkpoint.segment, checkpoint.size, checkpoint.sha256,
                        _json(checkpoint.summary), _ts(_now())))
 
+    def forget_audit_checkpoints(self, log_path: str, segments: Iterable[int]) -> None:
+        """Drop what was remembered of segments that are gone (pruned)."""
+        with self._write("forgetting audit checkpoints") as c:
+            c.executemany("DELETE FROM audit_checkpoints WHERE log_path = ? AND segment = ?",
+                          [(log_path, n) for n in segments])
+
     # ── runbook versions and approvals by step (used to resume runs) ───────
 
     def save_runbook_version(self, sha256: str, path: str, body: bytes) -> None:

@@ -189,3 +189,94 @@ def test_bad_segment_size_is_a_usage_error(tmp_path: Path, repo_root: Path, valu
                     "OPSRUN_AUDIT_SEGMENT_SIZE": value})
     assert r.returncode == 2 and no_traceback(r)
     assert r.stderr.strip() == f"opsrun: OPSRUN_AUDIT_SEGMENT_SIZE: {words}", r.stderr
+
+
+# ── retiring old segments ───────────────────────────────────────────────────
+
+@pytest.fixture
+def segmented(tmp_path: Path) -> Path:
+    """A state folder whose log has several closed segments (4 KiB each)."""
+    folder = tmp_path / "seg"
+    with Store.open(folder) as store:
+        log = AuditLog(folder / "audit.jsonl", store=store, max_segment_bytes=4096)
+        for i in range(120):
+            log.append("step.finished", run_id=f"01R{i:04d}", runbook={"name": "web"},
+                       stdout="x" * 120)
+        log.close()
+    assert len(list(folder.glob("audit-*.jsonl"))) >= 5
+    return folder
+
+
+def segment_names(folder: Path) -> list[str]:
+    return sorted((p.name for p in folder.glob("audit-*.jsonl")),
+                  key=lambda n: int(n.split("-")[1].split(".")[0]))
+
+
+def test_prune_retires_old_segments_and_verify_accepts_it(segmented: Path) -> None:
+    before = segment_names(segmented)
+    early = f"5:{line_hash(lines(segmented / before[0])[4])}"  # a head kept long ago
+    dry = opsrun("audit", "prune", "--keep", "2", "--dry-run", "--state-dir", str(segmented))
+    assert dry.returncode == 0 and "would remove audit-1.jsonl" in dry.stdout
+    assert segment_names(segmented) == before
+    r = opsrun("audit", "prune", "--keep", "2", "--state-dir", str(segmented))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert segment_names(segmented) == before[-2:]
+    v = opsrun("audit", "verify", "--state-dir", str(segmented))
+    assert v.returncode == 0, v.stdout
+    assert re.search(r"note: the log begins with audit-\d+\.jsonl at seq \d+: segments up to "
+                     r"audit-\d+\.jsonl \(seq 1 to \d+\) were pruned by \S+ at ", v.stdout)
+    pruned = json.loads(opsrun("audit", "show", "--kind", "audit.pruned", "--json",
+                               "--state-dir", str(segmented)).stdout)
+    assert [s["name"] for s in pruned["segments"]] == before[:-2]
+    assert all(len(s["sha256"]) == 64 and s["records"] > 0 for s in pruned["segments"])
+    # A head kept from what is gone cannot be checked any more: said so, not passed in silence.
+    old = opsrun("audit", "verify", "--head", early, "--state-dir", str(segmented))
+    assert old.returncode == 0, old.stdout
+    assert "warning: the given --head (seq 5) lies in segments that were pruned" in old.stdout
+
+
+def test_a_segment_removed_by_hand_is_still_tampering(segmented: Path) -> None:
+    assert opsrun("audit", "prune", "--keep", "3", "--state-dir", str(segmented)).returncode == 0
+    oldest = segment_names(segmented)[0]
+    (segmented / oldest).unlink()
+    v = opsrun("audit", "verify", "--state-dir", str(segmented))
+    assert v.returncode == 1, v.stdout
+    assert f"TAMPERING (segment_missing): segment {oldest} is missing" in v.stdout
+
+
+def test_a_prune_cut_short_still_verifies_and_finishes_later(segmented: Path,
+                                                             tmp_path: Path) -> None:
+    before = segment_names(segmented)
+    kept = tmp_path / "copies"
+    kept.mkdir()
+    for name in before:
+        (kept / name).write_bytes((segmented / name).read_bytes())
+    assert opsrun("audit", "prune", "--keep", "1", "--state-dir", str(segmented)).returncode == 0
+    # As if the removal had stopped after the first two files: the rest are still there.
+    for name in before[2:-1]:
+        (segmented / name).write_bytes((kept / name).read_bytes())
+    v = opsrun("audit", "verify", "--state-dir", str(segmented))
+    assert v.returncode == 0, v.stdout
+    assert f"the log begins with {before[2]}" in v.stdout
+    assert opsrun("audit", "prune", "--keep", "1", "--state-dir", str(segmented)).returncode == 0
+    assert segment_names(segmented) == before[-1:]
+    assert opsrun("audit", "verify", "--state-dir", str(segmented)).returncode == 0
+
+
+def test_prune_refuses_a_log_that_does_not_verify(segmented: Path) -> None:
+    target = segmented / "audit-2.jsonl"
+    target.write_bytes(target.read_bytes().replace(b'"stdout":"x', b'"stdout":"y', 1))
+    r = opsrun("audit", "prune", "--keep", "1", "--state-dir", str(segmented))
+    assert r.returncode == 1 and no_traceback(r)
+    assert "does not verify" in r.stderr and "nothing was pruned" in r.stderr
+    assert (segmented / "audit-1.jsonl").exists()
+
+
+def test_prune_before_a_date(segmented: Path) -> None:
+    names = segment_names(segmented)
+    r = opsrun("audit", "prune", "--before", "2000-01-01", "--state-dir", str(segmented))
+    assert r.returncode == 0 and "nothing to prune" in r.stdout
+    r = opsrun("audit", "prune", "--before", "2999-01-01", "--state-dir", str(segmented))
+    assert r.returncode == 0, r.stderr
+    assert segment_names(segmented) == names[-1:]  # the newest closed segment stays
+    assert opsrun("audit", "verify", "--state-dir", str(segmented)).returncode == 0

@@ -1,4 +1,4 @@
-"""`opsrun audit verify | show | tail | head`: read and check the audit log.
+"""`opsrun audit verify | show | tail | head | prune`: read, check and retire the audit log.
 
 Record contents are shown with control characters escaped (`\\x1b`, `\\u202e`), so a field
 that holds terminal escape sequences cannot repaint or hide anything on the screen.
@@ -47,6 +47,42 @@ def verify(state_dir: str | None, audit_log: str | None, from_start: bool,
     else:
         _print_verify(log_path, result)
     return int(exit_codes.OK if result.ok else exit_codes.RUN_FAILED)
+
+
+def prune(state_dir: str | None, audit_log: str | None, before: str | None,
+          keep: int | None, dry_run: bool, as_json: bool) -> int:
+    """Retire the oldest closed segments, recorded in the chain so that verify accepts it."""
+    from opsrun import audit_prune
+    from opsrun.run_setup import open_run_context
+
+    if before is None and keep is None:
+        raise UsageError("say which segments go: --before DATE|DURATION (those whose last "
+                         "record is older) and/or --keep N (all but the newest N)")
+    when = _parse_since(before) if before else None
+    log_path = _log_path(state_dir, audit_log)
+    with _reading(log_path):
+        chosen = audit_prune.plan(log_path, before=when, keep=keep)
+    record: dict[str, Any] = {}
+    if chosen and not dry_run:
+        with open_run_context(state_dir, str(log_path), {}) as rc:
+            record = audit_prune.prune(rc.audit, rc.store, chosen)
+    if as_json:
+        _print_json({"log": str(log_path), "dry_run": dry_run,
+                     "segments": [vars(c) for c in chosen],
+                     "record_seq": record.get("seq")})
+        return int(exit_codes.OK)
+    if not chosen:
+        print(f"nothing to prune in {log_path}: no closed segment is old enough (the newest "
+              "closed one always stays)")
+        return int(exit_codes.OK)
+    verb = "would remove" if dry_run else "removed"
+    for c in chosen:
+        print(f"{verb} {c.name}: seq {c.first_seq} to {c.last_seq}, {c.records} records, "
+              f"last at {c.last_time}")
+    if not dry_run:
+        print(f"recorded as audit.pruned (seq {record.get('seq')}); the log now begins with "
+              f"segment {chosen[-1].number + 1}. Keep a new head: opsrun audit head")
+    return int(exit_codes.OK)
 
 
 def head(state_dir: str | None, audit_log: str | None, as_json: bool) -> int:
@@ -344,6 +380,8 @@ def _print_json(value: Any) -> None:
 
 
 def _print_verify(log_path: Path, r: VerifyResult) -> None:
+    for note in r.notes:
+        print(f"note: {_safe(note.message)}")
     for w in r.warnings:
         print(f"warning: {_safe(w.message)}")
     where = f"{len(r.segments)} file(s)" if r.segments else "no files"
