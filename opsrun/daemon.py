@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from opsrun import identity, resume, run_types as rt
+from opsrun import identity, recovery, resume, run_types as rt, step_processes
 from opsrun.approvals import Waiter
 from opsrun.audit import finished_runs
 from opsrun.concurrency import Job, Scheduler
@@ -41,9 +41,6 @@ from opsrun.systemd import Notifier
 PARKED_CHECK_S = 0.25
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.EDQUOT, errno.ENOMEM})
 STATUS_EVERY_S = 5.0
-# A stop drains or interrupts its runs and records them: one left `running` was not stopped.
-CRASHED = ("the opsrun process running it ended without finishing it (killed, crashed, or "
-           "the machine went down)")
 
 
 @dataclass
@@ -256,17 +253,7 @@ class Daemon:
         for run in left:
             if run.id in ended and self._store_recorded_end(run.id, ended[run.id]):
                 continue
-            # The record first: a kill between the two then leaves the run `running`, and
-            # the next start records it again, rather than an interrupted run no record
-            # explains.
-            self.rc.audit.append("run.interrupted", run_id=run.id,
-                                 runbook=self.rc.runbook_record(run.id),
-                                 current_step=run.current_step)
-            if store.update_run(run.id, expect_state=rt.RUNNING, state=rt.INTERRUPTED,
-                                exit_code=rt.EXIT_CODES[rt.INTERRUPTED],
-                                error=CRASHED + "; `opsrun resume` or `opsrun cancel` it"):
-                self.log(f"run was interrupted: {CRASHED}", level="warning",
-                         run_id=run.id, runbook=run.runbook)
+            recovery.interrupt(self.rc, run, self.log)
         for run in store.list_runs(state=rt.WAITING, limit=1_000_000):
             self._adopt(run, parked=True)
         for run in reversed(store.list_runs(state=rt.QUEUED, limit=1_000_000)):
@@ -350,6 +337,7 @@ class Daemon:
                 # Whoever opens the name later makes a new file, locks it, and finds the
                 # run ended: an ended run needs no more exclusion.
                 try:
+                    step_processes.forget(runs_dir(self.rc.state_dir), run_id)
                     (runs_dir(self.rc.state_dir) / f"{run_id}.lock").unlink(missing_ok=True)
                 except OSError:
                     pass  # a lock file left behind does no harm

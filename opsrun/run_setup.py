@@ -34,8 +34,13 @@ class RunContext:
     accept_new_hosts: bool = False  # --accept-new-hosts: learn unknown SSH host keys
 
     def executors(self) -> dict[str, Any]:
-        return {"run": LocalExecutor(extra_env=self.step_env()),
+        return {"run": LocalExecutor(extra_env=self.step_env(), on_start=self._step_started),
                 "ssh": _LazySsh(self._ssh_executor)}
+
+    def _step_started(self, run_id: str, pid: int) -> None:
+        from opsrun import step_processes
+
+        step_processes.record(runs_dir(self.state_dir), run_id, pid)
 
     def step_env(self) -> dict[str, str]:
         """What local steps are told of this opsrun, so that an `opsrun emit`, `approve` or
@@ -177,6 +182,9 @@ def driving(state_dir: Path, run_id: str, store: Store) -> Iterator[None]:
                 yield
                 run = store.get_run(run_id)
                 if run is not None and run.state in FINAL_RUN_STATES:
+                    from opsrun import step_processes
+
+                    step_processes.forget(path.parent, run_id)
                     path.unlink(missing_ok=True)
         except file_lock.LockTimeout:
             raise RunBusy(f"run {run_id} is still being run or waited on by another opsrun "

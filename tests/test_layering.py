@@ -18,12 +18,12 @@ for layer, names in enumerate([
     # L2
     "matcher",
     # L3: the world: processes, files, sockets, the store and the audit log
-    "proc file_lock store audit audit_verify audit_prune control approvals "
+    "proc step_processes file_lock store audit audit_verify audit_prune control approvals "
     "sources executors",
     # L4: orchestration
     "engine concurrency run_records resume",
     # L5: the program around it
-    "run_setup dispatch daemon daemon_log daemon_sources daemon_control systemd output result",
+    "run_setup recovery dispatch daemon daemon_log daemon_sources daemon_control systemd output result",
     # L6: the command line
     "cli commands error_handler __main__ launcher",
 ]):

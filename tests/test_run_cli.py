@@ -416,3 +416,44 @@ def test_an_ended_run_leaves_no_lock_file(tmp_path: Path, env: dict[str, str]) -
     assert opsrun("dispatch", "-r", str(tmp_path / "rb"), input=events, env=env).returncode == 0
     runs = Path(env["OPSRUN_STATE_DIR"]) / "runs"
     assert list(runs.glob("*.lock")) == []
+
+
+def test_resume_after_kill_9_ends_the_orphan_first(tmp_path: Path, env: dict[str, str]) -> None:
+    """`opsrun run` killed with SIGKILL leaves its step running; `opsrun resume` ends that
+    process (recorded) before it runs the step again, so the two never run together."""
+    marks = tmp_path / "marks"
+    rb = write(tmp_path, "r.yaml", f"""\
+        steps:
+          - id: work
+            run: |
+              echo "begin $$" >> {marks}
+              if [ -e {tmp_path}/again ]; then exit 0; fi
+              touch {tmp_path}/again
+              sleep 602
+          - run: echo done >> {marks}
+        """)
+    p = subprocess.Popen(command("run", str(rb)), env={**os.environ, **env},
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    wait_for((tmp_path / "again").exists, timeout=20)
+    p.kill()
+    p.wait(timeout=30)
+    first = int(marks.read_text().split()[1])
+    assert os.path.exists(f"/proc/{first}")  # the step outlived its driver
+    run_id = json.loads(opsrun("runs", "--json", env=env).stdout)["runs"][0]["id"]
+    r = opsrun("resume", run_id, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not _alive(first)
+    begun, again, done = marks.read_text().splitlines()
+    assert begun.startswith("begin ") and again.startswith("begin ") and done == "done"
+    kinds = [(x["kind"], x.get("run_id")) for x in audit_records(env)]
+    assert kinds.index(("run.orphans_stopped", run_id)) < kinds.index(
+        ("run.interrupted", run_id)) < kinds.index(("run.resumed", run_id))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False

@@ -41,6 +41,28 @@ def lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+def processes_of(run_id: str) -> list[int]:
+    """Live processes whose environment names this run (as every step process's does)."""
+    found = []
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if f"OPSRUN_RUN_ID={run_id}".encode() in env and alive(pid):
+            found.append(pid)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
 def test_every_source_starts_runs(tmp_path: Path, rbdir: Path,
                                   services: list[Service]) -> None:
     out = tmp_path / "out"
@@ -175,7 +197,7 @@ def test_kill_9_and_restart(tmp_path: Path, rbdir: Path, services: list[Service]
         on: [{{event: {{where: {{kind: slow}}}}}}]
         concurrency: {{policy: parallel}}
         steps:
-          - run: touch {tmp_path}/slow-started; sleep 600
+          - run: touch {tmp_path}/slow-started; sleep 601; echo slow went on >> {out}
         """)
     write(rbdir, "ask.yaml", f"""\
         on: [{{event: {{where: {{kind: ask}}}}}}]
@@ -207,7 +229,10 @@ def test_kill_9_and_restart(tmp_path: Path, rbdir: Path, services: list[Service]
     with log.open("a") as f:
         f.write("HIT one\n")
     wait_for(lambda: "tail 1" in lines(out), timeout=20)
+    slow_id = svc.runs(runbook="slow")[0]["id"]
     svc.kill()
+    orphans = processes_of(slow_id)
+    assert orphans, "the slow step should outlive a kill -9 of the service"
     # While it is down: events queue up, a log line is written.
     for n in range(3):
         assert svc.cli("emit", json.dumps({"kind": "fast", "n": n})).returncode == 0
@@ -223,6 +248,14 @@ def test_kill_9_and_restart(tmp_path: Path, rbdir: Path, services: list[Service]
     slow = svc2.runs(runbook="slow")
     assert [r["state"] for r in slow] == ["interrupted"]  # never re-run by itself
     assert "ended without finishing it (killed, crashed" in slow[0]["error"]
+    # Its step's processes were ended (and recorded) before the run was marked interrupted.
+    assert not any(alive(pid) for pid in orphans)
+    kinds = [(r["kind"], r.get("run_id")) for r in svc2.audit()]
+    stopped = kinds.index(("run.orphans_stopped", slow_id))
+    assert stopped < kinds.index(("run.interrupted", slow_id))
+    record = svc2.audit()[stopped]
+    assert {p["pid"] for p in record["processes"]} >= set(orphans)
+    assert any("sleep 601" in p["command"] for p in record["processes"])
     assert svc2.runs(runbook="ask")[0]["state"] == "waiting"
     assert svc2.cli("approve", waiting_id).returncode == 0
     wait_for(lambda: "answered" in lines(out), timeout=20, message=svc2.log)

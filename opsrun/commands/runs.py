@@ -7,7 +7,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from opsrun import output, paths, resume, run_types as rt, secrets
+from opsrun import output, paths, recovery, resume, run_types as rt, secrets
 from opsrun.approvals import check_flag_may_answer, resolve_run_id
 from opsrun.commands.run import result_document, run_with_signals
 from opsrun.describe import describe_answer
@@ -135,6 +135,12 @@ def resume_run(state_dir: str | None, audit_log: str | None, run_ref: str, *, ye
         with driving(rc.state_dir, run_id, rc.store):
             run = rc.store.get_run(run_id)
             assert run is not None
+            if run.state == rt.RUNNING:  # and nobody drives it: its driver died
+                recovery.interrupt(rc, run)
+                run = rc.store.get_run(run_id)
+                assert run is not None
+            elif run.state == rt.INTERRUPTED:
+                recovery.end_orphans(rc, run_id)
             req = resume.request_for(rc.store, run, inventory)
             who = identity.current()
             if yes:
@@ -183,6 +189,7 @@ def cancel_run(state_dir: str | None, audit_log: str | None, run_ref: str) -> in
                 print(f"asked opsrun process {pid} to stop run {run_id}")
                 return 0
         with driving(rc.state_dir, run_id, rc.store):
+            recovery.end_orphans(rc, run_id)
             if not rc.store.update_run(run_id, expect_state=(rt.QUEUED, rt.WAITING,
                                                               rt.INTERRUPTED, rt.RUNNING),
                                        state=rt.CANCELLED,

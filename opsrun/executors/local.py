@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import shlex
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from opsrun import proc, secrets, step_outputs
@@ -42,9 +42,11 @@ class LocalExecutor:
 
     def __init__(self, grace_s: float | None = None,
                  environ: Mapping[str, str] | None = None,
-                 extra_env: Mapping[str, str] | None = None) -> None:
+                 extra_env: Mapping[str, str] | None = None,
+                 on_start: Callable[[str, int], None] | None = None) -> None:
         self.grace_s = kill_grace() if grace_s is None else grace_s
         self.base_env = {**base_environment(environ), **(extra_env or {})}
+        self.on_start = on_start  # (run id, pid of the step's process group leader)
 
     def execute(self, request: ExecRequest, on_output: OutputFn,
                 cancel: threading.Event) -> ExecResult:
@@ -59,10 +61,15 @@ class LocalExecutor:
         result = proc.run_streaming(
             shell_argv(request.step.shell, request.script), env=env, cwd=workdir,
             on_output=lambda stream, data: on_output(stream, data, None),
-            timeout_s=request.timeout_s, cancel=cancel, grace_s=self.grace_s)
+            timeout_s=request.timeout_s, cancel=cancel, grace_s=self.grace_s,
+            on_start=self._started(request.run_id))
         outputs, warnings = _read_outputs(out_file)
         return ExecResult(result.exit_code, result.timed_out, result.cancelled, result.error,
                           outputs, warnings)
+
+    def _started(self, run_id: str) -> Callable[[int], None] | None:
+        on_start = self.on_start
+        return None if on_start is None else (lambda pid: on_start(run_id, pid))
 
 
 def _read_outputs(path: Path) -> tuple[dict[str, str], list[str]]:
