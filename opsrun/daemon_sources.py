@@ -57,7 +57,7 @@ class Sources:
             schedules = [(b.key, b.trigger) for b in matcher.bound("schedule")]
             logs = [(b.key, b.trigger) for b in matcher.bound("log")]
             if files:
-                made.append(FileSource(files))
+                made.append(FileSource(files, states=store))
             if schedules:
                 made.append(ScheduleSource(schedules, store))
             if logs:

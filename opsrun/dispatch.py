@@ -6,7 +6,8 @@ records the run as `queued` in the state store and the audit log, and hands it t
 scheduler. Runs for an event from the `emit` queue are recorded in the same transaction
 that removes the event from the queue, so an emitted event starts its runs exactly once.
 The service hands over batches (`dispatch_batch`): their runs share one transaction and
-one audit group commit.
+one audit group commit. Where a log or file source is up to (the events' checkpoints) is
+stored in the transaction that records the runs of those events.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opsrun import expressions, params as params_mod, run_types as rt
+from opsrun.checkpoints import merge
 from opsrun.concurrency import REPLACE, SKIP, Job, Scheduler
 from opsrun.engine import RunRequest
 from opsrun.errors import ExpressionError
@@ -104,7 +106,8 @@ class Dispatcher:
             [self._row(p) for event, queue_id, planned in pending if queue_id is None
              for p in planned],
             [(queue_id, [self._row(p) for p in planned])
-             for event, queue_id, planned in pending if queue_id is not None])
+             for event, queue_id, planned in pending if queue_id is not None],
+            merge(event.checkpoint for event, _queue_id, _planned in pending))
         taken = [(event, planned) for event, queue_id, planned in pending
                  if queue_id is None or queue_id in accepted]
         runs = [(p, event) for event, planned in taken for p in planned]
@@ -126,8 +129,8 @@ class Dispatcher:
             if not self.rc.store.accept_queued(queue_id, [self._row(p) for p in planned]):
                 return []  # another process took this event first
         else:
-            for p in planned:
-                self.rc.store.create_run(**self._row(p))
+            self.rc.store.record_runs([self._row(p) for p in planned],
+                                      checkpoint=event.checkpoint)
         ids = []
         for p in planned:
             self._submit(p, event)

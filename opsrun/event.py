@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from opsrun.checkpoints import Checkpoint
 from opsrun.ids import new_id
 
 SOURCES = ("file", "schedule", "log", "json", "manual")
@@ -28,6 +29,8 @@ class EventRejected(ValueError):
 class Event:
     source: str
     data: Mapping[str, Any] = field(default_factory=dict)
+    # Stored with the event's runs: where its source is up to once it is taken.
+    checkpoint: Checkpoint | None = field(default=None, compare=False, repr=False)
 
     @property
     def id(self) -> str:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from opsrun import paths
+from opsrun.checkpoints import Checkpoint, FileStat
 from opsrun.errors import StateError
 from opsrun.ids import new_id
 
@@ -101,6 +102,17 @@ MIGRATIONS.append([
     """CREATE TABLE emit_receipts (
         token TEXT PRIMARY KEY, events INTEGER NOT NULL, received_at TEXT NOT NULL)""",
     "CREATE INDEX emit_receipts_by_time ON emit_receipts (received_at)",
+])
+MIGRATIONS.append([
+    # What the file source last reported of each path, per trigger: written with the runs
+    # of the changes it reports, compared with the disk at the next start.
+    """CREATE TABLE file_states (
+        trigger_key TEXT NOT NULL, path TEXT NOT NULL, inode INTEGER NOT NULL,
+        device INTEGER NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+        ctime_ns INTEGER NOT NULL, PRIMARY KEY (trigger_key, path))""",
+    # A trigger whose files were looked at once (an empty folder has no file_states rows).
+    """CREATE TABLE file_baselines (
+        trigger_key TEXT PRIMARY KEY, taken_at TEXT NOT NULL)""",
 ])
 SCHEMA_VERSION = len(MIGRATIONS)
 RECEIPT_KEEP_S = 24 * 3600  # an emit looks for its receipt within seconds; keep a day
@@ -470,6 +482,49 @@ class Store:
             c.execute("INSERT OR REPLACE INTO schedule_marks VALUES (?, ?, ?)",
                       (trigger_key, _ts(fired_at), _ts(_now())))
 
+    def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Store where sources are up to, when no run goes with it."""
+        if checkpoint:
+            with self._write("saving source positions"):
+                self._apply(checkpoint, _ts(_now()))
+
+    def _apply(self, cp: Checkpoint, now: str | None) -> None:
+        c = self._conn
+        c.executemany("INSERT OR REPLACE INTO log_positions VALUES (?, ?, ?, ?, ?)",
+                      [(*p, now) for p in cp.log_positions])
+        c.executemany("INSERT OR REPLACE INTO file_states VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      [(key, path, *st) for key, path, st in cp.file_states if st is not None])
+        c.executemany("DELETE FROM file_states WHERE trigger_key = ? AND path = ?",
+                      [(key, path) for key, path, st in cp.file_states if st is None])
+
+    def file_baseline(self, trigger_key: str) -> dict[str, FileStat] | None:
+        """What the file source last reported of each path of a trigger; None if it never
+        looked."""
+        with self._read("reading file states") as c:
+            if c.execute("SELECT 1 FROM file_baselines WHERE trigger_key = ?",
+                         (trigger_key,)).fetchone() is None:
+                return None
+            rows = c.execute("SELECT path, inode, device, size, mtime_ns, ctime_ns FROM "
+                             "file_states WHERE trigger_key = ?", (trigger_key,)).fetchall()
+        return {r[0]: (r[1], r[2], r[3], r[4], r[5]) for r in rows}
+
+    def set_file_baseline(self, trigger_key: str, states: Mapping[str, FileStat]) -> None:
+        """Take the paths of a trigger as they are now, as reported."""
+        now = _ts(_now())
+        with self._write("saving file states") as c:
+            c.execute("DELETE FROM file_states WHERE trigger_key = ?", (trigger_key,))
+            c.executemany("INSERT INTO file_states VALUES (?, ?, ?, ?, ?, ?, ?)",
+                          [(trigger_key, path, *st) for path, st in states.items()])
+            c.execute("INSERT OR REPLACE INTO file_baselines VALUES (?, ?)", (trigger_key, now))
+
+    def keep_file_baselines(self, trigger_keys: Iterable[str]) -> None:
+        """Forget the file states of triggers that are no longer in any runbook."""
+        keep = sorted(set(trigger_keys))
+        marks = ", ".join("?" * len(keep)) or "NULL"
+        with self._write("forgetting old file states") as c:
+            c.execute(f"DELETE FROM file_states WHERE trigger_key NOT IN ({marks})", keep)
+            c.execute(f"DELETE FROM file_baselines WHERE trigger_key NOT IN ({marks})", keep)
+
     # ── the event queue (at-least-once hand-off) ────────────────────────────
 
     def enqueue_events(self, events: Sequence[Mapping[str, Any]], *,
@@ -546,17 +601,21 @@ class Store:
         return queue_id in self.record_runs([], [(queue_id, runs)])
 
     def record_runs(self, runs: Sequence[Mapping[str, Any]],
-                    queued: Sequence[tuple[int, Sequence[Mapping[str, Any]]]] = ()
-                    ) -> set[int]:
+                    queued: Sequence[tuple[int, Sequence[Mapping[str, Any]]]] = (),
+                    checkpoint: Checkpoint | None = None) -> set[int]:
         """Record new runs, and the runs of queued events with their removal from the
-        queue, all in one transaction; return the queue ids that were still there.
+        queue, and where their sources are up to, all in one transaction; return the queue
+        ids that were still there.
 
         The runs of an event no longer in the queue (another process took it first) are
-        not recorded, so an emitted event starts its runs exactly once.
+        not recorded, so an emitted event starts its runs exactly once; a checkpoint
+        stored with its runs makes a log line or file change start them exactly once.
         """
         now = _ts(_now())
         accepted: set[int] = set()
         with self._write("recording runs"):
+            if checkpoint:
+                self._apply(checkpoint, now)
             for r in runs:
                 self._insert_run(r, now)
             for queue_id, event_runs in queued:

@@ -17,8 +17,10 @@ it is idle, and the driver checks from the outside:
 
 - `opsrun audit verify` passes, and `opsrun watch` stops cleanly on SIGTERM;
 - every emitted event started exactly one run (the emit queue hands each event over
-  once), every log line at least one (positions: at least once), and every `opsrun
-  emit` call succeeded, wherever the kill caught it;
+  once), every log line and every dropped file exactly one (a source's position is
+  stored with the runs it starts: a restart neither repeats nor loses one, also a file
+  dropped while the service was down or still being debounced at the kill), and every
+  `opsrun emit` call succeeded, wherever the kill caught it;
 - no run ran twice: no run id has two `begin` or two `done` markers; every succeeded
   run has exactly one `done`;
 - nothing is left `running` or `queued`; every run the audit log saw start and not
@@ -26,9 +28,10 @@ it is idle, and the driver checks from the outside:
 - every run waiting for an approval is still listed by `opsrun pending`, and one that is
   approved at the end goes on to finish, once.
 
-File drops are counted and reported, not required: a file added in the moment between
-inotify seeing it and its run being recorded (or while the service is down) leaves no
-trace a restarted service could find (the file source keeps no state across restarts).
+The report counts the repeats and losses of each kind of input (`repeated_log_lines`,
+`files_without_run`, …), so a regression shows as a number, not only as a problem line.
+Before the first kill the service starts once and gets ready, so that the file source
+has its first look at the folder (it reports changes from there on).
 """
 from __future__ import annotations
 
@@ -282,6 +285,8 @@ class Chaos:
         # Read sd_notify without blocking: a READY is polled for, never waited out.
         svc.notify.setblocking(False)
         try:
+            svc.start()  # the file source's first look; from here on nothing is missed
+            svc.stop()
             for i in range(self.iterations):
                 plan = self.draw()
                 t = time.monotonic()
@@ -333,7 +338,10 @@ class Chaos:
                 "killed_before_ready": self.tally.killed_before_ready,
                 "emitted": len(self.tally.emitted), "log_lines": len(self.tally.logged),
                 "files": len(self.tally.dropped),
-                "files_without_run": self._files_lost(runs),
+                "files_without_run": self._count(runs, self.tally.dropped, 0),
+                "files_repeated": self._count(runs, self.tally.dropped, 2),
+                "log_lines_without_run": self._count(runs, self.tally.logged, 0),
+                "repeated_log_lines": self._count(runs, self.tally.logged, 2),
                 "approved": len(self.tally.approved) + approved_now,
                 "runs": sum(states.values()), "states": dict(states),
                 "audit_records": len(audit), "problems": problems}
@@ -356,8 +364,13 @@ class Chaos:
             if n != 1:
                 problems.append(f"emitted event {t} started {n} runs (expected exactly 1)")
         for t in self.tally.logged:
-            if not by_token.get(t):
-                problems.append(f"log line {t} started no run")
+            n = len(by_token.get(t, []))
+            if n != 1:
+                problems.append(f"log line {t} started {n} runs (expected exactly 1)")
+        for path in self.tally.dropped:
+            n = len(by_token.get(path, []))
+            if n != 1:
+                problems.append(f"file {path} started {n} runs (expected exactly 1)")
         marks: Counter[tuple[str, str]] = Counter()
         for line in self._markers_text().splitlines():
             run_id, what, _token = line.split(" ", 2)
@@ -409,9 +422,16 @@ class Chaos:
             problems.append(f"approved runs {chosen} did not finish")
         return len(chosen)
 
-    def _files_lost(self, runs: list[dict]) -> int:
-        seen = {str((r.get("event") or {}).get("path")) for r in runs}
-        return sum(1 for p in self.tally.dropped if p not in seen)
+    @staticmethod
+    def _count(runs: list[dict], tokens: list[str], runs_each: int) -> int:
+        """How many tokens started no run (runs_each=0), or more than one (2)."""
+        started: Counter[str] = Counter()
+        for r in runs:
+            ev = r.get("event") or {}
+            started[str(ev.get("tok") or ev.get("path"))] += 1
+        if runs_each == 0:
+            return sum(1 for t in tokens if started[t] == 0)
+        return sum(1 for t in tokens if started[t] >= 2)
 
 
 def main(argv: list[str] | None = None) -> int:

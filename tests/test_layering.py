@@ -10,7 +10,7 @@ PKG = Path(__file__).resolve().parent.parent / "opsrun"
 LAYERS: dict[str, int] = {}
 for layer, names in enumerate([
     # L0: no opsrun imports beyond these
-    "errors exit_codes paths ids terminal_text suggest durations sizes",
+    "errors exit_codes paths ids terminal_text suggest durations sizes checkpoints",
     # L1: the runbook and plain data
     "yaml_load schema_checks runbook_schema expressions shell_words runbook secrets run_types "
     "event criteria params describe cron globs step_outputs identity completion_scripts "

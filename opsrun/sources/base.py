@@ -18,10 +18,11 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
+from opsrun.checkpoints import Checkpoint, FileStat
 from opsrun.event import Event
 
 if TYPE_CHECKING:
@@ -50,6 +51,22 @@ class PositionStore(Protocol):
 
     def set_log_position(self, key: str, device: int, inode: int, offset: int) -> None:
         """Store the position for a followed file."""
+
+
+class FileStateStore(Protocol):
+    """Where the file source keeps what it reported (opsrun.store.Store implements it)."""
+
+    def file_baseline(self, trigger_key: str) -> dict[str, FileStat] | None:
+        """Each path's state as last reported, or None if the trigger was never looked at."""
+
+    def set_file_baseline(self, trigger_key: str, states: Mapping[str, FileStat]) -> None:
+        """Take these states as reported."""
+
+    def keep_file_baselines(self, trigger_keys: Iterable[str]) -> None:
+        """Forget the states of every other trigger."""
+
+    def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Store states that no event's runs carry."""
 
 
 class MarkStore(Protocol):

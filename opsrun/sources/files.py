@@ -13,6 +13,14 @@ mtime or ctime) `modified`, absent → absent nothing. So an editor's save throu
 temporary file and a rename is ONE `modified` of the real path, and the temporary file is
 never seen. Folders are not reported, only what is in them.
 
+Across restarts. With a state store (the service), what was reported of each path is kept
+per trigger, written in the transaction that records the runs of the change (see
+opsrun.checkpoints). At start the disk is compared with it, and every difference is
+reported like any other change: files changed while the service was down, and changes
+still being debounced when it was killed, are reported once; those already reported are
+not reported again. The first start of a trigger (or one whose paths changed: a new
+trigger key) takes the disk as it is, and reports nothing.
+
 Never a silent gap. watchfiles drops the kernel's queue-overflow notice, so this source
 rescans (compares its snapshot of every matching path with the disk) after a flood of
 changes, whenever a watch is (re)established, and every `rescan_interval_s`; what a rescan
@@ -27,15 +35,16 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from watchfiles._rust_notify import RustNotify
 
+from opsrun.checkpoints import Checkpoint
 from opsrun.event import Event, new_event
 from opsrun.globs import PathGlob, compile_glob, ignored
 from opsrun.runbook import FileTrigger
-from opsrun.sources.base import Emit, log
+from opsrun.sources.base import Emit, FileStateStore, log
 
 STEP_MS = 20  # quiet time before watchfiles hands changes over; also its idle tick
 GROUP_MS = 100  # the longest it collects before handing over, under constant change
@@ -109,9 +118,11 @@ class FileSource:
 
     def __init__(self, watches: Sequence[tuple[str, FileTrigger]], *,
                  rescan_interval_s: float = 60.0, notifier: NotifierFactory = rust_notifier,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 states: FileStateStore | None = None) -> None:
         self._watches = [_Watch(k, t, tuple(compile_glob(p) for p in t.paths))
                          for k, t in watches]
+        self._states = states
         self._notifier = notifier
         self._clock = clock
         self._rescan_interval = rescan_interval_s
@@ -130,6 +141,8 @@ class FileSource:
     def run(self, stop: threading.Event, emit: Emit) -> None:
         """Watch until `stop` is set; see the module docstring."""
         self._snapshot = self._scan()
+        if self._states is not None:
+            self._restore()
         self._rescan_at = self._clock() + self._rescan_interval
         self._halt.clear()
         threads = [threading.Thread(target=self._watch_loop, args=(recursive, stop),
@@ -164,6 +177,29 @@ class FileSource:
                         "reported (its event queue may have overflowed): %s", len(missed),
                         _some(missed))
         return len(changed)
+
+    def _restore(self) -> None:
+        """Report what changed since the states last reported: while the service was down,
+        or in the moments before it was killed (a change still being debounced)."""
+        assert self._states is not None
+        self._states.keep_file_baselines(w.key for w in self._watches)
+        now = self._clock()
+        for w in self._watches:
+            current = {p: st for p, st in self._snapshot.items() if w.wants(p)}
+            stored = self._states.file_baseline(w.key)
+            if stored is None:
+                self._states.set_file_baseline(w.key, current)
+                continue
+            changed = sorted(p for p in stored.keys() | current.keys()
+                             if stored.get(p) != current.get(p))
+            if not changed:
+                continue
+            log.info("file source: %d change(s) since the service last reported on %s: %s",
+                     len(changed), ", ".join(w.trigger.paths), _some(changed))
+            with self._cond:
+                w.first = w.deadline = now
+                for path in changed:
+                    w.pending.setdefault(path, stored.get(path))
 
     # ── collecting changes ──────────────────────────────────────────────────
 
@@ -209,14 +245,23 @@ class FileSource:
                 self._rescan_at = now + self._rescan_interval
                 self.rescan()
             with self._cond:
-                events, wake = self._take_due(self._clock())
-                if not events:
+                events, quiet, wake = self._take_due(self._clock())
+                if not events and not quiet:
                     self._cond.wait(timeout=max(0.0, min(wake, _WAKE_S)))
                     continue
-            emit(events)
+            if quiet and self._states is not None:
+                # Paths whose change no event reports: nothing is lost by storing them now.
+                self._states.save_checkpoint(Checkpoint(file_states=tuple(quiet)))
+            if events:
+                emit(events)
 
-    def _take_due(self, now: float) -> tuple[list[Event], float]:
+    def _take_due(self, now: float
+                  ) -> tuple[list[Event], list[tuple[str, str, _Stat | None]], float]:
+        """Changes whose debounce is over: events (each with the state it reports, to be
+        stored with its runs), the states of paths reported by no event, and when to look
+        again."""
         events: list[Event] = []
+        quiet: list[tuple[str, str, _Stat | None]] = []
         wake = self._rescan_at - now
         for w in self._watches:
             if not w.pending:
@@ -231,8 +276,12 @@ class FileSource:
                 self._remember(path, after)
                 change = _change(before, after)
                 if change is not None and change in w.trigger.events:
-                    events.append(new_event("file", trigger=w.key, path=path, change=change))
-        return events, wake
+                    event = new_event("file", trigger=w.key, path=path, change=change)
+                    events.append(replace(event, checkpoint=Checkpoint(
+                        file_states=((w.key, path, after),))))
+                elif change is not None:
+                    quiet.append((w.key, path, after))
+        return events, quiet, wake
 
     # ── the kernel watches ──────────────────────────────────────────────────
 

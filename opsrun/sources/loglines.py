@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from itertools import accumulate
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +41,8 @@ else:
     import sre_constants as _sre
     import sre_parse as _sre_parse
 
-Found = tuple[int, str, dict[str, Any]]  # line index (or number), text, named groups
+Found = tuple[int, str, dict[str, Any]]  # line index in a chunk, text, named groups
+Hit = tuple[int, int, str, dict[str, Any]]  # line number, file offset after it, text, groups
 
 CHUNK = 1 << 20
 MAX_LINE = 1 << 20  # a longer line is cut to this many bytes
@@ -271,9 +273,9 @@ class Reader:
             self.counted_at = self.offset
         return self.lineno
 
-    def read(self, matcher: LineMatcher, budget: int) -> tuple[list[Found], int]:
+    def read(self, matcher: LineMatcher, budget: int) -> tuple[list[Hit], int]:
         """Read up to `budget` bytes; the matching complete lines (numbered) and bytes read."""
-        found: list[Found] = []
+        found: list[Hit] = []
         total = 0
         while total < budget:
             data = os.pread(self.fd, CHUNK, self.read_pos)
@@ -285,16 +287,16 @@ class Reader:
                 break
         return found, total
 
-    def finish(self, matcher: LineMatcher) -> list[Found]:
+    def finish(self, matcher: LineMatcher) -> list[Hit]:
         """The unfinished last line of a file nobody writes any more, as a line."""
-        found: list[Found] = []
+        found: list[Hit] = []
         if self.partial and not self.skipping:
             buf = self.partial + b"\n"
             self.partial = b""
             self._match(buf, 0, len(buf), self.read_pos, matcher, found)
         return found
 
-    def _take(self, data: bytes, matcher: LineMatcher, found: list[Found]) -> None:
+    def _take(self, data: bytes, matcher: LineMatcher, found: list[Hit]) -> None:
         self.read_pos += len(data)
         self.tail = (self.tail + data[-TAIL:])[-TAIL:]
         last = data.rfind(b"\n")
@@ -331,16 +333,30 @@ class Reader:
             self.partial, self.skipping = self.partial[:MAX_LINE], True
 
     def _match(self, buf: bytes, start: int, stop: int, end: int, matcher: LineMatcher,
-               found: list[Found]) -> None:
+               found: list[Hit]) -> None:
         """Match the complete lines of `buf[start:stop]`, which begin at `offset` and end
         at file offset `end`."""
         hits = matcher.scan(buf, start, stop) if stop > start else []
         if hits:
             base = self.lines_before_offset() + 1
-            found.extend((base + index, text, groups) for index, text, groups in hits)
+            ends = _line_ends(buf, start, stop, [index for index, _, _ in hits])
+            shift = end - stop  # buf[i] is at file offset i + shift
+            found.extend((base + index, after + shift, text, groups)
+                         for (index, text, groups), after in zip(hits, ends))
             self.lineno = base - 1 + buf.count(b"\n", start, stop)
             self.counted_at = end
         self.offset = end
+
+
+def _line_ends(buf: bytes, start: int, stop: int, indices: list[int]) -> list[int]:
+    """Where in `buf` each of these lines of `buf[start:stop]` ends (after its newline)."""
+    if len(indices) == 1 and indices[0] < 64:  # the common case of a rare match: few finds
+        at = start
+        for _ in range(indices[0] + 1):
+            at = buf.index(b"\n", at, stop) + 1
+        return [at]
+    ends = list(accumulate(len(line) + 1 for line in buf[start:stop].split(b"\n")))
+    return [start + ends[i] for i in indices]
 
 
 def _count_lines(fd: int, pos: int, end: int) -> int:

@@ -13,9 +13,11 @@ starts a file present at the start after its last complete line; `from: start` r
 all. Appends are noticed by polling every `poll_interval_s` (two syscalls per file).
 
 Positions. For each followed file the store keeps `(device, inode, offset)` under
-`<trigger key>:<path>`; offset is always just after a complete line. A batch of events
-is handed to `emit` first and the position is stored after `emit` returns: a crash in
-between repeats that batch at the next start, never loses it (at-least-once). Positions
+`<trigger key>:<path>`; offset is always just after a complete line. Each event carries
+the position that holds once it is taken (see opsrun.checkpoints), and the service stores
+it in the transaction that records the event's runs: a restart neither repeats nor loses
+a line. Other callers of `emit` get at-least-once: the position is also stored after
+`emit` returns, and a crash in between repeats that batch, never loses it. Positions
 that produced no event are stored at most every second and at stop (re-reading lines that
 match nothing emits nothing). At a restart the file is found again by its inode, also
 when it was rotated meanwhile (its lines after the position are read first).
@@ -35,12 +37,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from opsrun.checkpoints import Checkpoint
 from opsrun.event import Event, now_rfc3339
 from opsrun.globs import compile_glob
 from opsrun.ids import new_id
 from opsrun.runbook import LogTrigger
 from opsrun.sources.base import Emit, PositionStore, log
-from opsrun.sources.loglines import CHUNK, Found, LineMatcher, Reader
+from opsrun.sources.loglines import CHUNK, Hit, LineMatcher, Reader
 
 ROUND_BYTES = 4 * CHUNK  # read per file per round, so that one busy file does not starve
 COMMIT_EVERY_S = 1.0
@@ -205,7 +208,7 @@ class LogSource:
             if got:
                 r.idle_since = now
             elif now - r.idle_since >= self._grace:
-                self._emit_found(f, r.finish(f.matcher), events)
+                self._emit_found(f, r.finish(f.matcher), events, self._position(f, r))
                 f.drains.remove(r)
                 r.close()
         if f.reader is None:
@@ -238,18 +241,36 @@ class LogSource:
         if r.rewritten():
             self._truncated(f, r, events)
         found, total = r.read(f.matcher, ROUND_BYTES)
-        self._emit_found(f, found, events)
+        self._emit_found(f, found, events, self._position(f, r))
         return total
 
-    def _emit_found(self, f: _Follow, found: list[Found], events: list[Event]) -> None:
+    @staticmethod
+    def _position(f: _Follow, r: Reader) -> Callable[[int], tuple[int, int, int]] | None:
+        """Where the follow stands once a line of `r` is taken: just after that line in the
+        followed file; for a rotated-away file still read, the followed (new) file's
+        position as it is now, whose lines up to there were taken in earlier rounds."""
+        if r is f.reader:
+            return lambda after: (r.dev, r.ino, after)
+        current = f.reader
+        if current is None:
+            return None
+        at = (current.dev, current.ino, current.offset)
+        return lambda after: at
+
+    def _emit_found(self, f: _Follow, found: list[Hit], events: list[Event],
+                    position: Callable[[int], tuple[int, int, int]] | None) -> None:
+        """Events for matching lines, each with the position to store with its runs (see
+        opsrun.checkpoints): `position(offset after the line)` gives (device, inode,
+        offset) of the followed file once the line is taken."""
         if not found:
             return
         now = now_rfc3339()
-        for lineno, text, groups in found:
+        for lineno, after, text, groups in found:
             extra = {k: v for k, v in groups.items() if k not in RESERVED}
+            mark = None if position is None else Checkpoint(((f.key, *position(after)),))
             events.append(Event("log", {
                 "source": "log", "id": new_id(), "time": now, "trigger": f.trigger_key,
-                "path": f.path, "line": text, "lineno": lineno, **extra}))
+                "path": f.path, "line": text, "lineno": lineno, **extra}, mark))
 
     def _check_rotation(self, f: _Follow, r: Reader, now: float, events: list[Event]) -> None:
         try:
@@ -275,12 +296,14 @@ class LogSource:
         rest = Reader.open(copy, r.offset, r.lineno) if copy else None
         if rest is not None:  # copytruncate: what came after our position is in the copy
             rest.counted_at = r.counted_at  # the copy holds the bytes not counted yet
+            # Once the copy's lines are taken, the truncated file is to be read from 0.
+            restarted = (r.dev, r.ino, 0)
             while True:
                 found, got = rest.read(f.matcher, ROUND_BYTES)
-                self._emit_found(f, found, events)
+                self._emit_found(f, found, events, lambda after: restarted)
                 if not got:
                     break
-            self._emit_found(f, rest.finish(f.matcher), events)
+            self._emit_found(f, rest.finish(f.matcher), events, lambda after: restarted)
             rest.close()
         r.restart()
 

@@ -259,3 +259,72 @@ def test_a_flood_triggers_a_rescan(tmp_path: Path, caplog: pytest.LogCaptureFixt
         (tmp_path / "real.txt").write_text("x")
         wait_for(lambda: got.has("added", "real.txt"))
     assert "rescanning in case the kernel's event queue overflowed" in caplog.text
+
+
+# ── across restarts (the service's state store) ─────────────────────────────
+
+class Recorder(Collect):
+    """What the service does with a batch: its checkpoints go into the store with it."""
+
+    def __init__(self, store: Any) -> None:
+        super().__init__()
+        self.store = store
+
+    def __call__(self, events: Sequence[Event]) -> None:
+        from opsrun.checkpoints import merge
+
+        self.store.record_runs([], checkpoint=merge(e.checkpoint for e in events))
+        super().__call__(events)
+
+
+@contextmanager
+def recording(source: FileSource, store: Any) -> Iterator[Recorder]:
+    got = Recorder(store)
+    stop = threading.Event()
+    thread = threading.Thread(target=source.run, args=(stop, got))
+    thread.start()
+    try:
+        assert source.ready.wait(5)
+        yield got
+    finally:
+        stop.set()
+        thread.join(5)
+        assert not thread.is_alive()
+
+
+def test_changes_while_down_and_pending_at_a_kill_are_reported_once(tmp_path: Path) -> None:
+    from opsrun.store import Store
+
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    (drop / "old.txt").write_text("there before the first start")
+    (drop / "edit.txt").write_text("one")
+    (drop / "gone.txt").write_text("x")
+    with Store.open(tmp_path / "state") as store:
+        watch = [("k", trig(drop / "*.txt"))]
+        with recording(FileSource(watch, states=store), store) as got:
+            barrier(drop, got)
+        assert [c for c in got.seen() if "barrier" not in c[1]] == []  # the first start
+        # While it is down:
+        (drop / "new.txt").write_text("dropped while down")
+        (drop / "edit.txt").write_text("two, longer")
+        (drop / "gone.txt").unlink()
+        with recording(FileSource(watch, states=store), store) as got:
+            wait_for(lambda: len(got.seen()) >= 3, message=lambda: str(got.seen()))
+            barrier(drop, got)
+        assert sorted(c for c in got.seen() if "barrier" not in c[1]) == [
+            ("added", "new.txt"), ("deleted", "gone.txt"), ("modified", "edit.txt")]
+        # A change still being debounced when the source stops (a kill) is not lost.
+        slow = [("k", trig(drop / "*.txt", debounce=30.0))]
+        source = FileSource(slow, states=store)
+        with recording(source, store) as got:
+            (drop / "late.txt").write_text("created just before the kill")
+            wait_for(lambda: source._watches[0].pending, timeout=10)
+        assert got.seen() == []
+        with recording(FileSource(watch, states=store), store) as got:
+            barrier(drop, got)
+        assert [c for c in got.seen() if "barrier" not in c[1]] == [("added", "late.txt")]
+        # And what was reported is not reported again.
+        with recording(FileSource(watch, states=store), store) as got:
+            barrier(drop, got)
+        assert [c for c in got.seen() if "barrier" not in c[1]] == []

@@ -486,3 +486,29 @@ def test_rename_rotation_keeps_the_order_of_lines(tmp_path: Path, store: Store,
     source.poll(got)
     assert got.numbers == [1, 2]
     source.close()
+
+
+def test_each_event_carries_the_position_after_its_line(tmp_path: Path, store: Store) -> None:
+    """Stored with an event's runs (as the service does), its position makes a restart
+    after a crash go on after exactly the lines whose runs were recorded: none repeated,
+    none lost, also when a crash falls between two parts of one batch."""
+    from opsrun.checkpoints import merge
+
+    log = tmp_path / "app.log"
+    log.write_text("")
+    source = LogSource([(KEY, trig(log, start="start"))], store)
+    source.poll(Collect())
+    append(log, "line 1\nnoise\nline 2\nline 3\n")
+
+    def first_two_then_crash(events: Sequence[Event]) -> None:
+        store.record_runs([], checkpoint=merge(e.checkpoint for e in events[:2]))
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        source.poll(first_two_then_crash)
+    source.close()
+    again = Collect()
+    restarted = LogSource([(KEY, trig(log, start="start"))], store)
+    restarted.poll(again)
+    assert again.numbers == [3]
+    restarted.close()
