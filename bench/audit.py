@@ -23,8 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from opsrun.audit import AuditLog
-from opsrun.audit_verify import verify_log
+from opsrun.audit.log import AuditLog
+from opsrun.audit.verify import verify_log
 from opsrun.store import Store
 
 FIELDS: dict[str, Any] = {"run_id": "01JD5ZQ6W3Y8K0F4T1N2M7P9RS", "step": "restart", "exit_code": 0,

@@ -339,8 +339,8 @@ def dispatch(tmp: Path, repeat: int, events: int) -> list[Row]:
 
 def audit(tmp: Path, repeat: int, records: int) -> list[Row]:
     sys.path.insert(0, str(HERE.parent))
-    from opsrun.audit import AuditLog
-    from opsrun.audit_verify import verify_log
+    from opsrun.audit.log import AuditLog
+    from opsrun.audit.verify import verify_log
 
     fields = {"run_id": "01JD5ZQ6W3Y8K0F4T1N2M7P9RS", "step": "restart", "exit_code": 0,
               "outcome": "success", "duration": 1.25, "stdout": "web.service restarted"}

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from opsrun import run_types as rt
-from opsrun.audit import AuditLog
+from opsrun.audit.log import AuditLog
 from opsrun.describe import describe_answer
 from opsrun.errors import OpsrunError, UsageError
 from opsrun.identity import Identity

@@ -25,7 +25,7 @@ from typing import Any
 
 from opsrun import identity, recovery, resume, run_types as rt, step_processes
 from opsrun.approvals import Waiter
-from opsrun.audit import finished_runs
+from opsrun.audit.read import finished_runs
 from opsrun.concurrency import Job, Scheduler
 from opsrun.daemon_control import ControlHandler
 from opsrun.daemon_log import DaemonLog, LogListener

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from opsrun import paths, run_types as rt
-from opsrun.audit import AuditLog
+from opsrun.audit.log import AuditLog
 from opsrun.engine import Engine
 from opsrun.errors import UsageError
 from opsrun.executors.local import LocalExecutor
@@ -145,7 +145,7 @@ def open_run_context(state_dir: str | None, audit_log: str | None,
 
 def audit_segment_bytes(environ: Mapping[str, str] | None = None) -> int:
     """When the audit log starts a new segment: OPSRUN_AUDIT_SEGMENT_SIZE, default 64 MiB."""
-    from opsrun.audit import DEFAULT_MAX_SEGMENT_BYTES
+    from opsrun.audit.log import DEFAULT_MAX_SEGMENT_BYTES
     from opsrun.sizes import SizeError, parse_size
 
     text = (os.environ if environ is None else environ).get("OPSRUN_AUDIT_SEGMENT_SIZE")

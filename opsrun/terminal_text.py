@@ -1,25 +1,37 @@
 """Make untrusted text safe to print: no escape sequence from a log line rewrites the terminal.
 
-What is escaped: C0 controls except tab and newline (ESC, BEL, CR, backspace…), DEL, the C1
-controls (0x80-0x9f: a lone 0x9b is CSI on some terminals), the bidirectional controls
-that make text display in another order than it is written ("Trojan Source", CVE-2021-42574),
-and the Unicode line and paragraph separators. Each becomes a visible `\\x1b` or `\\u202e`.
+What is escaped: every control character (C0 except tab and newline, DEL, C1: a lone 0x9b
+is CSI on some terminals), every format character — among them the bidirectional controls
+that make text display in another order than it is written ("Trojan Source",
+CVE-2021-42574) and the invisible ones (zero-width space, soft hyphen, BOM, tags) — the
+Unicode line and paragraph separators, and lone surrogates: the Unicode categories Cc, Cf,
+Zl, Zp and Cs. Each becomes a visible `\\x1b` or `\\u202e`. The class below lists those
+categories as of Unicode 14 (Python 3.11); tests/test_hostile.py checks it against the
+running Python's unicodedata.
 """
 from __future__ import annotations
 
 import re
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e"
-                      r"\u2066-\u2069\u2028\u2029]")
+_CONTROL = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891"
+    "\u08e2\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ud800-\udfff"
+    "\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3"
+    "\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]")
 
 
 def _escape(m: re.Match[str]) -> str:
     code = ord(m.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def safe(text: str, *, keep_newlines: bool = True) -> str:
-    """Replace control characters (ESC, BEL, CR, …) with visible `\\x1b`-style escapes."""
+    """Replace control and format characters (ESC, BEL, CR, U+202E, …) with visible escapes.
+
+    Tab and newline stay unless `keep_newlines` is False: then they are shown as `\\t`, `\\n`.
+    """
     out = _CONTROL.sub(_escape, text)
     if not keep_newlines:
         out = out.replace("\n", "\\n").replace("\t", "\\t")

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from opsrun.audit import GENESIS, AuditLog, RunbookRef, line_hash
-from opsrun.audit_verify import verify_log
+from opsrun.audit.format import GENESIS, RunbookRef, line_hash
+from opsrun.audit.log import AuditLog
+from opsrun.audit.verify import verify_log
 from opsrun.errors import AuditWriteError
 from opsrun.store import Store
 from tests.test_store import as_other_user
@@ -290,7 +291,7 @@ def test_fail_closed_when_the_file_size_limit_is_hit(state: Path) -> None:
     child = run_child(f"""
         import os, resource
         from pathlib import Path
-        from opsrun.audit import AuditLog
+        from opsrun.audit.log import AuditLog
         from opsrun.errors import AuditWriteError
         log = AuditLog(Path({str(path)!r}))
         limit = os.path.getsize({str(path)!r}) + 700
@@ -392,7 +393,7 @@ def test_two_processes_append_5000_each(state: Path) -> None:
     script = f"""
         import sys
         from pathlib import Path
-        from opsrun.audit import AuditLog
+        from opsrun.audit.log import AuditLog
         from opsrun.store import Store
         log = AuditLog(Path({str(state / "audit.jsonl")!r}), store=Store.open(Path({str(state)!r})))
         worker = sys.argv[1]
@@ -425,7 +426,7 @@ def test_sigkill_in_the_middle_of_appending(state: Path) -> None:
     path = state / "audit.jsonl"
     child = run_child(f"""
         from pathlib import Path
-        from opsrun.audit import AuditLog
+        from opsrun.audit.log import AuditLog
         from opsrun.store import Store
         log = AuditLog(Path({str(path)!r}), store=Store.open(Path({str(state)!r})))
         big = "x" * (4 << 20)  # long writes, so that the kill may land inside one

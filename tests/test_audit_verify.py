@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from opsrun.audit import AuditLog, line_hash
-from opsrun.audit_verify import VerifyResult, verify_log
+from opsrun.audit.log import AuditLog
+from opsrun.audit.format import line_hash
+from opsrun.audit.verify import VerifyResult, verify_log
 from opsrun.errors import StateError
 from opsrun.store import Store
 from tests.test_store import as_other_user
@@ -323,7 +324,7 @@ def test_verify_while_another_process_appends_and_rotates(state) -> None:
     make(folder, store, n=5)
     writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         from pathlib import Path
-        from opsrun.audit import AuditLog
+        from opsrun.audit.log import AuditLog
         from opsrun.store import Store
         log = AuditLog(Path({str(folder / "audit.jsonl")!r}),
                        store=Store.open(Path({str(folder)!r})), max_segment_bytes=3000)

@@ -312,3 +312,19 @@ def test_live_view_on_a_terminal_escapes_step_output(tmp_path: Path) -> None:
     assert "\\x1b[2J" in text and "[bold]markup" in text and "\\x9bH" in text
     assert "\x1b[2J" not in text and "\x1b]0;" not in text and "\x07" not in text
     assert "\x9b" not in text
+
+
+def test_every_control_and_format_character_is_escaped() -> None:
+    """The one escaper covers every character of the categories that act instead of
+    showing (Cc, Cf, Zl, Zp, Cs) in this Python's Unicode, and nothing printable."""
+    import sys
+    import unicodedata
+
+    from opsrun.terminal_text import safe
+
+    acting = [chr(c) for c in range(sys.maxunicode + 1)
+              if unicodedata.category(chr(c)) in ("Cc", "Cf", "Zl", "Zp", "Cs")]
+    missed = [f"U+{ord(c):04X}" for c in acting if c not in "\t\n" and safe(c) == c]
+    assert not missed, f"add these to opsrun/terminal_text.py: {missed}"
+    assert safe("tab\tnew\nline", keep_newlines=False) == "tab\\tnew\\nline"
+    assert safe("émoji 👍 ÄÖ ﬁ") == "émoji 👍 ÄÖ ﬁ"

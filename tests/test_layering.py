@@ -18,7 +18,7 @@ for layer, names in enumerate([
     # L2
     "matcher",
     # L3: the world: processes, files, sockets, the store and the audit log
-    "proc step_processes file_lock store audit audit_verify audit_prune control approvals "
+    "proc step_processes file_lock store audit control approvals "
     "sources executors",
     # L4: orchestration
     "engine concurrency run_records resume",

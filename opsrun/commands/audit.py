@@ -10,7 +10,6 @@ import os
 import re
 import sys
 import threading
-import unicodedata
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from opsrun import exit_codes, paths
-from opsrun.audit import AuditLog, is_record, last_tip, list_segments
-from opsrun.audit_verify import Finding, VerifyResult, verify_log
+from opsrun.audit.log import AuditLog
+from opsrun.audit import read
+from opsrun.audit.verify import Finding, VerifyResult, verify_log
 from opsrun.errors import StateError, UsageError
+from opsrun.terminal_text import safe
 from opsrun.store import Store
 
 JSON_VERSION = 1
@@ -52,7 +53,7 @@ def verify(state_dir: str | None, audit_log: str | None, from_start: bool,
 def prune(state_dir: str | None, audit_log: str | None, before: str | None,
           keep: int | None, dry_run: bool, as_json: bool) -> int:
     """Retire the oldest closed segments, recorded in the chain so that verify accepts it."""
-    from opsrun import audit_prune
+    from opsrun.audit import prune as audit_prune
     from opsrun.run_setup import open_run_context
 
     if before is None and keep is None:
@@ -125,10 +126,10 @@ def show(state_dir: str | None, audit_log: str | None, run: str | None,
     picked: deque[dict[str, Any]] = deque(maxlen=limit)
     skipped = 0
     with _reading(log_path):
-        for line in _all_lines(log_path):
+        for line in read.all_lines(log_path):
             if not all(n in line for n in needles):
                 continue
-            record = _record(line)
+            record = read.record(line)
             if record is None:
                 skipped += 1
             elif _matches(record, run, runbook, kind, after):
@@ -150,13 +151,14 @@ def tail(state_dir: str | None, audit_log: str | None, follow: bool, lines: int 
     with _reading(log_path):
         # Open the file to follow first, and show the last records up to where it stands:
         # what is appended meanwhile is then printed once, by the follower.
-        f = _open_at_end(log_path) if follow else None
-        found = _last_lines(log_path, lines, None if f is None else f.tell())
-        records = [r for r in (_record(x) for x in found) if r is not None]
+        f = read.open_at_end(log_path) if follow else None
+        found = read.last_lines(log_path, lines, None if f is None else f.tell())
+        records = [r for r in (read.record(x) for x in found) if r is not None]
         _print_records(records, as_json, header=True)
         sys.stdout.flush()
         if follow:
-            _follow(log_path, f, as_json, poll_s, stop or threading.Event())
+            _print_followed(read.follow(log_path, f, poll_s, stop or threading.Event()),
+                            as_json)
     return int(exit_codes.OK)
 
 
@@ -198,139 +200,22 @@ def _open(state_dir: str | None, audit_log: str | None
 
 
 def _note_if_missing(log_path: Path) -> None:
-    if not any(f.exists() for f in _files(log_path)):
+    if not any(f.exists() for f in read.files(log_path)):
         print(f"opsrun: there is no audit log at {log_path} yet", file=sys.stderr)
 
 
-def _files(log_path: Path) -> list[Path]:
-    return [p for _, p in list_segments(log_path)] + [log_path]
-
-
-def _all_lines(log_path: Path) -> Iterator[bytes]:
-    for file in _files(log_path):
-        try:
-            with open(file, "rb") as f:
-                for line in f:
-                    yield line.rstrip(b"\n")
-        except FileNotFoundError:
+def _print_followed(lines: Iterator[bytes | None], as_json: bool) -> None:
+    for line in lines:
+        if line is None:
+            print("(an incomplete record at the end of a segment was skipped)",
+                  file=sys.stderr)
             continue
-
-
-def _last_lines(log_path: Path, count: int, current_size: int | None = None) -> list[bytes]:
-    out: list[bytes] = []
-    for file in reversed(_files(log_path)):
-        try:
-            data = _tail_bytes(file, count - len(out),
-                               current_size if file == log_path else None)
-        except FileNotFoundError:
-            continue
-        out[:0] = data
-        if len(out) >= count:
-            break
-    return out[-count:] if count else []
-
-
-def _tail_bytes(file: Path, count: int, size: int | None = None) -> list[bytes]:
-    with open(file, "rb") as f:
-        size = f.seek(0, os.SEEK_END) if size is None else size
-        window = 64 * 1024
-        while True:
-            start = max(0, size - window)
-            f.seek(start)
-            lines = f.read(size - start).split(b"\n")
-            if lines and lines[-1] == b"":
-                lines.pop()
-            if start == 0 or len(lines) > count:
-                return lines[-count:] if count else []
-            window *= 8
-
-
-def _follow(log_path: Path, f: Any, as_json: bool, poll_s: float,
-            stop: threading.Event) -> None:
-    """Print records appended to `f` and its successors, across rotations, until `stop`."""
-    pending = b""
-    while not stop.wait(poll_s):
-        if f is None:
-            f = _open_at_end(log_path, start=True)
-            continue
-        pending = _print_new(f.read(), pending, as_json)
-        if _moved(log_path, f):
-            _print_rest(f.read(), pending, as_json)  # the old file's last words
-            pending = b""
-            followed = os.fstat(f.fileno()).st_ino
-            f.close()
-            f = _catch_up(log_path, followed, as_json)
-    if f is not None:
-        f.close()
-
-
-def _moved(log_path: Path, f: Any) -> bool:
-    try:
-        return os.stat(log_path).st_ino != os.fstat(f.fileno()).st_ino
-    except FileNotFoundError:
-        return False  # between the rename and the new file: look again next time
-
-
-def _catch_up(log_path: Path, followed: int, as_json: bool) -> Any:
-    """Print the segments closed after the file that was followed; open the current one.
-
-    Several rotations may have happened between two looks, and more may happen while
-    catching up: repeat until the list of segments holds still.
-    """
-    while True:
-        segments = list_segments(log_path)
-        inodes = [_inode(p) for _, p in segments]
-        if followed in inodes:
-            for _, path in segments[inodes.index(followed) + 1:]:
-                with open(path, "rb") as closed:
-                    _print_rest(closed.read(), b"", as_json)
-                followed = _inode(path)
-        f = _open_at_end(log_path, start=True)
-        if [n for n, _ in list_segments(log_path)] == [n for n, _ in segments]:
-            return f
-        if f is not None:
-            f.close()  # rotated again meanwhile: what was opened is a segment now
-
-
-def _inode(path: Path) -> int:
-    try:
-        return os.stat(path).st_ino
-    except FileNotFoundError:
-        return -1
-
-
-def _print_rest(data: bytes, pending: bytes, as_json: bool) -> None:
-    if _print_new(data, pending, as_json):
-        print("(an incomplete record at the end of a segment was skipped)", file=sys.stderr)
-
-
-def _open_at_end(log_path: Path, start: bool = False) -> Any:
-    try:
-        f = open(log_path, "rb")
-    except FileNotFoundError:
-        return None
-    if not start:
-        f.seek(0, os.SEEK_END)
-    return f
-
-
-def _print_new(data: bytes, pending: bytes, as_json: bool) -> bytes:
-    lines = (pending + data).split(b"\n")
-    for line in lines[:-1]:
-        record = _record(line)
+        record = read.record(line)
         if record is None:
             print("(a line that is not a complete record was skipped)", file=sys.stderr)
         else:
             _print_records([record], as_json, header=False)
-    sys.stdout.flush()
-    return lines[-1]
-
-
-def _record(line: bytes) -> dict[str, Any] | None:
-    if not is_record(line):
-        return None
-    value: dict[str, Any] = json.loads(line)
-    return value
+        sys.stdout.flush()
 
 
 def _matches(record: dict[str, Any], run: str | None, runbook: str | None,
@@ -430,14 +315,4 @@ def _short(value: Any, width: int = 60) -> str:
 
 
 def _safe(text: str) -> str:
-    """Escape control and format characters so that they show instead of acting."""
-    if text.isprintable():
-        return text
-    out = []
-    for ch in text:
-        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs"):
-            code = ord(ch)
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
-        else:
-            out.append(ch)
-    return "".join(out)
+    return safe(text, keep_newlines=False)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from opsrun import identity, output, paths, secrets
-from opsrun.audit import AuditLog
+from opsrun.audit.log import AuditLog
 from opsrun.concurrency import Job, Scheduler
 from opsrun.errors import UsageError
 from opsrun.event import Event, EventRejected, parse_json_event

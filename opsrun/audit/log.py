@@ -1,25 +1,11 @@
-"""The audit log: append-only JSON Lines, hash-chained, fsynced before the caller goes on.
-
-A record is one line of ASCII JSON that always begins with its chain fields in a fixed
-order, so that a verifier can read them without parsing the whole line:
-
-    {"v":1,"seq":42,"prev":"<sha256 hex of line 41>","time":"2025-01-02T03:04:05.123456Z",
-     "kind":"run.started","run_id":…,"runbook":{…},"user":…,"uid":…,"host":…,"pid":…,
-     <the kind's own fields, sorted by name>}
-
-`prev` is the sha256 of the previous record's line (without its newline); the first record
-of the log has 64 zeros. Nested objects have sorted keys, so a record's bytes are a
-function of its content. Non-ASCII text is escaped, so the file is safe to `cat`.
+"""The audit log's writer: append-only, hash-chained, fsynced before the caller goes on.
 
 Writers exclude each other with an flock on a separate lock file (`<log>.lock`), which
 never moves, so a writer that still holds the file that another process just rotated can
 notice it and reopen. Each batch of records is one os.write on an O_APPEND descriptor
 followed by fdatasync. A line left torn by a crash is never rewritten: the next writer
-starts on a fresh line and chains to the last complete record.
-
-Segments: when the log passes `max_segment_bytes`, it is renamed to `audit-<n>.jsonl` and
-a new `audit.jsonl` begins with an `audit.segment_started` record that names the previous
-segment and chains to its last record.
+starts on a fresh line and chains to the last complete record. The format is in
+audit/format.py.
 """
 from __future__ import annotations
 
@@ -34,48 +20,36 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from opsrun import file_lock, proc
+from opsrun.audit.format import (FORMAT_VERSION, GENESIS, RESERVED_FIELDS, SEGMENT_STARTED,
+                                 RunbookLike, is_record, line_hash, list_segments,
+                                 lock_path_for, looks_torn, parse_header, rfc3339,
+                                 segment_path)
 from opsrun.errors import AuditWriteError, StateError
 from opsrun.store import AuditHead, Store
 
-FORMAT_VERSION = 1
-GENESIS = "0" * 64
 DEFAULT_MAX_SEGMENT_BYTES = 64 * 1024 * 1024
 LOCK_TIMEOUT_S = 30.0
-SEGMENT_STARTED = "audit.segment_started"
-RESERVED_FIELDS = frozenset({"v", "seq", "prev", "time", "kind", "run_id", "runbook", "user",
-                             "uid", "host", "pid"})
-HEADER_PREFIX = b'{"v":1,"seq":'
+
 _KIND = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$")
 _MAX_TORN_LINES = 16  # consecutive crash remnants skipped when looking for the last record
 
 # Types written as they are; strings are not among them, as they go through the masker.
 _SCALARS = frozenset({int, bool, type(None)})
 _SCALARS_AND_STR = _SCALARS | {str}
+
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 log = logging.getLogger(__name__)
 
 Masker = Callable[[str], str]
-
-
-@dataclass(frozen=True)
-class RunbookRef:
-    """What the audit log says about a runbook: its name, file and the sha256 of its bytes."""
-
-    name: str
-    path: str | None = None
-    sha256: str | None = None
-
-
-RunbookLike = Union[RunbookRef, Mapping[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -377,67 +351,6 @@ class AuditLog:
             self._pid = os.getpid()
 
 
-# ── the file format, shared with audit_verify and the audit commands ────────────
-
-
-def line_hash(line: bytes) -> str:
-    """The chain hash of a record line (its bytes without the newline)."""
-    return hashlib.sha256(line).hexdigest()
-
-
-def parse_header(line: bytes) -> tuple[int, str] | None:
-    """Read (seq, prev) from the fixed start of a record line; None if it is not one."""
-    if not line.startswith(HEADER_PREFIX):
-        return None
-    comma = line.find(b",", 13, 40)
-    digits = line[13:comma]
-    if comma < 0 or not digits.isdigit() or (digits[0] == 48 and len(digits) > 1):
-        return None
-    if line[comma + 1:comma + 9] != b'"prev":"' or line[comma + 73:comma + 75] != b'",':
-        return None
-    return int(digits), line[comma + 9:comma + 73].decode("ascii", "replace")
-
-
-def is_record(line: bytes) -> bool:
-    """Whether a line is a complete record: the fixed header and a whole JSON object."""
-    if parse_header(line) is None or not line.endswith(b"}"):
-        return False
-    try:
-        return isinstance(json.loads(line), dict)
-    except ValueError:
-        return False
-
-
-def looks_torn(line: bytes) -> bool:
-    """Whether a line that is not a record looks like what a crash leaves behind.
-
-    That is the start of a record cut short, or the NUL bytes a file system may leave
-    where data had not reached the disk.
-    """
-    if not line:
-        return False
-    if line.strip(b"\0") == b"":
-        return True
-    head = line[:len(HEADER_PREFIX)]
-    return HEADER_PREFIX.startswith(head) or line.startswith(HEADER_PREFIX)
-
-
-def segment_path(path: Path, number: int) -> Path:
-    """The name segment `number` of the log at `path` gets once closed: audit-<n>.jsonl."""
-    return path.with_name(f"{_stem(path)}-{number}{path.suffix}")
-
-
-def list_segments(path: Path) -> list[tuple[int, Path]]:
-    """The closed segments of the log at `path`, oldest first, as (number, file)."""
-    pattern = re.compile(rf"^{re.escape(_stem(path))}-([1-9][0-9]*){re.escape(path.suffix)}$")
-    try:
-        names = os.listdir(path.parent)
-    except FileNotFoundError:
-        return []
-    found = [(int(m.group(1)), path.parent / n) for n in names if (m := pattern.match(n))]
-    return sorted(found)
-
-
 def read_tip(fd: int, path: Path) -> tuple[int, str, bool] | None:
     """(seq, hash, torn) of the last complete record in an open file, or None if none.
 
@@ -491,37 +404,6 @@ def last_tip(path: Path) -> Tip | None:
     return tip
 
 
-def finished_runs(path: Path, run_ids: Collection[str], *,
-                  tail_bytes: int = 4 * 1024 * 1024) -> dict[str, dict[str, Any]]:
-    """The `run.finished` records of these runs in the last `tail_bytes` of the log.
-
-    For recovery after a crash: a run's end is recorded here before the state store hears
-    of it, so a process killed in between leaves a run that ended but is stored `running`.
-    """
-    wanted = set(run_ids)
-    found: dict[str, dict[str, Any]] = {}
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return found
-    try:
-        size = os.fstat(fd).st_size
-        start = max(0, size - tail_bytes)
-        data = os.pread(fd, size - start, start)
-    finally:
-        os.close(fd)
-    for line in data.split(b"\n")[1 if start else 0:]:
-        if b'"kind":"run.finished"' not in line:
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a torn line
-        if isinstance(record, dict) and record.get("run_id") in wanted:
-            found[record["run_id"]] = record
-    return found
-
-
 def permission_problem(path: Path) -> str | None:
     """A warning if an existing log file can be read or written by more than it should."""
     try:
@@ -532,11 +414,6 @@ def permission_problem(path: Path) -> str | None:
         return (f"the audit log {path} has mode {mode:04o}, wider than 0600 (0640 to let a "
                 f"group read it); run `chmod 600 {path}`")
     return None
-
-
-def lock_path_for(path: Path) -> Path:
-    """The lock file that writers of the log at `path` hold: `<log>.lock`."""
-    return path.with_name(path.name + ".lock")
 
 
 @contextmanager
@@ -557,10 +434,6 @@ def reading_lock(path: Path) -> Iterator[None]:
             yield
     finally:
         os.close(fd)
-
-
-def _stem(path: Path) -> str:
-    return path.name[:-len(path.suffix)] if path.suffix else path.name
 
 
 def _clean(value: Any, mask: Masker | None) -> Any:
@@ -589,12 +462,6 @@ def _clean(value: Any, mask: Masker | None) -> Any:
         return _clean(rfc3339(value.timestamp()), mask)
     raise TypeError(f"an audit field of type {type(value).__name__} cannot be recorded; "
                     "use str, int, float, bool, None, list or dict")
-
-
-def rfc3339(t: float) -> str:
-    """A Unix time as the audit log writes times: RFC 3339, UTC, microseconds."""
-    return datetime.fromtimestamp(t, timezone.utc).replace(tzinfo=None).isoformat(
-        timespec="microseconds") + "Z"
 
 
 def _identity() -> tuple[str, int, str]:
