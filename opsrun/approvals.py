@@ -14,6 +14,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from opsrun import run_types as rt
+from opsrun.audit.format import RunbookRef
 from opsrun.audit.log import AuditLog
 from opsrun.describe import describe_answer
 from opsrun.errors import OpsrunError, UsageError
@@ -102,8 +103,7 @@ def give_answer(store: Store, audit: AuditLog, run_ref: str, *, approve: bool, w
     q = pending[0]
     reason = refusal(q.approvers, who, q.starter)
     run = store.get_run(run_id)
-    runbook = {"name": run.runbook, "path": run.runbook_path, "sha256": run.runbook_sha256} \
-        if run else None
+    runbook = run.runbook_ref() if run else None
     if reason:
         audit.append("confirm.refused", run_id=run_id, runbook=runbook, step_id=q.step_id,
                      answerer=who.as_record(), approved=approve, reason=reason)
@@ -185,7 +185,7 @@ class Waiter:
                                           starter=starter, deadline=deadline)
 
     def wait(self, q: ApprovalRecord, on_timeout: str, cancel: threading.Event,
-             runbook: dict[str, Any] | None) -> ApprovalRecord | None:
+             runbook: RunbookRef | None) -> ApprovalRecord | None:
         """Block until answered or the deadline; None if cancelled first."""
         last_note = 0.0
         while True:
@@ -202,7 +202,7 @@ class Waiter:
             if cancel.wait(self.poll_s):
                 return None
 
-    def expire(self, q: ApprovalRecord, on_timeout: str, runbook: dict[str, Any] | None) -> None:
+    def expire(self, q: ApprovalRecord, on_timeout: str, runbook: RunbookRef | None) -> None:
         """Answer a question whose deadline passed with its on_timeout answer."""
         answer = "approved" if on_timeout == "approve" else "denied"
         if self.store.answer_approval(q.run_id, answer, answered_by="(timeout)",

@@ -5,7 +5,6 @@ that `opsrun --help` stays fast.
 """
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -510,7 +509,7 @@ def _watch(
     """Watch every source of every runbook and run the runbooks whose triggers match."""
     from opsrun import paths as paths_mod
     from opsrun.commands import watch as watch_cmd
-    from opsrun.daemon import WatchOptions
+    from opsrun.service.daemon import WatchOptions
     from opsrun.durations import DurationError, parse_duration
 
     try:

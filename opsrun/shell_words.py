@@ -25,7 +25,7 @@ from typing import Any
 
 from opsrun import expressions
 from opsrun.errors import ExpressionError
-from opsrun.expressions import Expr, Part
+from opsrun.expressions import Expr
 
 POSIX_SHELLS = frozenset({"bash", "sh", "dash", "zsh", "ksh", "mksh", "ash", "busybox"})
 VAR_PREFIX = "OPSRUN_X_"

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from opsrun import paths
+from opsrun.audit.format import RunbookRef
 from opsrun.checkpoints import Checkpoint, FileStat
 from opsrun.errors import StateError
 from opsrun.ids import new_id
@@ -146,6 +147,10 @@ class RunRecord:
     exit_code: int | None
     error: str | None
     current_step: int | None
+
+    def runbook_ref(self) -> RunbookRef:
+        """The runbook version the run started with, as the audit log names it."""
+        return RunbookRef(self.runbook, self.runbook_path, self.runbook_sha256)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 
 from opsrun import run_types as rt
-from opsrun.concurrency import Job, Scheduler
+from opsrun.runs.scheduler import Job, Scheduler
 from tests.helpers.wait import wait_for
 
 

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from opsrun import control
+from opsrun import control_socket
 from opsrun.identity import Identity
 from tests.helpers.cli import opsrun
 from tests.helpers.service import Service
@@ -24,8 +24,8 @@ def echo(request: dict, who: Identity) -> dict:
 
 
 def test_request_and_peer_identity(tmp_path: Path) -> None:
-    with control.Server(tmp_path / "c.sock", echo):
-        reply = control.request(tmp_path / "c.sock", {"op": "status"})
+    with control_socket.Server(tmp_path / "c.sock", echo):
+        reply = control_socket.request(tmp_path / "c.sock", {"op": "status"})
     assert reply.ok and reply.data["uid"] == os.getuid()
 
 
@@ -33,15 +33,15 @@ def test_a_socket_path_longer_than_an_address_works(tmp_path: Path) -> None:
     folder = deep(tmp_path)
     folder.mkdir(parents=True)
     path = folder / "01M8R7A3CKX42D1RZ8P922FSBF.sock"
-    with control.Server(path, echo):
+    with control_socket.Server(path, echo):
         assert path.exists()
-        reply = control.request(path, {"op": "ping"})
+        reply = control_socket.request(path, {"op": "ping"})
         assert reply.ok and reply.message.startswith("ping from ")
         # A second server on the same live socket is refused, not a silent replacement.
-        second = control.Server(path, echo)
+        second = control_socket.Server(path, echo)
         try:
             second.start()
-        except control.OpsrunError as e:
+        except control_socket.OpsrunError as e:
             assert "already serves" in str(e)
         else:
             second.stop()

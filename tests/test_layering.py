@@ -18,12 +18,12 @@ for layer, names in enumerate([
     # L2
     "matcher",
     # L3: the world: processes, files, sockets, the store and the audit log
-    "proc step_processes file_lock store audit control approvals "
-    "sources executors",
+    "proc file_lock store audit control_socket approvals sources executors "
+    "runs.step_processes runs.driver_lock",
     # L4: orchestration
-    "engine concurrency run_records resume",
-    # L5: the program around it
-    "run_setup recovery dispatch daemon daemon_log daemon_sources daemon_control systemd output result",
+    "engine runs.scheduler runs.recording runs.resume",
+    # L5: the program around it: a run's context, the service
+    "runs.context runs.recovery runs.cancel runs.dispatch service output",
     # L6: the command line
     "cli commands error_handler __main__ launcher",
 ]):
@@ -54,18 +54,24 @@ def imports(path: Path) -> list[str]:
             found += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.append(node.module)
-            if node.module == "opsrun":
-                found += [f"opsrun.{a.name}" for a in node.names]
+            # `from opsrun.runs import recovery` imports a module, not only a name
+            found += [f"{node.module}.{a.name}" for a in node.names]
     return found
 
 
 def layer_of(module: str) -> int | None:
-    top = module.split(".")[0]
-    return LAYERS.get(top)
+    """The layer of a module: that of its longest listed prefix (`runs.context`, `audit`)."""
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        layer = LAYERS.get(".".join(parts[:n]))
+        if layer is not None:
+            return layer
+    return None
 
 
 def test_every_module_has_a_layer() -> None:
-    missing = [m for m in modules() if m != "__init__" and layer_of(m) is None]
+    missing = [m for m, path in modules().items()
+               if path.name != "__init__.py" and layer_of(m) is None]
     assert not missing, f"add these modules to a layer in tests/test_layering.py: {missing}"
 
 
@@ -90,7 +96,7 @@ def test_sources_and_executors_stay_below_the_engine() -> None:
     for name, path in modules().items():
         if name.startswith(("sources", "executors")):
             for imported in imports(path):
-                if imported in ("opsrun.engine", "opsrun.matcher", "opsrun.daemon"):
+                if imported in ("opsrun.engine", "opsrun.matcher", "opsrun.service.daemon"):
                     wrong.append(f"{name} imports {imported}")
     assert not wrong, "\n".join(wrong)
 
@@ -104,3 +110,59 @@ def test_one_importer_per_library() -> None:
             if allowed is not None and name not in allowed:
                 wrong.append(f"{name} imports {lib} (only {', '.join(sorted(allowed))} may)")
     assert not wrong, "\n".join(wrong)
+
+
+def test_no_import_cycles() -> None:
+    """Not even between modules of one layer, nor through imports inside functions."""
+    known = modules()
+    graph = {name: {t.removeprefix("opsrun.") for t in imports(path)
+                    if t.removeprefix("opsrun.") in known and t.removeprefix("opsrun.") != name}
+             for name, path in known.items()}
+    cycles = _cycles(graph)
+    assert not cycles, "import cycles: " + "; ".join(" ↔ ".join(sorted(c)) for c in cycles)
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan, iteratively)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(component)
+    return found
+
+
+def test_the_cycle_check_finds_a_cycle() -> None:
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["c", "b", "a"]]

@@ -5,7 +5,7 @@ commands run in a forked child with its uid and gid, calling opsrun's entry poin
 kernel checks the same credentials as for `sudo -u bob opsrun …`. The child cannot read
 the interpreter's files under /root, so every opsrun module is imported beforehand.
 
-By design (DESIGN section 4 and opsrun/control.py): the state folder's permissions decide
+By design (DESIGN section 4 and opsrun/control_socket.py): the state folder's permissions decide
 who reaches the service at all (0700: only its owner; 0750 with a group: the group may
 emit, list what is pending and answer where `approvers:` allows); cancelling needs the
 service's own user or root; the audit log and the state store stay 0600 either way.

@@ -192,7 +192,7 @@ def test_running_run_finishes_with_its_version(tmp_path: Path, rbdir: Path,
 
 
 def test_kill_9_and_restart(tmp_path: Path, rbdir: Path, services: list[Service]) -> None:
-    out, gate = tmp_path / "out", tmp_path / "gate"
+    out = tmp_path / "out"
     write(rbdir, "slow.yaml", f"""\
         on: [{{event: {{where: {{kind: slow}}}}}}]
         concurrency: {{policy: parallel}}

@@ -32,7 +32,7 @@ from opsrun.audit.format import (FORMAT_VERSION, GENESIS, RESERVED_FIELDS, SEGME
                                  RunbookLike, is_record, line_hash, list_segments,
                                  lock_path_for, looks_torn, parse_header, rfc3339,
                                  segment_path)
-from opsrun.errors import AuditWriteError, StateError
+from opsrun.errors import AuditWriteError, StateError, UsageError
 from opsrun.store import AuditHead, Store
 
 DEFAULT_MAX_SEGMENT_BYTES = 64 * 1024 * 1024
@@ -50,6 +50,23 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=
 log = logging.getLogger(__name__)
 
 Masker = Callable[[str], str]
+
+
+def segment_size_from_env(environ: Mapping[str, str] | None = None) -> int:
+    """When the audit log starts a new segment: OPSRUN_AUDIT_SEGMENT_SIZE, default 64 MiB."""
+    from opsrun.sizes import SizeError, parse_size
+
+    text = (os.environ if environ is None else environ).get("OPSRUN_AUDIT_SEGMENT_SIZE")
+    if not text:
+        return DEFAULT_MAX_SEGMENT_BYTES
+    try:
+        size = parse_size(text)
+    except SizeError as e:
+        raise UsageError(f"OPSRUN_AUDIT_SEGMENT_SIZE: {e}") from None
+    if size < 4096:
+        raise UsageError(f"OPSRUN_AUDIT_SEGMENT_SIZE: {text!r} is too small; a segment must "
+                         "hold a few records, so give at least 4KiB")
+    return size
 
 
 @dataclass(frozen=True)

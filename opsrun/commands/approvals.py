@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
-from opsrun import control, identity, output, paths
+from opsrun import identity, output, paths
+from opsrun import control_socket
 from opsrun.approvals import describe_approvers, give_answer, pending_rows
 from opsrun.commands.runs import _store
 from opsrun.durations import format_duration
 from opsrun.errors import OpsrunError, UsageError
-from opsrun.run_setup import open_run_context
+from opsrun.runs.context import open_run_context
 
 
 def _sockets_for(folder: Path, run_ref: str) -> list[Path]:
@@ -39,8 +39,8 @@ def pending(state_dir: str | None, *, as_json: bool) -> int:
     except (OpsrunError, PermissionError):
         # Not allowed to read the store: the service may tell us (its socket is shared).
         try:
-            reply = control.request(folder / paths.CONTROL_SOCKET, {"op": "pending"})
-        except control.ControlUnavailable:
+            reply = control_socket.request(folder / paths.CONTROL_SOCKET, {"op": "pending"})
+        except control_socket.ControlUnavailable:
             raise UsageError(f"cannot read the state store in {folder} and no service "
                              "answers on its socket") from None
         rows = list(reply.data.get("pending", []))
@@ -74,10 +74,10 @@ def answer(state_dir: str | None, audit_log: str | None, run_ref: str, *, approv
     for sock in sockets:
         try:
             run_id = run_ref if sock.name == paths.CONTROL_SOCKET else sock.stem
-            reply = control.request(sock, {"op": "approve" if approve else "deny",
+            reply = control_socket.request(sock, {"op": "approve" if approve else "deny",
                                            "run_id": run_id, "comment": comment,
                                            "step_id": step_id})
-        except control.ControlUnavailable:
+        except control_socket.ControlUnavailable:
             continue
         if reply.ok:
             print(reply.message)

@@ -54,7 +54,7 @@ def prune(state_dir: str | None, audit_log: str | None, before: str | None,
           keep: int | None, dry_run: bool, as_json: bool) -> int:
     """Retire the oldest closed segments, recorded in the chain so that verify accepts it."""
     from opsrun.audit import prune as audit_prune
-    from opsrun.run_setup import open_run_context
+    from opsrun.runs.context import open_run_context
 
     if before is None and keep is None:
         raise UsageError("say which segments go: --before DATE|DURATION (those whose last "

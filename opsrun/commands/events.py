@@ -18,7 +18,7 @@ from typing import Any
 
 from opsrun import identity, output, paths, secrets
 from opsrun.audit.log import AuditLog
-from opsrun.concurrency import Job, Scheduler
+from opsrun.runs.scheduler import Job, Scheduler
 from opsrun.errors import UsageError
 from opsrun.event import Event, EventRejected, parse_json_event
 from opsrun.matcher import Matcher
@@ -92,17 +92,17 @@ class _Emitter:
     def _to_service(self, batch: list[dict[str, Any]]) -> bool:
         """Whether the service queued the batch (asking it, or its receipt when it went
         away before it answered)."""
-        from opsrun import control
+        from opsrun import control_socket
         from opsrun.ids import new_id
 
         receipt = new_id()
         try:
-            reply = control.request(self.sock, {"op": "emit", "events": batch,
+            reply = control_socket.request(self.sock, {"op": "emit", "events": batch,
                                                 "receipt": receipt}, timeout_s=120)
-        except control.ControlLost:
+        except control_socket.ControlLost:
             self.service, self.lost = False, True
             return bool(self._context().store.has_receipt(receipt))
-        except control.ControlUnavailable:
+        except control_socket.ControlUnavailable:
             self.service, self.lost = False, self.taken > 0
             return False
         if not reply.ok:
@@ -115,7 +115,7 @@ class _Emitter:
 
     def _context(self) -> Any:
         if self._rc is None:
-            from opsrun.run_setup import open_run_context
+            from opsrun.runs.context import open_run_context
 
             self._rc = self._stack.enter_context(open_run_context(self.state_dir,
                                                                   self.audit_log, {}))
@@ -200,9 +200,10 @@ def _dry_run(matcher: Matcher, items: Iterable[Event | Rejection], *, as_json: b
 
 def _run_all(matcher: Matcher, parallel: int, state_dir: str | None, audit_log: str | None,
              secrets_file: str | None, as_json: bool, accept_new_hosts: bool) -> int:
-    from opsrun.dispatch import Dispatcher
+    from opsrun.runs.dispatch import Dispatcher
     from opsrun.engine import RunRequest
-    from opsrun.run_setup import driving, open_run_context
+    from opsrun.runs.driver_lock import driving
+    from opsrun.runs.context import open_run_context
 
     secret_values = secrets.load(Path(secrets_file) if secrets_file else None)
     codes: list[int] = []

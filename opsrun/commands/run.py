@@ -17,7 +17,8 @@ from opsrun.errors import UsageError
 from opsrun.event import Event, EventRejected, from_object, new_event, parse_json_event
 from opsrun.ids import new_id
 from opsrun.inventory import check_option as check_inventory_option
-from opsrun.run_setup import driving, open_run_context
+from opsrun.runs.driver_lock import driving
+from opsrun.runs.context import open_run_context
 from opsrun.runbook import Runbook, Step, find_runbook
 
 

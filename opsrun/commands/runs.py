@@ -7,14 +7,18 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from opsrun import output, paths, recovery, resume, run_types as rt, secrets
+from opsrun import output, paths, run_types as rt, secrets
+from opsrun.runs import recovery
+from opsrun.runs import resume
 from opsrun.approvals import check_flag_may_answer, resolve_run_id
 from opsrun.commands.run import result_document, run_with_signals
 from opsrun.describe import describe_answer
 from opsrun.durations import format_duration
 from opsrun.errors import UsageError
 from opsrun.inventory import check_option as check_inventory_option
-from opsrun.run_setup import driver_pid, driving, open_run_context
+from opsrun.runs.driver_lock import driver_pid, driving
+from opsrun.runs.cancel import cancel_undriven
+from opsrun.runs.context import open_run_context
 from opsrun.store import RunRecord, Store
 
 
@@ -147,9 +151,8 @@ def resume_run(state_dir: str | None, audit_log: str | None, run_ref: str, *, ye
                 rb = req.runbook
                 check_flag_may_answer([*rb.steps[req.resume_at:], *rb.on_failure,
                                        *rb.on_denied], who, req.starter.user)
-            rc.audit.append("run.resumed", run_id=run_id, runbook={
-                "name": run.runbook, "path": run.runbook_path, "sha256": run.runbook_sha256},
-                from_state=run.state, at_step=req.resume_at)
+            rc.audit.append("run.resumed", run_id=run_id, runbook=run.runbook_ref(),
+                            from_state=run.state, at_step=req.resume_at)
             eng = rc.engine([output.reporter(as_json)], confirmer=rc.confirmer(yes=yes, who=who))
             result = run_with_signals(eng, req)
     if as_json:
@@ -159,12 +162,13 @@ def resume_run(state_dir: str | None, audit_log: str | None, run_ref: str, *, ye
 
 def cancel_run(state_dir: str | None, audit_log: str | None, run_ref: str) -> int:
     """Cancel a run: stop the process driving it, or close a run nobody drives."""
-    from opsrun import control, identity
+    from opsrun import identity
+    from opsrun import control_socket
 
     try:
-        reply = control.request(paths.state_dir_from_env(state_dir) / paths.CONTROL_SOCKET,
+        reply = control_socket.request(paths.state_dir_from_env(state_dir) / paths.CONTROL_SOCKET,
                                 {"op": "cancel", "run_id": run_ref})
-    except control.ControlUnavailable:
+    except control_socket.ControlUnavailable:
         reply = None
     if reply is not None and not reply.data.get("not_here"):
         print(reply.message if reply.ok else f"opsrun: {reply.message}",
@@ -190,16 +194,9 @@ def cancel_run(state_dir: str | None, audit_log: str | None, run_ref: str) -> in
                 return 0
         with driving(rc.state_dir, run_id, rc.store):
             recovery.end_orphans(rc, run_id)
-            if not rc.store.update_run(run_id, expect_state=(rt.QUEUED, rt.WAITING,
-                                                              rt.INTERRUPTED, rt.RUNNING),
-                                       state=rt.CANCELLED,
-                                       finished_at=datetime.now(timezone.utc),
-                                       exit_code=rt.EXIT_CODES[rt.CANCELLED]):
+            if not cancel_undriven(rc, run_id, uid=os.getuid(),
+                                   why=f"cancelled by {identity.current().user} with "
+                                       "opsrun cancel"):
                 raise UsageError(f"run {run_id} could not be cancelled (it just ended?)")
-            rc.store.close_questions(run_id, uid=os.getuid())
-            rc.audit.append("run.finished", run_id=run_id, runbook=rc.runbook_record(run_id),
-                            state=rt.CANCELLED, exit_code=rt.EXIT_CODES[rt.CANCELLED],
-                            error=f"cancelled by {identity.current().user} with opsrun "
-                                  "cancel")
     print(f"run {run_id} cancelled")
     return 0

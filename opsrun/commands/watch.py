@@ -5,13 +5,14 @@ import logging
 import sys
 from pathlib import Path
 
-from opsrun import control, output, paths, secrets
-from opsrun.daemon import Daemon, WatchOptions
-from opsrun.daemon_log import DaemonLog
+from opsrun import output, paths, secrets
+from opsrun import control_socket
+from opsrun.service.daemon import Daemon, WatchOptions
+from opsrun.service.log import DaemonLog
 from opsrun.errors import UsageError
 from opsrun.inventory import check_option as check_inventory_option
-from opsrun.run_setup import open_run_context
-from opsrun.systemd import Notifier, unit_file
+from opsrun.runs.context import open_run_context
+from opsrun.service.systemd import Notifier, unit_file
 
 
 def watch(opts: WatchOptions, *, state_dir: str | None, audit_log: str | None,
@@ -39,8 +40,8 @@ def status(state_dir: str | None, *, as_json: bool) -> int:
     """How the running service is doing; exit 1 when none runs."""
     folder = paths.state_dir_from_env(state_dir)
     try:
-        reply = control.request(folder / paths.CONTROL_SOCKET, {"op": "status"}, timeout_s=10)
-    except control.ControlUnavailable:
+        reply = control_socket.request(folder / paths.CONTROL_SOCKET, {"op": "status"}, timeout_s=10)
+    except control_socket.ControlUnavailable:
         if as_json:
             output.print_json({"version": 1, "running": False})
         else:
@@ -72,16 +73,16 @@ def systemd_unit(*, user: bool, runbooks: str | None, drain_s: float) -> int:
     return 0
 
 
-def send(state_dir: str | None, payload: dict[str, object]) -> control.Reply | None:
+def send(state_dir: str | None, payload: dict[str, object]) -> control_socket.Reply | None:
     """A request to the running service, or None when none runs."""
     folder = paths.state_dir_from_env(state_dir)
     try:
-        return control.request(folder / paths.CONTROL_SOCKET, payload)
-    except control.ControlUnavailable:
+        return control_socket.request(folder / paths.CONTROL_SOCKET, payload)
+    except control_socket.ControlUnavailable:
         return None
 
 
-def print_reply(reply: control.Reply) -> int:
+def print_reply(reply: control_socket.Reply) -> int:
     if reply.ok:
         print(reply.message)
     else:

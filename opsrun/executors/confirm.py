@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from opsrun import run_types as rt
+from opsrun.audit.format import RunbookRef
 from opsrun.approvals import Waiter, approvers_record, describe_approvers, give_answer, refusal
 from opsrun.identity import Identity
 from opsrun.terminal_text import safe
@@ -48,11 +49,11 @@ class WaitingConfirmer:
     """Record the question and wait for `opsrun approve/deny` (or park the run: the daemon)."""
 
     def __init__(self, waiter: Waiter, *, park: bool = False,
-                 runbook_record: Callable[[str], dict[str, Any] | None] = lambda rid: None,
+                 runbook_ref: Callable[[str], RunbookRef | None] = lambda rid: None,
                  socket_dir: Path | None = None) -> None:
         self.waiter = waiter
         self.park = park
-        self.runbook_record = runbook_record
+        self.runbook_ref = runbook_ref
         self.socket_dir = socket_dir  # where to serve answers from other users
 
     def already_asked(self, run_id: str, step_id: str) -> bool:
@@ -70,7 +71,7 @@ class WaitingConfirmer:
             self.waiter.notify(waiting_message(request, q.deadline is not None))
             with self._serving(request.run_id):
                 answered = self.waiter.wait(q, request.on_timeout, cancel,
-                                            self.runbook_record(request.run_id))
+                                            self.runbook_ref(request.run_id))
             if answered is None:
                 if rt.cancel_reason(cancel) == rt.CANCELLED:
                     # Closed before the run records its end: no answer can land after it.
@@ -89,7 +90,7 @@ class WaitingConfirmer:
         if self.socket_dir is None:
             yield
             return
-        from opsrun import control
+        from opsrun import control_socket
 
         def handle(req: dict[str, Any], who: Identity) -> dict[str, Any]:
             if req.get("op") not in ("approve", "deny") or req.get("run_id") != run_id:
@@ -104,7 +105,7 @@ class WaitingConfirmer:
             return {"ok": True, "exit_code": 0,
                     "message": f"run {run_id}: step {q.step_id!r} {verdict} by {who.user}"}
 
-        server = control.Server(self.socket_dir / f"{run_id}.sock", handle)
+        server = control_socket.Server(self.socket_dir / f"{run_id}.sock", handle)
         try:
             server.start()
         except OSError:

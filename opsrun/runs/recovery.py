@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from opsrun import run_types as rt, step_processes
+from opsrun import run_types as rt
+from opsrun.runs import step_processes
 from opsrun.executors.local import kill_grace
-from opsrun.run_setup import RunContext, runs_dir
+from opsrun.runs.context import RunContext
+from opsrun.runs.driver_lock import runs_dir
 from opsrun.store import RunRecord
 
 # A stop drains or interrupts its runs and records them: one left `running` was not stopped.
@@ -29,7 +31,7 @@ def end_orphans(rc: RunContext, run_id: str, log: Log | None = None) -> int:
     if found:
         grace = kill_grace()
         rc.audit.append("run.orphans_stopped", run_id=run_id,
-                        runbook=rc.runbook_record(run_id), grace_s=grace,
+                        runbook=rc.runbook_ref(run_id), grace_s=grace,
                         processes=[{"pid": p.pid, "command": p.command} for p in found])
         if log is not None:
             log("stopping step processes left by the run's dead driver", level="warning",
@@ -42,7 +44,7 @@ def end_orphans(rc: RunContext, run_id: str, log: Log | None = None) -> int:
 def interrupt(rc: RunContext, run: RunRecord, log: Log | None = None) -> bool:
     """Record a run left `running` by a dead driver as interrupted; whether it was."""
     end_orphans(rc, run.id, log)
-    rc.audit.append("run.interrupted", run_id=run.id, runbook=rc.runbook_record(run.id),
+    rc.audit.append("run.interrupted", run_id=run.id, runbook=rc.runbook_ref(run.id),
                     current_step=run.current_step, reason=CRASHED)
     done = rc.store.update_run(run.id, expect_state=rt.RUNNING, state=rt.INTERRUPTED,
                                exit_code=rt.EXIT_CODES[rt.INTERRUPTED],

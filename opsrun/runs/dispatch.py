@@ -18,16 +18,16 @@ from typing import Any
 
 from opsrun import expressions, params as params_mod, run_types as rt
 from opsrun.checkpoints import merge
-from opsrun.concurrency import REPLACE, SKIP, Job, Scheduler
+from opsrun.runs.scheduler import REPLACE, SKIP, Job, Scheduler
 from opsrun.engine import RunRequest
 from opsrun.errors import ExpressionError
 from opsrun.event import Event
 from opsrun.identity import Identity
 from opsrun.ids import new_id
 from opsrun.matcher import Match, Matcher
-from opsrun.run_records import runbook_ref
+from opsrun.runs.recording import runbook_ref
 from opsrun.runbook import Runbook
-from opsrun.run_setup import RunContext
+from opsrun.runs.context import RunContext
 
 Log = Callable[..., None]  # log(message, **fields)
 BATCH = 500  # events whose runs are recorded together by dispatch_batch

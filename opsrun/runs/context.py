@@ -5,7 +5,6 @@ recorded the same way whichever command started it.
 """
 from __future__ import annotations
 
-import os
 import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -15,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from opsrun import paths, run_types as rt
-from opsrun.audit.log import AuditLog
+from opsrun.audit.format import RunbookRef
+from opsrun.audit.log import AuditLog, segment_size_from_env
 from opsrun.engine import Engine
-from opsrun.errors import UsageError
 from opsrun.executors.local import LocalExecutor
 from opsrun.identity import Identity
-from opsrun.run_records import AuditListener, StoreListener
+from opsrun.runs.driver_lock import runs_dir
+from opsrun.runs.recording import AuditListener, StoreListener
 from opsrun.secrets import Masker
 from opsrun.store import Store
 
@@ -38,7 +38,7 @@ class RunContext:
                 "ssh": _LazySsh(self._ssh_executor)}
 
     def _step_started(self, run_id: str, pid: int) -> None:
-        from opsrun import step_processes
+        from opsrun.runs import step_processes
 
         step_processes.record(runs_dir(self.state_dir), run_id, pid)
 
@@ -57,7 +57,7 @@ class RunContext:
 
     def _audit_learned_key(self, run_id: str, learned: dict[str, Any]) -> None:
         self.audit.append("host_key.learned", run_id=run_id,
-                          runbook=self.runbook_record(run_id), **learned)
+                          runbook=self.runbook_ref(run_id), **learned)
 
     def engine(self, listeners: Sequence[rt.Listener], *,
                confirmer: rt.Confirmer | None) -> Engine:
@@ -73,7 +73,7 @@ class RunContext:
 
         waiter = Waiter(self.store, self.audit,
                         notify or (lambda text: print(text, file=sys.stderr, flush=True)))
-        return WaitingConfirmer(waiter, park=park, runbook_record=self.runbook_record,
+        return WaitingConfirmer(waiter, park=park, runbook_ref=self.runbook_ref,
                                 socket_dir=None if park else runs_dir(self.state_dir))
 
     def confirmer(self, *, yes: bool, who: Identity) -> rt.Confirmer:
@@ -91,16 +91,15 @@ class RunContext:
             return PromptConfirmer(who, waiting, on_refused=self._audit_refusal(who, "prompt"))
         return waiting
 
-    def runbook_record(self, run_id: str) -> dict[str, Any] | None:
+    def runbook_ref(self, run_id: str) -> RunbookRef | None:
+        """The runbook version a recorded run started with, for its audit records."""
         run = self.store.get_run(run_id)
-        if run is None:
-            return None
-        return {"name": run.runbook, "path": run.runbook_path, "sha256": run.runbook_sha256}
+        return None if run is None else run.runbook_ref()
 
     def _audit_refusal(self, who: Identity, how: str) -> Any:
         def record(request: rt.ConfirmRequest, why: str) -> None:
             self.audit.append("confirm.refused", run_id=request.run_id,
-                              runbook=self.runbook_record(request.run_id),
+                              runbook=self.runbook_ref(request.run_id),
                               step_id=request.step_id, answerer=who.as_record(), reason=why,
                               how=how)
         return record
@@ -135,110 +134,9 @@ def open_run_context(state_dir: str | None, audit_log: str | None,
     store = Store.open(folder, durable=durable_store)
     audit_path = Path(audit_log) if audit_log else folder / paths.AUDIT_LOG
     audit = AuditLog(audit_path, store=store, masker=Masker(dict(secret_values)),
-                     max_segment_bytes=audit_segment_bytes())
+                     max_segment_bytes=segment_size_from_env())
     try:
         yield RunContext(folder, store, audit, dict(secret_values), accept_new_hosts)
     finally:
         audit.close()
         store.close()
-
-
-def audit_segment_bytes(environ: Mapping[str, str] | None = None) -> int:
-    """When the audit log starts a new segment: OPSRUN_AUDIT_SEGMENT_SIZE, default 64 MiB."""
-    from opsrun.audit.log import DEFAULT_MAX_SEGMENT_BYTES
-    from opsrun.sizes import SizeError, parse_size
-
-    text = (os.environ if environ is None else environ).get("OPSRUN_AUDIT_SEGMENT_SIZE")
-    if not text:
-        return DEFAULT_MAX_SEGMENT_BYTES
-    try:
-        size = parse_size(text)
-    except SizeError as e:
-        raise UsageError(f"OPSRUN_AUDIT_SEGMENT_SIZE: {e}") from None
-    if size < 4096:
-        raise UsageError(f"OPSRUN_AUDIT_SEGMENT_SIZE: {text!r} is too small; a segment must "
-                         "hold a few records, so give at least 4KiB")
-    return size
-
-
-@contextmanager
-def driving(state_dir: Path, run_id: str, store: Store) -> Iterator[None]:
-    """Hold the lock that says "this process drives this run" while it runs or waits.
-
-    The kernel drops the lock when the process dies, so `opsrun resume` can tell a run that
-    nobody drives any more from one another process is still working on or waiting for.
-    Once the run has ended the lock file is removed, still locked, so that the folder does
-    not keep one file per run ever made.
-    """
-    from opsrun import file_lock
-    from opsrun.store import FINAL_RUN_STATES
-
-    path = runs_dir(state_dir) / f"{run_id}.lock"
-    fd = file_lock.open_lock_file(path)
-    try:
-        try:
-            with file_lock.flock(fd, timeout_s=0, what=str(path)):
-                _write_pid(fd, path)
-                yield
-                run = store.get_run(run_id)
-                if run is not None and run.state in FINAL_RUN_STATES:
-                    from opsrun import step_processes
-
-                    step_processes.forget(path.parent, run_id)
-                    path.unlink(missing_ok=True)
-        except file_lock.LockTimeout:
-            raise RunBusy(f"run {run_id} is still being run or waited on by another opsrun "
-                          f"process (pid {driver_pid(state_dir, run_id) or '?'}); stop that "
-                          "process first, or answer it with opsrun approve/deny") from None
-    finally:
-        os.close(fd)
-
-
-def _write_pid(fd: int, path: Path) -> None:
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-    except OSError as e:  # a full disk: say so before anything runs
-        from opsrun.errors import StateError
-
-        raise StateError(f"cannot write {path}: {e.strerror}; nothing was run (free some "
-                         "space on the state folder's disk)") from None
-
-
-def runs_dir(state_dir: Path) -> Path:
-    """`<state>/runs`: run locks and sockets; as open to the group as the state folder is."""
-    folder = state_dir / "runs"
-    if not folder.is_dir():
-        st = state_dir.stat()
-        folder.mkdir(exist_ok=True)
-        try:
-            os.chown(folder, -1, st.st_gid)
-        except OSError:
-            pass
-        os.chmod(folder, 0o700 | (st.st_mode & 0o050))
-    return folder
-
-
-def driver_pid(state_dir: Path, run_id: str) -> int | None:
-    """The pid of the process driving a run, if one holds its lock."""
-    import fcntl
-
-    path = state_dir / "runs" / f"{run_id}.lock"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return int(text) if text.isascii() and text.isdigit() else None
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
-
-
-class RunBusy(UsageError):
-    """Another process drives the run."""

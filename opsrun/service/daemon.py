@@ -4,7 +4,7 @@ Life of the service:
 - start: load the runbooks (refuse to start if none is valid), recover what the last
   process left (running → interrupted, waiting runs adopted, queued runs started),
   open the control socket, start every source, then tell systemd READY=1;
-- run: events become recorded runs (dispatch.py) scheduled under --max-parallel and each
+- run: events become recorded runs (runs/dispatch.py) scheduled under --max-parallel and each
   runbook's concurrency policy; a run waiting for an answer holds no slot and is resumed
   when the answer (or its deadline) comes; runbook edits and SIGHUP reload;
 - stop (SIGTERM/SIGINT): take no new events, let running runs finish up to the drain
@@ -23,20 +23,24 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from opsrun import identity, recovery, resume, run_types as rt, step_processes
+from opsrun import identity, run_types as rt
+from opsrun.runs import recovery
+from opsrun.runs import resume
 from opsrun.approvals import Waiter
 from opsrun.audit.read import finished_runs
-from opsrun.concurrency import Job, Scheduler
-from opsrun.daemon_control import ControlHandler
-from opsrun.daemon_log import DaemonLog, LogListener
-from opsrun.daemon_sources import Sources
-from opsrun.dispatch import Dispatcher
+from opsrun.runs.scheduler import Job, Scheduler
+from opsrun.service.control import ControlHandler, ControlParts
+from opsrun.service.log import DaemonLog, LogListener
+from opsrun.service.sources import SourceParts, Sources
+from opsrun.runs.dispatch import Dispatcher
 from opsrun.engine import RunRequest
 from opsrun.errors import OpsrunError, UsageError
 from opsrun.matcher import Matcher
-from opsrun.run_setup import RunContext, driver_pid
+from opsrun.runs.cancel import cancel_undriven
+from opsrun.runs.context import RunContext
+from opsrun.runs.driver_lock import DriverLock, driver_pid
 from opsrun.runbook import Runbook, load_runbooks
-from opsrun.systemd import Notifier
+from opsrun.service.systemd import Notifier
 
 PARKED_CHECK_S = 0.25
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.EDQUOT, errno.ENOMEM})
@@ -73,11 +77,15 @@ class Daemon:
         self.wake_parked = threading.Event()
         self.requests: dict[str, RunRequest] = {}
         self.waiting_steps: dict[str, str] = {}
-        self.locks: dict[str, int] = {}
+        self.locks: dict[str, DriverLock] = {}
         self._locks_mutex = threading.Lock()
         self.started_at = time.monotonic()
-        self.sources = Sources(self)
-        self.control = ControlHandler(self)
+        self.sources = Sources(SourceParts(
+            rc, self.dispatcher, log, opts.runbooks_dir, opts.stdin, self.stop,
+            self.reload_requested, self.wake_parked))
+        self.control = ControlHandler(ControlParts(
+            rc, self.scheduler, self.status, self.status_line, self.sources.wake_queue,
+            self.wake_parked, self.cancel_parked))
 
     # ── the whole life ──────────────────────────────────────────────────────
 
@@ -213,7 +221,7 @@ class Daemon:
                 continue
             if q.answer is None and q.deadline is not None and now >= q.deadline:
                 self.waiter.expire(q, self._on_timeout(job.run_id, q.step_id),
-                                   self.rc.runbook_record(job.run_id))
+                                   self.rc.runbook_ref(job.run_id))
                 q = self.rc.store.latest_approval(job.run_id, q.step_id)
             if q is not None and q.answer is not None:
                 self.scheduler.resume(job)
@@ -228,15 +236,8 @@ class Daemon:
 
     def cancel_parked(self, job: Job, who: str) -> None:
         """Record the cancel of a run that was waiting for an answer."""
-        store = self.rc.store
-        store.update_run(job.run_id, state=rt.CANCELLED, finished_at=datetime.now(timezone.utc),
-                         exit_code=rt.EXIT_CODES[rt.CANCELLED],
-                         error=f"cancelled by {who} while waiting for an answer")
-        store.close_questions(job.run_id)
-        self.rc.audit.append("run.finished", run_id=job.run_id,
-                             runbook=self.rc.runbook_record(job.run_id), state=rt.CANCELLED,
-                             exit_code=rt.EXIT_CODES[rt.CANCELLED],
-                             error=f"cancelled by {who} while waiting for an answer")
+        cancel_undriven(self.rc, job.run_id, uid=None,
+                        why=f"cancelled by {who} while waiting for an answer")
         self.requests.pop(job.run_id, None)
         self.waiting_steps.pop(job.run_id, None)
         self._unlock_run(job.run_id, remove=True)
@@ -306,42 +307,21 @@ class Daemon:
     # ── driver locks: this process drives the run ──────────────────────────
 
     def _lock_run(self, run_id: str) -> bool:
-        import fcntl
-
-        from opsrun import file_lock
-        from opsrun.run_setup import runs_dir
-
         with self._locks_mutex:
             if run_id in self.locks:
                 return True
-            fd = file_lock.open_lock_file(runs_dir(self.rc.state_dir) / f"{run_id}.lock")
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
+            lock = DriverLock.take(self.rc.state_dir, run_id)
+            if lock is None:
                 return False
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-            self.locks[run_id] = fd
+            self.locks[run_id] = lock
             return True
 
     def _unlock_run(self, run_id: str, *, remove: bool = False) -> None:
-        """Let go of a run; `remove` (for a run that has ended) also deletes its lock file,
-        still locked, so that a busy service does not leave one file per run behind."""
-        from opsrun.run_setup import runs_dir
-
+        """Let go of a run; `remove` for a run that has ended (see DriverLock.release)."""
         with self._locks_mutex:
-            fd = self.locks.pop(run_id, None)
-        if fd is not None:
-            if remove:
-                # Whoever opens the name later makes a new file, locks it, and finds the
-                # run ended: an ended run needs no more exclusion.
-                try:
-                    step_processes.forget(runs_dir(self.rc.state_dir), run_id)
-                    (runs_dir(self.rc.state_dir) / f"{run_id}.lock").unlink(missing_ok=True)
-                except OSError:
-                    pass  # a lock file left behind does no harm
-            os.close(fd)
+            lock = self.locks.pop(run_id, None)
+        if lock is not None:
+            lock.release(ended=remove)
 
     # ── stop ────────────────────────────────────────────────────────────────
 

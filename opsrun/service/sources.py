@@ -10,25 +10,45 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from opsrun.event import Event, from_object
+from opsrun.runs.context import RunContext
+from opsrun.runs.dispatch import Dispatcher
 from opsrun.runbook import FileTrigger
 from opsrun.sources.base import start_thread
 
-if TYPE_CHECKING:
-    from opsrun.daemon import Daemon
 
 READY_TIMEOUT_S = 15.0
 QUEUE_POLL_S = 0.1
 QUEUE_TAKE = 500  # events leased from the queue at a time
 RESTART_BACKOFF_S = 5.0
 
+Log = Callable[..., None]  # log(message, level=…, **fields)
+
+
+@dataclass(frozen=True)
+class SourceParts:
+    """What the sources need of the service."""
+
+    rc: RunContext
+    dispatcher: Dispatcher
+    log: Log
+    runbooks_dir: Path
+    stdin: bool
+    stop: threading.Event  # the service is stopping
+    reload_requested: threading.Event
+    wake: threading.Event  # the service's loop looks at its state again
+
 
 class Sources:
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
+    """The service's sources, started and restarted as its runbooks come and go."""
+
+    def __init__(self, parts: SourceParts) -> None:
+        self.p = parts
         self.stop_current = threading.Event()
         self.threads: list[threading.Thread] = []
         self.counts: dict[str, int] = {}
@@ -49,8 +69,8 @@ class Sources:
 
         with self._lock:
             self._stop_current()
-            matcher = self.d.dispatcher.matcher
-            store = self.d.rc.store
+            matcher = self.p.dispatcher.matcher
+            store = self.p.rc.store
             stop = threading.Event()
             made: list[Any] = []
             files = [(b.key, b.trigger) for b in matcher.bound("file")]
@@ -72,7 +92,7 @@ class Sources:
         for s in made:
             ready = getattr(s, "ready", None)
             if ready is not None and not ready.wait(max(0.0, deadline - time.monotonic())):
-                self.d.log(f"the {s.name} source is not up after {READY_TIMEOUT_S:g}s; "
+                self.p.log(f"the {s.name} source is not up after {READY_TIMEOUT_S:g}s; "
                            "going on", level="warning")
 
     def emit(self, events: Sequence[Event]) -> None:
@@ -81,7 +101,7 @@ class Sources:
         A batch is recorded together (dispatch_batch), so the time in which a crash makes
         a source hand the same events over again does not grow with the batch.
         """
-        self.d.dispatcher.dispatch_batch(events)
+        self.p.dispatcher.dispatch_batch(events)
 
     def _stop_current(self) -> None:
         self.stop_current.set()
@@ -104,19 +124,19 @@ class Sources:
     def restart_if_dead(self) -> None:
         """A source that died on an error (a full disk, say) is started again, after a pause."""
         dead = [t for t in self.threads if not t.is_alive()]
-        if not dead or self.stop_current.is_set() or self.d.stop.is_set():
+        if not dead or self.stop_current.is_set() or self.p.stop.is_set():
             return
         if time.monotonic() - self._failed_at < RESTART_BACKOFF_S:
             return
         self._failed_at = time.monotonic()
-        self.d.log("a source stopped; starting the sources again", level="warning",
+        self.p.log("a source stopped; starting the sources again", level="warning",
                    sources=",".join(t.name for t in dead))
         self.start()
 
     def describe(self) -> dict[str, int]:
         out = {k: v for k, v in self.counts.items() if v}
         out["queue"] = 1
-        if self.d.opts.stdin:
+        if self.p.stdin:
             out["stdin"] = 1
         return out
 
@@ -126,7 +146,7 @@ class Sources:
         drainer = threading.Thread(target=self._drain_queue, name="opsrun-queue", daemon=True)
         drainer.start()
         self._lifelong.append(drainer)
-        if self.d.opts.stdin:
+        if self.p.stdin:
             from opsrun.sources.stdin_json import StdinJsonSource
 
             stdin = StdinJsonSource(sys.stdin.buffer, self._rejected)
@@ -136,42 +156,42 @@ class Sources:
         """Reload when a runbook file is added, changed or removed."""
         from opsrun.sources.files import FileSource
 
-        folder = self.d.opts.runbooks_dir.resolve()
+        folder = self.p.runbooks_dir.resolve()
         trigger = FileTrigger((f"{folder}/**/*.yaml", f"{folder}/**/*.yml",
                                f"{folder}/*.yaml", f"{folder}/*.yml"),
                               ("added", "modified", "deleted"), 0.2, ())
         watch = FileSource([("opsrun:runbooks", trigger)])
 
         def changed(events: Sequence[Event]) -> None:
-            self.d.log("runbook files changed", files=len(events))
-            self.d.reload_requested.set()
-            self.d.wake_parked.set()
+            self.p.log("runbook files changed", files=len(events))
+            self.p.reload_requested.set()
+            self.p.wake.set()
 
         self._lifelong.append(start_thread(watch, self.stop_forever, changed))
         watch.ready.wait(READY_TIMEOUT_S)
 
     def _drain_queue(self) -> None:
         """Take events from the durable emit queue; each one's runs and removal are atomic."""
-        store = self.d.rc.store
+        store = self.p.rc.store
         try:
             # One service per state folder (its control socket is taken by now), so a lease
             # still held is a dead service's: its events are this one's to handle now.
             released = store.release_leases()
             if released:
-                self.d.log("taking over events a stopped service had taken and not handled",
+                self.p.log("taking over events a stopped service had taken and not handled",
                            events=released)
         except Exception as e:  # noqa: BLE001 - the leases then run out by themselves
-            self.d.log("cannot release the event queue's leases", level="error", error=str(e))
+            self.p.log("cannot release the event queue's leases", level="error", error=str(e))
         while not self.stop_forever.is_set():
             try:
                 items = store.take_events(limit=QUEUE_TAKE, lease_s=60.0)
             except Exception as e:  # noqa: BLE001 - keep draining after a store hiccup
-                self.d.log("cannot read the event queue", level="error", error=str(e))
+                self.p.log("cannot read the event queue", level="error", error=str(e))
                 items = []
                 self.stop_forever.wait(1.0)
             if items and not self.stop_forever.is_set():
                 try:
-                    self.d.dispatcher.dispatch_batch(
+                    self.p.dispatcher.dispatch_batch(
                         [from_object(item.event, "json") for item in items],
                         [item.id for item in items])
                 except Exception:  # noqa: BLE001 - one at a time, so one bad event stays alone
@@ -185,13 +205,13 @@ class Sources:
             if self.stop_forever.is_set():
                 return
             try:
-                self.d.dispatcher.dispatch(from_object(item.event, "json"), queue_id=item.id)
+                self.p.dispatcher.dispatch(from_object(item.event, "json"), queue_id=item.id)
             except Exception as e:  # noqa: BLE001 - the event stays queued; retried later
-                self.d.log("event could not be handled; it stays queued", level="error",
+                self.p.log("event could not be handled; it stays queued", level="error",
                            queue_id=item.id, error=str(e))
 
     def _rejected(self, rejection: Any) -> None:
-        self.d.rc.audit.append("event.rejected", source="stdin", lineno=rejection.lineno,
+        self.p.rc.audit.append("event.rejected", source="stdin", lineno=rejection.lineno,
                                reason=rejection.reason, excerpt=rejection.excerpt)
-        self.d.log("event rejected", level="warning", source="stdin",
+        self.p.log("event rejected", level="warning", source="stdin",
                    line=rejection.lineno, reason=rejection.reason)
