@@ -303,6 +303,7 @@ class _Run:
     def _attempts(self, step: Step, base: dict[str, Any], rendered: shell_words.RenderedScript,
                   env: dict[str, str], workdir: str | None) -> rt.StepResult:
         executor = self.e.executors["ssh" if step.hosts else "run"]
+        shown = self.e.masker(rendered.display)  # listeners are told no secret
         delay = step.retry.delay_s
         started = time.monotonic()
         result = rt.StepResult(step.id, rt.FAILURE)
@@ -310,7 +311,7 @@ class _Run:
             timeout = self._timeout_for(step)
             self.e.emit("step.started", {**base, "attempt": attempt,
                                          "attempts": step.retry.attempts,
-                                         "command": rendered.display,
+                                         "command": shown,
                                          "hosts": [h.name for h in step.targets]
                                          or list(step.hosts),
                                          "workdir": workdir, "timeout_s": timeout})
@@ -322,7 +323,7 @@ class _Run:
             capture.close()
             result = self._result(step, x, capture, attempt, time.monotonic() - started)
             # An SSH step's record says per host what ran where: the command goes with it.
-            ssh_fields = {"command": rendered.display} if step.hosts else {}
+            ssh_fields = {"command": shown} if step.hosts else {}
             self.e.emit("step.finished", {**base, **ssh_fields, "attempt": attempt,
                                           "outcome": result.outcome,
                                           "exit_code": x.exit_code,
