@@ -24,5 +24,17 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
 
 
 @pytest.fixture
+def state(tmp_path: Path) -> Path:
+    """A state folder of the test's own (not made yet: opsrun makes it)."""
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def env(state: Path) -> dict[str, str]:
+    """The environment that points opsrun at `state`, with a short kill grace."""
+    return {"OPSRUN_STATE_DIR": str(state), "OPSRUN_KILL_GRACE": "500ms"}
+
+
+@pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent

@@ -16,18 +16,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.cli import command, no_traceback, opsrun
+from tests.helpers.files import audit
 from tests.helpers.users import other_user, run_as, share_with_group
 from tests.helpers.wait import wait_for
-
-
-@pytest.fixture
-def state(tmp_path: Path) -> Path:
-    return tmp_path / "state"
-
-
-@pytest.fixture
-def env(state: Path) -> dict[str, str]:
-    return {"OPSRUN_STATE_DIR": str(state), "OPSRUN_KILL_GRACE": "500ms"}
 
 
 def runbook(tmp_path: Path, confirm_extra: str = "", name: str = "c.yaml") -> Path:
@@ -51,10 +42,6 @@ def runbook(tmp_path: Path, confirm_extra: str = "", name: str = "c.yaml") -> Pa
           - run: echo "not approved at ${{{{ run.failed_step }}}}"
         """))
     return path
-
-
-def audit(state: Path) -> list[dict]:
-    return [json.loads(line) for line in (state / "audit.jsonl").read_text().splitlines()]
 
 
 # ── at the prompt ───────────────────────────────────────────────────────────

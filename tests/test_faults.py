@@ -19,23 +19,16 @@ import re
 import resource
 import signal
 import subprocess
-import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.cli import command, no_traceback, opsrun
+from tests.helpers.files import write
 from tests.helpers.wait import wait_for
 
-
 FULL = re.compile(r"No space left on device|disk[a-z ]* is full")
-
-
-def write(folder: Path, name: str, text: str) -> Path:
-    path = folder / name
-    path.write_text(textwrap.dedent(text))
-    return path
 
 
 def marker_runbook(tmp_path: Path) -> tuple[Path, Path, Path]:

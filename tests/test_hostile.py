@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.cli import no_traceback, opsrun
+from tests.helpers.files import write
 from tests.helpers.service import Service
 from tests.helpers.wait import wait_for
 
@@ -45,12 +45,6 @@ def hostile(canary: Path) -> list[str]:
 def assert_inert(text: str, where: str) -> None:
     m = RAW.search(text)
     assert m is None, f"{where}: raw {m.group()!r} in …{text[max(0, m.start() - 80):m.end() + 80]!r}"
-
-
-def write(folder: Path, name: str, text: str) -> Path:
-    path = folder / name
-    path.write_text(textwrap.dedent(text))
-    return path
 
 
 @pytest.fixture

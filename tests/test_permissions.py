@@ -23,13 +23,13 @@ import sqlite3
 import stat
 import subprocess
 import tempfile
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.cli import command, no_traceback, opsrun
+from tests.helpers.files import write
 from tests.helpers.service import Service
 from tests.helpers.users import OtherUser, other_user, run_as, share_with_group
 from tests.helpers.wait import wait_for
@@ -77,12 +77,6 @@ def as_other(user: OtherUser, *args: str, state: Path) -> tuple[int, str]:
     code, out = run_as(user, child)
     assert "Traceback" not in out and "internal error" not in out, out
     return code, out
-
-
-def write(folder: Path, name: str, text: str) -> Path:
-    path = folder / name
-    path.write_text(textwrap.dedent(text))
-    return path
 
 
 def mode(path: Path) -> int:

@@ -6,29 +6,17 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.cli import command, no_traceback, opsrun
+from tests.helpers.files import audit, write
 from tests.helpers.wait import wait_for
 
 
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    return {"OPSRUN_STATE_DIR": str(tmp_path / "state"), "OPSRUN_KILL_GRACE": "500ms"}
-
-
-def write(folder: Path, name: str, text: str) -> Path:
-    path = folder / name
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
 def audit_records(env: dict[str, str]) -> list[dict]:
-    path = Path(env["OPSRUN_STATE_DIR"]) / "audit.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return audit(Path(env["OPSRUN_STATE_DIR"]))
 
 
 def test_quickstart_runs(repo_root: Path, env: dict[str, str]) -> None:

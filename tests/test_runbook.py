@@ -10,19 +10,21 @@ import pytest
 from opsrun import shell_words
 from opsrun.errors import RunbookInvalid, UsageError
 from opsrun.runbook import (
-    Approvers, EventTrigger, FileTrigger, LogTrigger, Retry, ScheduleTrigger, find_runbook,
-    load_runbook, load_runbooks, runbook_files,
+    Approvers,
+    EventTrigger,
+    FileTrigger,
+    LogTrigger,
+    Retry,
+    ScheduleTrigger,
+    find_runbook,
+    load_runbook,
+    load_runbooks,
+    runbook_files,
 )
+from tests.helpers.files import write
 
 FIXTURES = Path(__file__).parent / "fixtures"
 DESIGN_EXAMPLE = FIXTURES / "restart-web-on-oom.yaml"  # DESIGN.md section 2, verbatim
-
-
-def write(folder: Path, name: str, text: str) -> Path:
-    path = folder / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
 
 
 # ── the design's example ────────────────────────────────────────────────────

@@ -6,12 +6,12 @@ import os
 import shutil
 import signal
 import subprocess
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.files import write
 from tests.helpers.service import Service
 from tests.helpers.wait import wait_for
 
@@ -29,12 +29,6 @@ def services(tmp_path: Path) -> Iterator[list[Service]]:
     yield made
     for s in made:
         s.close()
-
-
-def write(folder: Path, name: str, text: str) -> Path:
-    p = folder / name
-    p.write_text(textwrap.dedent(text))
-    return p
 
 
 def lines(path: Path) -> list[str]:
