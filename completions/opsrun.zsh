@@ -72,7 +72,7 @@ _opsrun_approve() {
   _arguments \
     '(--comment -m)'{--comment,-m}'[Why (recorded).]:value: ' \
     '(--step)'--step'[Answer only if the run waits on this step (guards against answering a later question).]:value: ' \
-    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/' \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun - ~/.local/state/opsrun).]:value:_files -/' \
     '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
     '*:file:_files'
 }
@@ -104,14 +104,14 @@ _opsrun_audit() {
 
 _opsrun_audit_head() {
   _arguments \
-    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun).]:value:_files -/' \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun - ~/.local/state/opsrun).]:value:_files -/' \
     '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
     '(--json)'--json'[Machine-readable output.]'
 }
 
 _opsrun_audit_prune() {
   _arguments \
-    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun).]:value:_files -/' \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun - ~/.local/state/opsrun).]:value:_files -/' \
     '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
     '(--before)'--before'[Remove closed segments whose last record is older - 90d, 2026-01-01, …]:value: ' \
     '(--keep)'--keep'[Keep the newest N closed segments (1 or more).]:value: ' \
@@ -121,7 +121,7 @@ _opsrun_audit_prune() {
 
 _opsrun_audit_show() {
   _arguments \
-    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun).]:value:_files -/' \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun - ~/.local/state/opsrun).]:value:_files -/' \
     '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
     '(--run)'--run'[Only records of this run id.]:value: ' \
     '(--runbook)'--runbook'[Only this runbook.]:value: ' \
@@ -133,7 +133,7 @@ _opsrun_audit_show() {
 
 _opsrun_audit_tail() {
   _arguments \
-    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun).]:value:_files -/' \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun - ~/.local/state/opsrun).]:value:_files -/' \
     '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
     '(--follow -f)'{--follow,-f}'[Keep printing new records until interrupted.]' \
     '(--lines -n)'{--lines,-n}'[How many records to start with.]:value: ' \
@@ -142,7 +142,7 @@ _opsrun_audit_tail() {
 
 _opsrun_audit_verify() {
   _arguments \
-    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun).]:value:_files -/' \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun - ~/.local/state/opsrun).]:value:_files -/' \
     '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
     '(--from-start)'--from-start'[Walk every record of every segment, even segments that verified before and whose digest is unchanged.]' \
     '(--head)'--head'[Also prove the log still extends this head, as printed by `opsrun audit head`.]:value: ' \
@@ -151,7 +151,7 @@ _opsrun_audit_verify() {
 
 _opsrun_cancel() {
   _arguments \
-    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/' \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun - ~/.local/state/opsrun).]:value:_files -/' \
     '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
     '*:file:_files'
 }
@@ -165,7 +165,7 @@ _opsrun_deny() {
   _arguments \
     '(--comment -m)'{--comment,-m}'[Why (recorded).]:value: ' \
     '(--step)'--step'[Answer only if the run waits on this step (guards against answering a later question).]:value: ' \
-    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/' \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun - ~/.local/state/opsrun).]:value:_files -/' \
     '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
     '*:file:_files'
 }
@@ -176,7 +176,7 @@ _opsrun_dispatch() {
     '(--parallel)'--parallel'[Runs at once (default 1 - in order).]:value: ' \
     '(--json)'--json'[Machine-readable output.]' \
     '(--runbooks -r)'{--runbooks,-r}'[Runbooks folder (default ./runbooks).]:value:_files -/' \
-    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/' \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun - ~/.local/state/opsrun).]:value:_files -/' \
     '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
     '(--secrets-file)'--secrets-file'[NAME=value file of secrets (mode 0600).]:value:_files' \
     '(--inventory)'--inventory'[Hosts of SSH steps (default - the inventory.yaml beside the runbooks).]:value:_files' \
@@ -185,7 +185,7 @@ _opsrun_dispatch() {
 
 _opsrun_emit() {
   _arguments \
-    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/' \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun - ~/.local/state/opsrun).]:value:_files -/' \
     '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
     '*:file:_files'
 }
@@ -204,21 +204,21 @@ _opsrun_list() {
 _opsrun_logs() {
   _arguments \
     '(--json)'--json'[Machine-readable output.]' \
-    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/' \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun - ~/.local/state/opsrun).]:value:_files -/' \
     '*:file:_files'
 }
 
 _opsrun_pending() {
   _arguments \
     '(--json)'--json'[Machine-readable output.]' \
-    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/'
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun - ~/.local/state/opsrun).]:value:_files -/'
 }
 
 _opsrun_resume() {
   _arguments \
     '(--yes -y)'{--yes,-y}'[Answer the remaining confirmations yes.]' \
     '(--json)'--json'[Print the run result as JSON.]' \
-    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/' \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun - ~/.local/state/opsrun).]:value:_files -/' \
     '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
     '(--secrets-file)'--secrets-file'[NAME=value file of secrets (mode 0600).]:value:_files' \
     '(--inventory)'--inventory'[Hosts of SSH steps (default - the inventory.yaml beside the runbooks).]:value:_files' \
@@ -234,7 +234,7 @@ _opsrun_run() {
     '(--yes -y)'{--yes,-y}'[Answer every confirmation yes (recorded as given by you).]' \
     '(--json)'--json'[Print one JSON document with the run and every step result.]' \
     '(--runbooks -r)'{--runbooks,-r}'[Runbooks folder (default ./runbooks).]:value:_files -/' \
-    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/' \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun - ~/.local/state/opsrun).]:value:_files -/' \
     '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
     '(--secrets-file)'--secrets-file'[NAME=value file of secrets (mode 0600).]:value:_files' \
     '(--inventory)'--inventory'[Hosts of SSH steps (default - the inventory.yaml beside the runbooks).]:value:_files' \
@@ -248,7 +248,7 @@ _opsrun_runs() {
     '(--state)'--state'[Only runs in this state (running, waiting, succeeded, failed, …).]:value: ' \
     '(--limit -n)'{--limit,-n}'[How many runs.]:value: ' \
     '(--json)'--json'[Machine-readable output.]' \
-    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/'
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun - ~/.local/state/opsrun).]:value:_files -/'
 }
 
 _opsrun_schema() {
@@ -270,7 +270,7 @@ _opsrun_sources() {
 _opsrun_status() {
   _arguments \
     '(--json)'--json'[Machine-readable output.]' \
-    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/'
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun - ~/.local/state/opsrun).]:value:_files -/'
 }
 
 _opsrun_systemd_unit() {
@@ -292,7 +292,7 @@ _opsrun_validate() {
 _opsrun_watch() {
   _arguments \
     '(--runbooks -r)'{--runbooks,-r}'[Runbooks folder (default ./runbooks).]:value:_files -/' \
-    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY or ~/.local/state/opsrun).]:value:_files -/' \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun - ~/.local/state/opsrun).]:value:_files -/' \
     '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
     '(--stdin)'--stdin'[Also read JSON events, one per line, from stdin.]' \
     '(--max-parallel)'--max-parallel'[Runs running at once (default - cores × 4).]:value: ' \

@@ -62,6 +62,23 @@ def _inventory_opt() -> Any:
                              "runbooks).")
 
 
+def _state_dir_opt() -> Any:
+    return typer.Option(None, "--state-dir", envvar="OPSRUN_STATE_DIR", show_envvar=True,
+                        help="State folder (default $STATE_DIRECTORY, else "
+                             "$XDG_STATE_HOME/opsrun: ~/.local/state/opsrun).")
+
+
+def _audit_log_opt() -> Any:
+    # One variable for every command: the log the commands write is the one audit reads.
+    return typer.Option(None, "--audit-log", envvar="OPSRUN_AUDIT_LOG", show_envvar=True,
+                        help="Audit log file (default: audit.jsonl in the state folder).")
+
+
+def _secrets_file_opt() -> Any:
+    return typer.Option(None, "--secrets-file", envvar="OPSRUN_SECRETS_FILE",
+                        help="NAME=value file of secrets (mode 0600).")
+
+
 def _accept_new_hosts_opt() -> Any:
     return typer.Option(False, "--accept-new-hosts",
                         help="Trust SSH host keys not seen before (never changed ones); "
@@ -151,22 +168,11 @@ audit_app = typer.Typer(
 app.add_typer(audit_app, name="audit")
 
 
-def _audit_state_dir_opt() -> Any:
-    return typer.Option(None, "--state-dir", envvar="OPSRUN_STATE_DIR", show_envvar=True,
-                        help="State folder (default $STATE_DIRECTORY, else "
-                             "$XDG_STATE_HOME/opsrun).")
-
-
-def _audit_file_opt() -> Any:
-    return typer.Option(None, "--audit-log", envvar="OPSRUN_AUDIT_LOG", show_envvar=True,
-                        help="Audit log file (default: audit.jsonl in the state folder).")
-
-
 @audit_app.command("verify")
 def _audit_verify(
     ctx: typer.Context,
-    state_dir: Optional[str] = _audit_state_dir_opt(),
-    audit_log: Optional[str] = _audit_file_opt(),
+    state_dir: Optional[str] = _state_dir_opt(),
+    audit_log: Optional[str] = _audit_log_opt(),
     from_start: bool = typer.Option(
         False, "--from-start", help="Walk every record of every segment, even segments "
                                     "that verified before and whose digest is unchanged."),
@@ -185,8 +191,8 @@ def _audit_verify(
 @audit_app.command("show")
 def _audit_show(
     ctx: typer.Context,
-    state_dir: Optional[str] = _audit_state_dir_opt(),
-    audit_log: Optional[str] = _audit_file_opt(),
+    state_dir: Optional[str] = _state_dir_opt(),
+    audit_log: Optional[str] = _audit_log_opt(),
     run: Optional[str] = typer.Option(None, "--run", help="Only records of this run id."),
     runbook: Optional[str] = typer.Option(None, "--runbook", help="Only this runbook."),
     kind: Optional[str] = typer.Option(None, "--kind",
@@ -207,8 +213,8 @@ def _audit_show(
 @audit_app.command("tail")
 def _audit_tail(
     ctx: typer.Context,
-    state_dir: Optional[str] = _audit_state_dir_opt(),
-    audit_log: Optional[str] = _audit_file_opt(),
+    state_dir: Optional[str] = _state_dir_opt(),
+    audit_log: Optional[str] = _audit_log_opt(),
     follow: bool = typer.Option(False, "--follow", "-f",
                                 help="Keep printing new records until interrupted."),
     lines: int = typer.Option(10, "--lines", "-n", min=0, help="How many records to start with."),
@@ -223,8 +229,8 @@ def _audit_tail(
 @audit_app.command("head")
 def _audit_head(
     ctx: typer.Context,
-    state_dir: Optional[str] = _audit_state_dir_opt(),
-    audit_log: Optional[str] = _audit_file_opt(),
+    state_dir: Optional[str] = _state_dir_opt(),
+    audit_log: Optional[str] = _audit_log_opt(),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Print SEQ:HASH of the last record, to keep off this machine (git, ticket, syslog)."""
@@ -236,8 +242,8 @@ def _audit_head(
 @audit_app.command("prune")
 def _audit_prune(
     ctx: typer.Context,
-    state_dir: Optional[str] = _audit_state_dir_opt(),
-    audit_log: Optional[str] = _audit_file_opt(),
+    state_dir: Optional[str] = _state_dir_opt(),
+    audit_log: Optional[str] = _audit_log_opt(),
     before: Optional[str] = typer.Option(
         None, "--before", metavar="DATE|DURATION",
         help="Remove closed segments whose last record is older: 90d, 2026-01-01, …"),
@@ -254,18 +260,6 @@ def _audit_prune(
 
 
 # ── runs: run, runs, logs ───────────────────────────────────────────────────
-
-def _state_dir_opt() -> Any:
-    return typer.Option(None, "--state-dir", envvar="OPSRUN_STATE_DIR", show_envvar=True,
-                        help="State folder (default $STATE_DIRECTORY or "
-                             "~/.local/state/opsrun).")
-
-
-def _audit_log_opt() -> Any:
-    # The same variable as the audit commands read: a log set there is the one written.
-    return typer.Option(None, "--audit-log", envvar="OPSRUN_AUDIT_LOG", show_envvar=True,
-                        help="Audit log file (default: audit.jsonl in the state folder).")
-
 
 @app.command("run")
 def _run(
@@ -285,9 +279,7 @@ def _run(
     runbooks: Optional[Path] = _runbooks_opt(),
     state_dir: Optional[str] = _state_dir_opt(),
     audit_log: Optional[str] = _audit_log_opt(),
-    secrets_file: Optional[str] = typer.Option(None, "--secrets-file",
-                                               envvar="OPSRUN_SECRETS_FILE",
-                                               help="NAME=value file of secrets (mode 0600)."),
+    secrets_file: Optional[str] = _secrets_file_opt(),
     inventory: Optional[Path] = _inventory_opt(),
     accept_new_hosts: bool = _accept_new_hosts_opt(),
 ) -> None:
@@ -343,9 +335,7 @@ def _resume(
     as_json: bool = typer.Option(False, "--json", help="Print the run result as JSON."),
     state_dir: Optional[str] = _state_dir_opt(),
     audit_log: Optional[str] = _audit_log_opt(),
-    secrets_file: Optional[str] = typer.Option(None, "--secrets-file",
-                                               envvar="OPSRUN_SECRETS_FILE",
-                                               help="NAME=value file of secrets (mode 0600)."),
+    secrets_file: Optional[str] = _secrets_file_opt(),
     inventory: Optional[Path] = _inventory_opt(),
     accept_new_hosts: bool = _accept_new_hosts_opt(),
 ) -> None:
@@ -451,9 +441,7 @@ def _dispatch(
     runbooks: Optional[Path] = _runbooks_opt(),
     state_dir: Optional[str] = _state_dir_opt(),
     audit_log: Optional[str] = _audit_log_opt(),
-    secrets_file: Optional[str] = typer.Option(None, "--secrets-file",
-                                               envvar="OPSRUN_SECRETS_FILE",
-                                               help="NAME=value file of secrets (mode 0600)."),
+    secrets_file: Optional[str] = _secrets_file_opt(),
     inventory: Optional[Path] = _inventory_opt(),
     accept_new_hosts: bool = _accept_new_hosts_opt(),
 ) -> None:
@@ -500,9 +488,7 @@ def _watch(
                                     help="On SIGTERM, how long running runs may take to "
                                          "finish before they are interrupted."),
     log_format: str = typer.Option("plain", "--log-format", help="plain or json."),
-    secrets_file: Optional[str] = typer.Option(None, "--secrets-file",
-                                               envvar="OPSRUN_SECRETS_FILE",
-                                               help="NAME=value file of secrets (mode 0600)."),
+    secrets_file: Optional[str] = _secrets_file_opt(),
     inventory: Optional[Path] = _inventory_opt(),
     accept_new_hosts: bool = _accept_new_hosts_opt(),
 ) -> None:

@@ -59,15 +59,3 @@ class StateError(OpsrunError):
 
 class AuditWriteError(StateError):
     """An audit record could not be made durable; the action it records must not start."""
-
-
-class RunFailed(OpsrunError):
-    exit_code = exit_codes.RUN_FAILED
-
-
-class ApprovalDenied(OpsrunError):
-    exit_code = exit_codes.DENIED
-
-
-class Interrupted(OpsrunError):
-    exit_code = exit_codes.INTERRUPTED

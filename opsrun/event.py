@@ -16,7 +16,6 @@ from typing import Any
 from opsrun.checkpoints import Checkpoint
 from opsrun.ids import new_id
 
-SOURCES = ("file", "schedule", "log", "json", "manual")
 MAX_EVENT_BYTES = 1024 * 1024
 MAX_DEPTH = 64
 

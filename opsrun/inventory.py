@@ -83,10 +83,6 @@ class Host:
     key: str | None = None
     groups: tuple[str, ...] = ()
 
-    @property
-    def in_inventory(self) -> bool:
-        return self.hostname is not None
-
 
 @dataclass(frozen=True)
 class Inventory:

@@ -591,12 +591,6 @@ class Store:
             return c.execute("UPDATE event_queue SET leased_until = NULL "
                              "WHERE leased_until IS NOT NULL").rowcount
 
-    def ack_events(self, ids: Iterable[int]) -> int:
-        """Remove handled events from the queue; return how many were removed."""
-        with self._write("acknowledging events") as c:
-            return sum(c.execute("DELETE FROM event_queue WHERE id = ?", (i,)).rowcount
-                       for i in ids)
-
     def accept_queued(self, queue_id: int, runs: Sequence[Mapping[str, Any]]) -> bool:
         """Record the runs a queued event starts and remove the event, in one transaction.
 

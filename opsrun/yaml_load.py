@@ -267,7 +267,6 @@ class _Builder:
     def __init__(self, doc: Document) -> None:
         self.doc = doc
         self.count = 0
-        self._scalar_cache: dict[int, Any] = {}
         self._open: set[int] = set()  # nodes being sized: an alias back to one is a cycle
         self._sizes: dict[int, int] = {}
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 from opsrun import output, paths, secrets
@@ -81,11 +80,4 @@ def send(state_dir: str | None, payload: dict[str, object]) -> control_socket.Re
     except control_socket.ControlUnavailable:
         return None
 
-
-def print_reply(reply: control_socket.Reply) -> int:
-    if reply.ok:
-        print(reply.message)
-    else:
-        print(f"opsrun: {reply.message}", file=sys.stderr)
-    return reply.exit_code
 

@@ -26,10 +26,6 @@ class Notifier:
             (not pid or pid == str(os.getpid())) else None
         self._stop = threading.Event()
 
-    @property
-    def enabled(self) -> bool:
-        return self.address is not None
-
     def notify(self, *lines: str) -> None:
         """Send `READY=1`, `STATUS=…` and the like; errors are ignored (best effort)."""
         if not self.address:

@@ -16,7 +16,6 @@ The contract between a source and its caller (the daemon, `opsrun dispatch`, the
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
@@ -77,14 +76,6 @@ class MarkStore(Protocol):
 
     def set_schedule_mark(self, trigger_key: str, fired_at: datetime) -> None:
         """Store when the schedule last fired (or was armed)."""
-
-
-def queue_emit(q: queue.Queue[Event]) -> Emit:
-    """An `emit` that puts each event on a queue (taken = queued in memory)."""
-    def emit(events: Sequence[Event]) -> None:
-        for e in events:
-            q.put(e)
-    return emit
 
 
 def start_thread(source: Source, stop: threading.Event, emit: Emit) -> threading.Thread:
