@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,7 +127,7 @@ def holds(c: Condition, event: Mapping[str, Any]) -> bool:
     """Whether one condition holds for the event."""
     actual = lookup(event, c.path)
     if c.op == "exists":
-        return (actual is not _MISSING) == c.value
+        return (actual is not _MISSING) == bool(c.value)
     if actual is _MISSING:
         return False
     return _OPS[c.op](actual, c)
@@ -174,7 +174,7 @@ def _contains(actual: Any, c: Condition) -> bool:
     return False
 
 
-_OPS: dict[str, Any] = {
+_OPS: dict[str, Callable[[Any, Condition], bool]] = {
     "eq": lambda a, c: same(a, c.value),
     "ne": lambda a, c: not same(a, c.value),
     "in": lambda a, c: any(same(a, v) for v in c.value),

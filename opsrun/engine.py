@@ -173,8 +173,8 @@ class _Run:
         result.state = state
         if state in (rt.CANCELLED, rt.INTERRUPTED):
             result.failed_step = failed
-            result.error = f"{state} at step {failed!r}" + (
-                f": {self.cancel.why}" if getattr(self.cancel, "why", None) else "")
+            why = rt.cancel_why(self.cancel)
+            result.error = f"{state} at step {failed!r}" + (f": {why}" if why else "")
         elif state == rt.FAILED:
             result.failed_step = failed
             result.error = result.error or self._error_of(failed)

@@ -103,7 +103,7 @@ def _environment() -> Any:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     # Immutable: `event.pop('x')` or `params.update(…)` must not change the run's context.
-    class _Env(ImmutableSandboxedEnvironment):  # type: ignore[misc]
+    class _Env(ImmutableSandboxedEnvironment):
         # Bound `*`, `**` and `%` so that `'x' * 10**12` cannot eat the machine.
         intercepted_binops = frozenset({"*", "**", "%"})
 

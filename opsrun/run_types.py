@@ -46,7 +46,14 @@ class Cancel(threading.Event):
 
 def cancel_reason(event: threading.Event) -> str:
     """The run state a cancelled run ends in."""
-    return getattr(event, "reason", CANCELLED)
+    reason: str = getattr(event, "reason", CANCELLED)
+    return reason
+
+
+def cancel_why(event: threading.Event) -> str | None:
+    """Why the run was cancelled, when the canceller said."""
+    why: str | None = getattr(event, "why", None)
+    return why
 
 
 @dataclass
@@ -97,7 +104,7 @@ class Listener(Protocol):
 
     def transition(self, kind: str, data: dict[str, Any]) -> None: ...
 
-    def output(self, step_id: str, stream: str, text: str) -> None: ...
+    def output(self, step_id: str, stream: str, text: str, host: str | None) -> None: ...
 
 
 @dataclass(frozen=True)

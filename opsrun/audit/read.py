@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Generator, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -150,7 +150,8 @@ def _moved(log_path: Path, f: BinaryIO) -> bool:
         return False  # between the rename and the new file: look again next time
 
 
-def _catch_up(log_path: Path, followed: int) -> Iterator[bytes | None]:
+def _catch_up(log_path: Path, followed: int
+              ) -> Generator[bytes | None, None, BinaryIO | None]:
     """The lines of the segments closed after the file that was followed; returns the
     current file, opened at its start.
 

@@ -53,10 +53,12 @@ def pending(state_dir: str | None, *, as_json: bool) -> int:
     table = []
     for r in rows:
         secs = r["seconds_left"]
-        left = "no deadline" if secs is None else \
-            ("expired" if float(secs) <= 0 else format_duration(float(secs)))  # type: ignore[arg-type]
-        table.append((r["run_id"], r["runbook"], r["step_id"], r["question"],
-                      describe_approvers(r["approvers"]), left))  # type: ignore[arg-type]
+        left = "no deadline" if not isinstance(secs, (int, float)) else \
+            ("expired" if secs <= 0 else format_duration(float(secs)))
+        approvers = r["approvers"]
+        table.append((str(r["run_id"]), str(r["runbook"]), str(r["step_id"]),
+                      str(r["question"]), describe_approvers(
+                          approvers if isinstance(approvers, (dict, list)) else []), left))
     output.print_table(["run", "runbook", "step", "question", "who may answer", "time left"],
                        table)
     return 0

@@ -19,6 +19,7 @@ from opsrun.ids import new_id
 from opsrun.inventory import check_option as check_inventory_option
 from opsrun.runs.driver_lock import driving
 from opsrun.runs.context import open_run_context
+from opsrun.run_types import RunResult
 from opsrun.runbook import Runbook, Step, find_runbook
 
 
@@ -113,7 +114,7 @@ def _signals_cancel(cancel: threading.Event) -> Iterator[None]:
             signal.signal(s, h)
 
 
-def run_with_signals(eng: engine_mod.Engine, req: engine_mod.RunRequest) -> Any:
+def run_with_signals(eng: engine_mod.Engine, req: engine_mod.RunRequest) -> RunResult:
     cancel = threading.Event()
     with _signals_cancel(cancel):
         return eng.run(req, cancel)

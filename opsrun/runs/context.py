@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opsrun import paths, run_types as rt
 from opsrun.audit.format import RunbookRef
@@ -23,6 +23,9 @@ from opsrun.runs.driver_lock import runs_dir
 from opsrun.runs.recording import AuditListener, StoreListener
 from opsrun.secrets import Masker
 from opsrun.store import Store
+
+if TYPE_CHECKING:
+    from opsrun.executors.confirm import WaitingConfirmer
 
 
 @dataclass
@@ -66,7 +69,8 @@ class RunContext:
                       [AuditListener(self.audit), StoreListener(self.store), *listeners],
                       secrets=self.secrets, confirmer=confirmer)
 
-    def waiting_confirmer(self, *, park: bool = False, notify: Any = None) -> Any:
+    def waiting_confirmer(self, *, park: bool = False,
+                          notify: Callable[[str], None] | None = None) -> WaitingConfirmer:
         """A confirmer that records the question and waits (or parks) for an answer."""
         from opsrun.approvals import Waiter
         from opsrun.executors.confirm import WaitingConfirmer

@@ -18,7 +18,7 @@ from typing import Any
 from opsrun.event import Event, from_object
 from opsrun.runs.context import RunContext
 from opsrun.runs.dispatch import Dispatcher
-from opsrun.runbook import FileTrigger
+from opsrun.runbook import FileTrigger, LogTrigger, ScheduleTrigger
 from opsrun.sources.base import start_thread
 
 
@@ -73,9 +73,11 @@ class Sources:
             store = self.p.rc.store
             stop = threading.Event()
             made: list[Any] = []
-            files = [(b.key, b.trigger) for b in matcher.bound("file")]
-            schedules = [(b.key, b.trigger) for b in matcher.bound("schedule")]
-            logs = [(b.key, b.trigger) for b in matcher.bound("log")]
+            files = [(b.key, t) for b in matcher.bound("file")
+                     if isinstance(t := b.trigger, FileTrigger)]
+            schedules = [(b.key, t) for b in matcher.bound("schedule")
+                         if isinstance(t := b.trigger, ScheduleTrigger)]
+            logs = [(b.key, t) for b in matcher.bound("log") if isinstance(t := b.trigger, LogTrigger)]
             if files:
                 made.append(FileSource(files, states=store))
             if schedules:

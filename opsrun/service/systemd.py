@@ -6,6 +6,7 @@ socket when it starts with '@'). Outside systemd the variable is unset and nothi
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 import shutil
 import socket
 import sys
@@ -40,7 +41,7 @@ class Notifier:
         except OSError:
             pass
 
-    def start_watchdog(self, healthy: callable = lambda: True) -> None:  # type: ignore[valid-type]
+    def start_watchdog(self, healthy: Callable[[], bool] = lambda: True) -> None:
         """Send WATCHDOG=1 at half the interval systemd asked for, while `healthy()`."""
         if not self.watchdog_s or not self.address:
             return
