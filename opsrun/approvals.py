@@ -9,7 +9,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -29,9 +28,6 @@ class AnswerRefused(OpsrunError):
     """The answer was not accepted: not an approver, already answered, or nothing waits."""
 
 
-def approvers_record(a: Approvers) -> dict[str, Any]:
-    """Who may answer, as stored with the question and written to the audit log."""
-    return {"users": list(a.users), "groups": list(a.groups), "not_starter": a.not_starter}
 
 
 def check_flag_may_answer(steps: Iterable[Step], who: Identity, starter: str) -> None:
@@ -42,7 +38,7 @@ def check_flag_may_answer(steps: Iterable[Step], who: Identity, starter: str) ->
     for step in steps:
         if step.kind != "confirm":
             continue
-        rec = approvers_record(step.approvers)
+        rec = step.approvers.as_record()
         why = refusal(rec, who, starter)
         if why:
             raise UsageError(f"--yes cannot answer step {step.id!r}: {why}; who may answer: "
@@ -163,14 +159,16 @@ def pending_rows(store: Store) -> list[dict[str, object]]:
     return rows
 
 
-@dataclass
 class Waiter:
     """Waits for the answer to a question, until its deadline; the deadline answers itself."""
 
-    store: Store
-    audit: AuditLog
-    notify: Callable[[str], None] = lambda text: None
-    poll_s: float = POLL_S
+    def __init__(self, store: Store, audit: AuditLog,
+                 notify: Callable[[str], None] = lambda text: None,
+                 poll_s: float = POLL_S) -> None:
+        self.store = store
+        self.audit = audit
+        self.notify = notify
+        self.poll_s = poll_s
 
     def ask(self, run_id: str, step_id: str, question: str, approvers: Approvers,
             starter: str, timeout_s: float | None) -> ApprovalRecord:
@@ -181,7 +179,7 @@ class Waiter:
         deadline = None if timeout_s is None else \
             datetime.now(timezone.utc) + timedelta(seconds=timeout_s)
         return self.store.create_approval(run_id, step_id, question,
-                                          approvers=approvers_record(approvers),
+                                          approvers=approvers.as_record(),
                                           starter=starter, deadline=deadline)
 
     def wait(self, q: ApprovalRecord, on_timeout: str, cancel: threading.Event,

@@ -9,13 +9,12 @@ event's runs (store.record_runs): a restart neither repeats nor loses a line or 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 FileStat = tuple[int, int, int, int, int]  # inode, device, size, mtime_ns, ctime_ns
 
 
-@dataclass(frozen=True)
-class Checkpoint:
+class Checkpoint(NamedTuple):
     """Source state to store with the runs of the events up to it."""
 
     # (position key, device, inode, offset just after the event's line)

@@ -495,8 +495,8 @@ def _watch(
     """Watch every source of every runbook and run the runbooks whose triggers match."""
     from opsrun import paths as paths_mod
     from opsrun.commands import watch as watch_cmd
-    from opsrun.service.daemon import WatchOptions
     from opsrun.durations import DurationError, parse_duration
+    from opsrun.service.daemon import WatchOptions
 
     try:
         drain_s = parse_duration(drain_limit)

@@ -9,8 +9,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 OPERATORS = ("eq", "ne", "in", "not_in", "regex", "glob", "contains",
              "gt", "gte", "lt", "lte", "exists")
@@ -26,8 +25,7 @@ class CriteriaError(ValueError):
         self.key = key
 
 
-@dataclass(frozen=True)
-class Condition:
+class Condition(NamedTuple):
     path: tuple[str, ...]
     op: str
     value: Any
@@ -38,8 +36,7 @@ class Condition:
         return ".".join(self.path)
 
 
-@dataclass(frozen=True)
-class Criteria:
+class Criteria(NamedTuple):
     conditions: tuple[Condition, ...] = ()
 
     def literal_equalities(self) -> dict[str, Any]:

@@ -4,7 +4,15 @@ from __future__ import annotations
 import json
 
 from opsrun.durations import format_duration
-from opsrun.runbook import EventTrigger, FileTrigger, LogTrigger, Runbook, ScheduleTrigger, Step, Trigger
+from opsrun.runbook import (
+    EventTrigger,
+    FileTrigger,
+    LogTrigger,
+    Runbook,
+    ScheduleTrigger,
+    Step,
+    Trigger,
+)
 
 
 def trigger_short(t: Trigger) -> str:

@@ -8,16 +8,14 @@ does not start (fail closed). The engine knows nothing of terminals, files or da
 from __future__ import annotations
 
 import codecs
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
-from opsrun import expressions, run_types as rt, shell_words
-from opsrun.approvals import approvers_record
+from opsrun import expressions, scratch, shell_words
+from opsrun import run_types as rt
 from opsrun.errors import ExpressionError, StateError
 from opsrun.event import Event
 from opsrun.executors.base import ExecRequest, ExecResult, Executor
@@ -25,22 +23,23 @@ from opsrun.identity import Identity
 from opsrun.runbook import Runbook, Step
 from opsrun.secrets import Masker, StreamMasker
 
+_EMPTY_MAP: Mapping[str, Any] = MappingProxyType({})
+
 OUTPUT_TAIL_CHARS = 64 * 1024
 MAX_ENV_VALUE = 64 * 1024  # bigger event values reach steps through $OPSRUN_EVENT_FILE only
 
 
-@dataclass
-class RunRequest:
+class RunRequest(NamedTuple):
     """One run of one runbook: for an event, with typed params, started by someone."""
 
     runbook: Runbook
     run_id: str
     event: Event
-    params: dict[str, Any]
+    params: Mapping[str, Any]
     starter: Identity
     trigger: str | None = None
     resume_at: int = 0  # index of the first main step to run (resume)
-    prior: dict[str, rt.StepResult] = field(default_factory=dict)  # results before resume_at
+    prior: Mapping[str, rt.StepResult] = _EMPTY_MAP  # results before resume_at
 
 
 class _MissingSecrets(dict[str, str]):
@@ -121,9 +120,8 @@ class _Run:
         self.started = time.monotonic()
         self.deadline = None if self.rb.timeout_s is None else self.started + self.rb.timeout_s
         try:
-            self.scratch = tempfile.mkdtemp(prefix=f"opsrun-{req.run_id}-")
+            self.scratch = scratch.make(req.run_id)
         except OSError as e:  # out of space or file descriptors: say so, run nothing
-            # Not tempfile.gettempdir() here: it fails again the same way.
             raise StateError(f"cannot create a scratch folder for run {req.run_id}: "
                              f"{e.strerror or e} (out of disk space or file descriptors?); "
                              "nothing was run") from None
@@ -148,13 +146,13 @@ class _Run:
         except StateError as err:
             # Nothing more can be recorded, so nothing more may run: tell whoever can still
             # hear it, and let the caller report the error.
-            shutil.rmtree(self.scratch, ignore_errors=True)
+            scratch.remove(self.scratch)
             self.e.emit_unrecorded("run.finished", self._run_fields(
                 state=rt.FAILED, exit_code=rt.EXIT_CODES[rt.FAILED], failed_step=None,
                 error=str(err), duration=round(time.monotonic() - self.started, 3)))
             raise
         result.duration = time.monotonic() - self.started
-        shutil.rmtree(self.scratch, ignore_errors=True)
+        scratch.remove(self.scratch)
         if result.state != rt.WAITING:
             self.e.emit("run.finished", self._run_fields(
                 state=result.state, exit_code=result.exit_code, failed_step=result.failed_step,
@@ -188,7 +186,7 @@ class _Run:
             self._walk(self.rb.on_denied, cleanup=True)
 
     def _error_of(self, step_id: str | None) -> str | None:
-        for r in reversed(self.results):
+        for r in self.results[::-1]:
             if r.id == step_id:
                 if r.error:
                     return r.error
@@ -397,7 +395,7 @@ class _Run:
         if not asked_before(self.req.run_id, step.id):  # a resumed run asked it already
             self.e.emit("confirm.asked", {**base, "question": question,
                                           "guarded": list(request.guarded),
-                                          "approvers": approvers_record(step.approvers),
+                                          "approvers": step.approvers.as_record(),
                                           "timeout_s": step.timeout_s,
                                           "on_timeout": step.on_timeout})
         t0 = time.monotonic()
@@ -500,8 +498,7 @@ class _Capture:
 
 # ── dry run ────────────────────────────────────────────────────────────────
 
-@dataclass(frozen=True)
-class PlannedStep:
+class PlannedStep(NamedTuple):
     """What a step would do: run, be skipped, ask, or depend on what earlier steps do."""
 
     section: str  # steps | on_failure | on_denied

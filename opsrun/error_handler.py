@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import errno
 import sys
-import traceback
 from collections.abc import Callable
 
 from opsrun import exit_codes
@@ -17,7 +16,7 @@ def call(fn: Callable[[], int], *, debug: bool = False) -> int:
         return fn()
     except OpsrunError as e:
         if debug:
-            traceback.print_exc()
+            _print_traceback()
         # Messages quote what was given (paths, values, runbook text): shown, never obeyed.
         text = safe(str(e))
         print(f"opsrun: {text}" if "\n" not in text else text, file=sys.stderr)
@@ -31,7 +30,7 @@ def call(fn: Callable[[], int], *, debug: bool = False) -> int:
         return int(exit_codes.OK)
     except Exception as e:  # noqa: BLE001 - the last line of defence
         if debug:
-            traceback.print_exc()
+            _print_traceback()
         limit = _ENVIRONMENT.get(getattr(e, "errno", None) or 0) if isinstance(e, OSError) \
             else ("out of memory" if isinstance(e, MemoryError) else None)
         if limit is not None:
@@ -56,6 +55,12 @@ _ENVIRONMENT = {
     errno.EPERM: "this user may not use it; run opsrun as its owner",
     errno.EROFS: "the file system is read-only",
 }
+
+
+def _print_traceback() -> None:
+    import traceback
+
+    traceback.print_exc()
 
 
 def _silence_stdout() -> None:

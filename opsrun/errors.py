@@ -1,7 +1,7 @@
 """The one error hierarchy: every expected failure is an OpsrunError with an exit code."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from opsrun import exit_codes
 from opsrun.exit_codes import ExitCode
@@ -19,8 +19,7 @@ class UsageError(OpsrunError):
     exit_code = exit_codes.USAGE
 
 
-@dataclass(frozen=True)
-class Problem:
+class Problem(NamedTuple):
     """One thing wrong in a file, at a position a person can jump to."""
 
     file: str

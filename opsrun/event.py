@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 from opsrun.checkpoints import Checkpoint
 from opsrun.ids import new_id
+
+_EMPTY_MAP: Mapping[str, Any] = MappingProxyType({})
 
 MAX_EVENT_BYTES = 1024 * 1024
 MAX_DEPTH = 64
@@ -24,12 +26,11 @@ class EventRejected(ValueError):
     """Input that is not an acceptable event; the message says why."""
 
 
-@dataclass(frozen=True)
-class Event:
+class Event(NamedTuple):
     source: str
-    data: Mapping[str, Any] = field(default_factory=dict)
+    data: Mapping[str, Any] = _EMPTY_MAP
     # Stored with the event's runs: where its source is up to once it is taken.
-    checkpoint: Checkpoint | None = field(default=None, compare=False, repr=False)
+    checkpoint: Checkpoint | None = None
 
     @property
     def id(self) -> str:

@@ -10,9 +10,8 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 from opsrun.errors import ExpressionError
 
@@ -31,8 +30,7 @@ class ExpressionSyntaxError(ValueError):
         self.offset = offset
 
 
-@dataclass(frozen=True)
-class Expr:
+class Expr(NamedTuple):
     """One `${{ … }}` (or a bare `if:` expression): its source and where it starts."""
 
     source: str
@@ -42,8 +40,7 @@ class Expr:
 Part = Union[str, Expr]
 
 
-@dataclass(frozen=True)
-class Ref:
+class Ref(NamedTuple):
     """A name an expression reads: `steps.build.outputs.x` → Ref('steps', 'build')."""
 
     root: str

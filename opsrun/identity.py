@@ -4,11 +4,10 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class Identity:
+class Identity(NamedTuple):
     """A user as the kernel knows them; `sudo_user` is who ran sudo, when that happened."""
 
     user: str

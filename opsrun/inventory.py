@@ -19,15 +19,25 @@ import fnmatch
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 from opsrun.errors import Problem, UsageError
 from opsrun.schema_checks import (
-    INVALID, Field, Integer, ListOf, MapOf, Object, Problems, Text,
+    INVALID,
+    Field,
+    Integer,
+    ListOf,
+    MapOf,
+    Object,
+    Problems,
+    Text,
 )
 from opsrun.suggest import did_you_mean
 from opsrun.yaml_load import YamlError, load_bytes, read_limited
+
+_EMPTY_MAP: Mapping[str, Any] = MappingProxyType({})
 
 INVENTORY_NAMES = ("inventory.yaml", "inventory.yml")
 GROUP_PREFIX = "group:"
@@ -72,8 +82,7 @@ INVENTORY = Object("the inventory", {
 }, description="The hosts SSH steps reach")
 
 
-@dataclass(frozen=True)
-class Host:
+class Host(NamedTuple):
     """One host a step reaches. `hostname` None: a name taken from ~/.ssh/config."""
 
     name: str
@@ -84,13 +93,17 @@ class Host:
     groups: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class Inventory:
+class Inventory(NamedTuple):
     """The hosts of one inventory file (or none: `path` None), plus ~/.ssh/config names."""
 
     path: Path | None
-    hosts: Mapping[str, Host] = field(default_factory=dict)
-    ssh_config: Path = field(default_factory=lambda: Path(os.path.expanduser(SSH_CONFIG)))
+    hosts: Mapping[str, Host] = _EMPTY_MAP
+    config: Path | None = None  # ~/.ssh/config when not given
+
+    @property
+    def ssh_config(self) -> Path:
+        """The ssh_config file whose Host names count as known: ~/.ssh/config by default."""
+        return self.config or Path(os.path.expanduser(SSH_CONFIG))
 
     @property
     def groups(self) -> dict[str, list[str]]:

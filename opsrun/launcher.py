@@ -1,9 +1,11 @@
-"""The `opsrun` entry point: answers `--help` and `--version` without loading the CLI.
+"""The `opsrun` entry point: answers `--help`, `--version` and a plain `opsrun run` without
+loading the CLI.
 
 Building the full command line (typer, click, every command's options) costs more than
 everything else `opsrun --help` does. The top-level help is therefore kept, generated,
 in `help.txt` (tests/test_launcher.py fails when it is stale and says how to regenerate
-it); any other command line goes to `opsrun.cli`.
+it); `opsrun run` with its own options goes straight to the command (run_args.py); any
+other command line goes to `opsrun.cli`.
 """
 from __future__ import annotations
 
@@ -27,6 +29,12 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"opsrun {__version__}")
             return 0
+        if args[:1] == ["run"]:
+            from opsrun import run_args
+
+            parsed = run_args.parse(args)
+            if parsed is not None:
+                return run_args.main(parsed)
     from opsrun.cli import main as cli_main
 
     return cli_main(args)

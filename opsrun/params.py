@@ -4,8 +4,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
@@ -15,8 +14,7 @@ class ParamError(ValueError):
     """A value that does not fit its param; the message says what would."""
 
 
-@dataclass(frozen=True)
-class Param:
+class Param(NamedTuple):
     name: str
     type: str = "string"  # string | int | float | bool | choice
     description: str = ""

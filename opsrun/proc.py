@@ -16,8 +16,8 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 READ_SIZE = 64 * 1024
 DEFAULT_GRACE_S = 5.0  # SIGTERM → SIGKILL; OPSRUN_KILL_GRACE (a duration) changes it
@@ -26,8 +26,7 @@ _POLL_S = 0.05
 OutputFn = Callable[[str, bytes], None]  # (stream name "stdout"|"stderr", chunk)
 
 
-@dataclass(frozen=True)
-class ProcResult:
+class ProcResult(NamedTuple):
     """How a command ended; `exit_code` is 128+N when signal N ended it, like a shell's."""
 
     exit_code: int | None

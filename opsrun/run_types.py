@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, NamedTuple, Protocol
 
 from opsrun import exit_codes
+
+_EMPTY_MAP: Mapping[str, Any] = MappingProxyType({})
 
 # Run states (DESIGN section 1).
 QUEUED, RUNNING, WAITING = "queued", "running", "waiting"
@@ -56,8 +59,7 @@ def cancel_why(event: threading.Event) -> str | None:
     return why
 
 
-@dataclass
-class StepResult:
+class StepResult(NamedTuple):
     """What one step did; `steps.<id>` in expressions reads these fields."""
 
     id: str
@@ -65,10 +67,10 @@ class StepResult:
     exit_code: int | None = None
     stdout: str = ""
     stderr: str = ""
-    outputs: dict[str, str] = field(default_factory=dict)
+    outputs: Mapping[str, str] = _EMPTY_MAP
     duration: float = 0.0
     attempts: int = 0
-    hosts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    hosts: Mapping[str, Mapping[str, Any]] = _EMPTY_MAP
     error: str | None = None
     answer: dict[str, Any] | None = None  # confirm steps: who answered what
 
@@ -83,16 +85,19 @@ class StepResult:
         return out
 
 
-@dataclass
 class RunResult:
-    run_id: str
-    runbook: str
-    state: str
-    steps: list[StepResult] = field(default_factory=list)
-    failed_step: str | None = None
-    error: str | None = None
-    duration: float = 0.0
-    waiting_step: str | None = None
+    """How a run went; the engine fills it in as the run goes."""
+
+    def __init__(self, run_id: str, runbook: str, state: str,
+                 steps: list[StepResult] | None = None) -> None:
+        self.run_id = run_id
+        self.runbook = runbook
+        self.state = state
+        self.steps: list[StepResult] = [] if steps is None else steps
+        self.failed_step: str | None = None
+        self.error: str | None = None
+        self.duration = 0.0
+        self.waiting_step: str | None = None
 
     @property
     def exit_code(self) -> int:
@@ -107,8 +112,7 @@ class Listener(Protocol):
     def output(self, step_id: str, stream: str, text: str, host: str | None) -> None: ...
 
 
-@dataclass(frozen=True)
-class ConfirmRequest:
+class ConfirmRequest(NamedTuple):
     """A question for a person, with what it guards."""
 
     run_id: str
@@ -122,8 +126,7 @@ class ConfirmRequest:
     starter: Any  # identity.Identity of who started the run
 
 
-@dataclass(frozen=True)
-class Answer:
+class Answer(NamedTuple):
     """A person's answer (or the flag's, or the clock's)."""
 
     approved: bool

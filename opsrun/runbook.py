@@ -6,17 +6,24 @@ expressions read, shell quoting contexts) is checked here.
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from types import MappingProxyType
+from typing import Any, NamedTuple, Union
 
-from opsrun import expressions, runbook_schema as schema, shell_words
+from opsrun import expressions, shell_words
+from opsrun import runbook_schema as schema
 from opsrun.criteria import Criteria, parse_where
+from opsrun.digest import sha256_hex
 from opsrun.errors import Problem, RunbookInvalid, UsageError
-from opsrun.inventory import INVENTORY_NAMES, Host, Inventories, Inventory, InventoryInvalid
+from opsrun.inventory import (
+    INVENTORY_NAMES,
+    Host,
+    Inventories,
+    Inventory,
+    InventoryInvalid,
+)
 from opsrun.params import Param
 from opsrun.paths import DEFAULT_RUNBOOKS
 from opsrun.schema_checks import INVALID, PathT, Problems, show_path
@@ -26,9 +33,10 @@ COMMON_EVENT_FIELDS = ("source", "id", "time")
 RUN_FIELDS = ("id", "runbook", "sha256", "started_by", "dry_run")
 FAILURE_RUN_FIELDS = ("failed_step",)
 
+_EMPTY_MAP: Mapping[str, Any] = MappingProxyType({})
 
-@dataclass(frozen=True)
-class FileTrigger:
+
+class FileTrigger(NamedTuple):
     paths: tuple[str, ...]
     events: tuple[str, ...]
     debounce_s: float
@@ -37,8 +45,7 @@ class FileTrigger:
     fields: tuple[str, ...] = ("path", "change")
 
 
-@dataclass(frozen=True)
-class ScheduleTrigger:
+class ScheduleTrigger(NamedTuple):
     cron: str
     timezone: str
     catch_up: str
@@ -47,8 +54,7 @@ class ScheduleTrigger:
     fields: tuple[str, ...] = ("scheduled_for", "missed")
 
 
-@dataclass(frozen=True)
-class LogTrigger:
+class LogTrigger(NamedTuple):
     path: str
     match: str | None
     start_at: str  # "end" | "start"
@@ -60,8 +66,7 @@ class LogTrigger:
         return _compiled(self.match) if self.match is not None else None
 
 
-@dataclass(frozen=True)
-class EventTrigger:
+class EventTrigger(NamedTuple):
     where: Criteria
     kind: str = "event"
     fields: tuple[str, ...] = ()
@@ -70,34 +75,36 @@ class EventTrigger:
 Trigger = Union[FileTrigger, ScheduleTrigger, LogTrigger, EventTrigger]
 
 
-@dataclass(frozen=True)
-class Retry:
+class Retry(NamedTuple):
     attempts: int = 1
     delay_s: float = 1.0
     backoff: float = 1.0
 
 
-@dataclass(frozen=True)
-class Approvers:
+class Approvers(NamedTuple):
     users: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
     not_starter: bool = False
+
+    def as_record(self) -> dict[str, Any]:
+        """Who may answer, as stored with the question and written to the audit log."""
+        return {"users": list(self.users), "groups": list(self.groups),
+                "not_starter": self.not_starter}
 
     @property
     def anyone(self) -> bool:
         return not self.users and not self.groups
 
 
-@dataclass(frozen=True)
-class Step:
+class Step(NamedTuple):
     id: str
     kind: str  # "run" | "confirm"
-    index: int
+    position: int  # its place in its list (steps, on_failure, on_denied), from 0
     name: str = ""
     run: str | None = None
     confirm: str | None = None
     condition: str | bool | None = None  # `if:`
-    env: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = _EMPTY_MAP
     timeout_s: float | None = None
     retry: Retry = Retry()
     continue_on_error: bool = False
@@ -123,29 +130,27 @@ class Step:
         return first if len(first) <= 60 else first[:57] + "..."
 
 
-@dataclass(frozen=True)
-class Concurrency:
+class Concurrency(NamedTuple):
     key: str = ""
     policy: str = "queue"
 
 
-@dataclass(frozen=True)
-class Runbook:
+class Runbook(NamedTuple):
     name: str
     path: Path
     sha256: str
     steps: tuple[Step, ...]
     description: str = ""
     triggers: tuple[Trigger, ...] = ()
-    params: Mapping[str, Param] = field(default_factory=dict)
-    env: Mapping[str, str] = field(default_factory=dict)
+    params: Mapping[str, Param] = _EMPTY_MAP
+    env: Mapping[str, str] = _EMPTY_MAP
     concurrency: Concurrency = Concurrency()
     timeout_s: float | None = None
     on_failure: tuple[Step, ...] = ()
     on_denied: tuple[Step, ...] = ()
-    source: bytes = field(default=b"", repr=False, compare=False)  # the file's bytes
+    source: bytes = b""  # the file's bytes
     # What is right but looks wrong on this machine (an approvers group it lacks).
-    warnings: tuple[Problem, ...] = field(default=(), repr=False, compare=False)
+    warnings: tuple[Problem, ...] = ()
 
     def all_steps(self) -> Iterable[Step]:
         yield from self.steps
@@ -321,11 +326,9 @@ def _load(path: Path, raw: bytes | None = None, *, inventories: Inventories
     inventory, inventory_problems = _check_hosts(whole, path, inventories, problems)
     if problems or inventory_problems:
         return None, inventory_problems + _to_problems(problems, doc, path)
-    from dataclasses import replace
-
     warnings = tuple(Problem(str(path), *doc.mark(where), message, "warning")
                      for where, message in _approver_warnings(doc.data))
-    return replace(_build(data, path, raw, inventory), warnings=warnings), []
+    return _build(data, path, raw, inventory)._replace(warnings=warnings), []
 
 
 def _approver_warnings(raw: Mapping[str, Any]) -> list[tuple[PathT, str]]:
@@ -383,8 +386,7 @@ def _to_problems(problems: Problems, doc: Document, path: Path) -> list[Problem]
 
 # ── checks that need the whole runbook ─────────────────────────────────────
 
-@dataclass
-class _Scope:
+class _Scope(NamedTuple):
     params: set[str]
     env: set[str]
     steps_before: set[str]
@@ -404,18 +406,18 @@ def _check_whole(data: dict[str, Any], problems: Problems) -> None:
     base = _Scope(set(data["params"]), top_env, set(), all_ids, fields)
     for name, value in data["env"].items():
         _check_env_name(("env", name), name, problems)
-        _check_template(value, ("env", name), _replace(base, allow=("event", "params", "run",
+        _check_template(value, ("env", name), base._replace(allow=("event", "params", "run",
                                                                    "secrets")), problems)
     if data["concurrency"] is not None:
         _check_template(data["concurrency"]["key"], ("concurrency", "key"),
-                        _replace(base, allow=("event", "params")), problems)
+                        base._replace(allow=("event", "params")), problems)
     main_ids: set[str] = set()
     for list_name, steps in step_lists:
         before = set(main_ids) if list_name != "steps" else set()
         run_fields = RUN_FIELDS + (FAILURE_RUN_FIELDS if list_name != "steps" else ())
         for i, step in enumerate(steps):
             sid = step["id"]
-            scope = _replace(base, steps_before=set(before), run_fields=run_fields)
+            scope = base._replace(steps_before=set(before), run_fields=run_fields)
             _check_step(step, (list_name, i), scope, problems)
             if sid:
                 before.add(sid)
@@ -466,11 +468,6 @@ def _stub_step(raw: Mapping[str, Any]) -> dict[str, Any]:
             else None, "env": env if env is not INVALID else {}}
 
 
-def _replace(scope: _Scope, **changes: Any) -> _Scope:
-    from dataclasses import replace
-
-    return replace(scope, **changes)
-
 
 def _check_ids(step_lists: list[tuple[str, list[dict[str, Any]]]],
                problems: Problems) -> set[str]:
@@ -495,7 +492,7 @@ def _check_env_name(path: PathT, name: str, problems: Problems) -> None:
 
 
 def _check_step(step: dict[str, Any], path: PathT, scope: _Scope, problems: Problems) -> None:
-    step_scope = _replace(scope, env=scope.env | set(step["env"]))
+    step_scope = scope._replace(env=scope.env | set(step["env"]))
     for name, value in step["env"].items():
         _check_env_name((*path, "env", name), name, problems)
         _check_template(value, (*path, "env", name), scope, problems)
@@ -645,7 +642,7 @@ def _build(data: dict[str, Any], path: Path, raw: bytes, inventory: Inventory) -
     return Runbook(
         name=data["name"] or path.stem,
         path=path,
-        sha256=hashlib.sha256(raw).hexdigest(),
+        sha256=sha256_hex(raw),
         source=raw,
         description=data["description"],
         triggers=_build_triggers(data["on"]),
@@ -712,7 +709,7 @@ def _build_step(s: dict[str, Any], index: int, prefix: str, inventory: Inventory
     return Step(
         id=s["id"] or f"{prefix}-{index + 1}",
         kind=kind,
-        index=index,
+        position=index,
         name=s["name"] or "",
         run=s["run"],
         confirm=s["confirm"],

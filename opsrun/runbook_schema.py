@@ -9,8 +9,25 @@ from opsrun import criteria as criteria_mod
 from opsrun import expressions
 from opsrun.inventory import PASSWORD_KEYS
 from opsrun.schema_checks import (
-    INVALID, Alternatives, Anything, Boolean, Check, Custom, Duration, Enum, Field, Integer,
-    ListOf, MapOf, Number, Object, PathT, PositionedError, Problems, Text, show_path,
+    INVALID,
+    Alternatives,
+    Anything,
+    Boolean,
+    Check,
+    Custom,
+    Duration,
+    Enum,
+    Field,
+    Integer,
+    ListOf,
+    MapOf,
+    Number,
+    Object,
+    PathT,
+    PositionedError,
+    Problems,
+    Text,
+    show_path,
 )
 from opsrun.suggest import did_you_mean
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 from opsrun.durations import DurationError, format_duration, parse_duration
 from opsrun.suggest import did_you_mean
@@ -18,11 +17,11 @@ PathT = tuple[Union[str, int], ...]
 INVALID: Any = object()  # returned by a checker whose value was reported as wrong
 
 
-@dataclass
 class Problems:
     """Collects (path, message, at_key, offset) for one document."""
 
-    items: list[tuple[PathT, str, bool, int]] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.items: list[tuple[PathT, str, bool, int]] = []
 
     def add(self, path: PathT, message: str, *, at_key: bool = False, offset: int = -1) -> None:
         self.items.append((tuple(path), message, at_key, offset))
@@ -345,8 +344,7 @@ class Alternatives(Check):
         return self._with_description({"anyOf": [c.schema() for _, c in self.options]})
 
 
-@dataclass(frozen=True)
-class Field:
+class Field(NamedTuple):
     check: Check
     required: bool = False
     default: Any = None

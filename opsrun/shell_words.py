@@ -20,12 +20,14 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 from opsrun import expressions
 from opsrun.errors import ExpressionError
 from opsrun.expressions import Expr
+
+_EMPTY_MAP: Mapping[str, Any] = MappingProxyType({})
 
 POSIX_SHELLS = frozenset({"bash", "sh", "dash", "zsh", "ksh", "mksh", "ash", "busybox"})
 VAR_PREFIX = "OPSRUN_X_"
@@ -53,8 +55,7 @@ class ShellContextError(ValueError):
         self.offset = offset
 
 
-@dataclass(frozen=True)
-class Slot:
+class Slot(NamedTuple):
     """An expression in a script and the quoting context it stands in."""
 
     expr: Expr
@@ -63,17 +64,15 @@ class Slot:
     strip_tabs: bool = False  # ... and whether it is a <<- here-document
 
 
-@dataclass(frozen=True)
-class ShellPlan:
+class ShellPlan(NamedTuple):
     """A parsed `run:` script: literal text and the slots where values go."""
 
     parts: tuple[str | Slot, ...]
 
 
-@dataclass(frozen=True)
-class RenderedScript:
+class RenderedScript(NamedTuple):
     script: str  # what the shell runs: values only referenced through variables
-    env: dict[str, str] = field(default_factory=dict)  # the variables' values
+    env: Mapping[str, str] = _EMPTY_MAP  # the variables' values
     display: str = ""  # for people: values shell-quoted inline
 
 

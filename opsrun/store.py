@@ -25,10 +25,9 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 from opsrun import paths
 from opsrun.audit.format import RunbookRef
@@ -127,8 +126,7 @@ UNSET = _Unset.UNSET
 """Marks an update_run argument that was not given (None means: set the column to NULL)."""
 
 
-@dataclass(frozen=True)
-class RunRecord:
+class RunRecord(NamedTuple):
     """One run of one runbook, as stored."""
 
     id: str
@@ -153,12 +151,11 @@ class RunRecord:
         return RunbookRef(self.runbook, self.runbook_path, self.runbook_sha256)
 
 
-@dataclass(frozen=True)
-class StepRecord:
+class StepRecord(NamedTuple):
     """One attempt of one step of a run; output is the bounded tail."""
 
     run_id: str
-    index: int
+    position: int  # the step's place in the run (the engine's ordinal)
     step_id: str
     attempt: int
     outcome: str
@@ -171,8 +168,7 @@ class StepRecord:
     hosts: dict[str, Any]
 
 
-@dataclass(frozen=True)
-class ApprovalRecord:
+class ApprovalRecord(NamedTuple):
     """A question put to a person; `answer` is None while it waits."""
 
     id: int
@@ -191,8 +187,7 @@ class ApprovalRecord:
     answered_at: datetime | None
 
 
-@dataclass(frozen=True)
-class LogPosition:
+class LogPosition(NamedTuple):
     """Where a followed log file was read up to."""
 
     key: str
@@ -201,8 +196,7 @@ class LogPosition:
     offset: int
 
 
-@dataclass(frozen=True)
-class QueuedEvent:
+class QueuedEvent(NamedTuple):
     """A JSON event waiting in the durable queue; `source` says who put it there."""
 
     id: int
@@ -211,8 +205,7 @@ class QueuedEvent:
     source: dict[str, Any]
 
 
-@dataclass(frozen=True)
-class AuditHead:
+class AuditHead(NamedTuple):
     """The last record the audit log acknowledged: its segment number, seq and hash."""
 
     log_path: str
@@ -221,8 +214,7 @@ class AuditHead:
     hash: str
 
 
-@dataclass(frozen=True)
-class AuditCheckpoint:
+class AuditCheckpoint(NamedTuple):
     """A segment that was verified whole: its size and digest, and verify's summary of it."""
 
     segment: int

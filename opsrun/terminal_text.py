@@ -12,12 +12,19 @@ running Python's unicodedata.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
-_CONTROL = re.compile(
-    "[\x00-\x08\x0b-\x1f\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891"
-    "\u08e2\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ud800-\udfff"
-    "\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3"
-    "\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]")
+# ASCII text needs no regex (compiling the one below is a good part of a short run's start).
+_ASCII = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x09), *range(0x0b, 0x20), 0x7f)}
+
+
+@lru_cache(maxsize=1)
+def _control() -> re.Pattern[str]:
+    return re.compile(
+        "[\x00-\x08\x0b-\x1f\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891"
+        "\u08e2\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ud800-\udfff"
+        "\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3"
+        "\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]")
 
 
 def _escape(m: re.Match[str]) -> str:
@@ -32,7 +39,7 @@ def safe(text: str, *, keep_newlines: bool = True) -> str:
 
     Tab and newline stay unless `keep_newlines` is False: then they are shown as `\\t`, `\\n`.
     """
-    out = _CONTROL.sub(_escape, text)
+    out = text.translate(_ASCII) if text.isascii() else _control().sub(_escape, text)
     if not keep_newlines:
         out = out.replace("\n", "\\n").replace("\t", "\\t")
     return out

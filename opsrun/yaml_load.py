@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Union
@@ -34,16 +33,16 @@ class YamlError(Exception):
         self.col = col
 
 
-@dataclass
 class Document:
     """Loaded data plus where each value (and each mapping key) was written."""
 
-    data: Any
-    value_marks: dict[Path_, tuple[int, int]] = field(default_factory=dict)
-    key_marks: dict[Path_, tuple[int, int]] = field(default_factory=dict)
-    styles: dict[Path_, str] = field(default_factory=dict)  # scalar style: '', '"', "'", '|', '>'
-    spans: dict[Path_, tuple[int, int]] = field(default_factory=dict)  # scalars: text indexes
-    text: str = ""
+    def __init__(self, data: Any, text: str = "") -> None:
+        self.data = data
+        self.text = text
+        self.value_marks: dict[Path_, tuple[int, int]] = {}
+        self.key_marks: dict[Path_, tuple[int, int]] = {}
+        self.styles: dict[Path_, str] = {}  # scalar style: '', '"', "'", '|', '>'
+        self.spans: dict[Path_, tuple[int, int]] = {}  # scalars: text indexes
 
     def mark(self, path: Path_, *, key: bool = False) -> tuple[int, int]:
         """Best known (line, col) for a path: the key's position if asked, else the value's."""
@@ -175,7 +174,7 @@ def _byte_position(raw: bytes, offset: int) -> tuple[int, int]:
 
 def load_text(text: str) -> Document:
     """Load one YAML document from text."""
-    import yaml
+    yaml = _yaml()
 
     if not text.strip() or all(_is_comment_or_blank(ln) for ln in text.splitlines()):
         raise YamlError("the file is empty; a runbook needs at least a `steps:` list")
@@ -203,10 +202,49 @@ def load_text(text: str) -> Document:
 
 
 @lru_cache(maxsize=1)
+def _yaml() -> Any:
+    """PyYAML, imported with its pure-Python reader's character check compiled on first use.
+
+    That one pattern is a third of PyYAML's import time, and the C loader opsrun uses
+    (CSafeLoader, built with LibYAML) never runs it; with the pure-Python loader it is
+    compiled at its first use, as before.
+    """
+    real = re.compile
+
+    def compile_lazily(pattern: Any, flags: int = 0) -> Any:
+        if isinstance(pattern, str) and pattern.startswith(_READER_CHECK):
+            return _LazyPattern(pattern, flags)
+        return real(pattern, flags)
+
+    re.compile = compile_lazily
+    try:
+        import yaml
+    finally:
+        re.compile = real
+    return yaml
+
+
+_READER_CHECK = "[^\x09\x0A\x0D\x20-\x7E"  # yaml.reader.Reader.NON_PRINTABLE
+
+
+class _LazyPattern:
+    """A regular expression compiled when it is first used."""
+
+    def __init__(self, pattern: str, flags: int) -> None:
+        self._args = (pattern, flags)
+        self._compiled: re.Pattern[str] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._compiled is None:
+            self._compiled = re.compile(*self._args)
+        return getattr(self._compiled, name)
+
+
+@lru_cache(maxsize=1)
 def _loader() -> Any:
     """PyYAML's safe loader (the C one when built), telling apart plain scalars that YAML 1.1
     reads as text from an explicit `!!str`: `0o10` and `1e3` are numbers in YAML 1.2."""
-    import yaml
+    yaml = _yaml()
 
     base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -303,7 +341,7 @@ class _Builder:
         return size
 
     def build(self, node: Any, path: Path_, depth: int) -> Any:
-        import yaml
+        yaml = _yaml()
 
         self.count += 1
         if self.count > MAX_NODES:
@@ -331,7 +369,7 @@ class _Builder:
         return [self.build(child, (*path, i), depth + 1) for i, child in enumerate(node.value)]
 
     def _mapping(self, node: Any, path: Path_, depth: int) -> dict[str, Any]:
-        import yaml
+        yaml = _yaml()
 
         result: dict[str, Any] = {}
         merged: dict[str, Any] = {}
@@ -356,7 +394,7 @@ class _Builder:
         return result
 
     def _merge_source(self, node: Any, path: Path_, depth: int) -> dict[str, Any]:
-        import yaml
+        yaml = _yaml()
 
         sources = node.value if isinstance(node, yaml.SequenceNode) else [node]
         out: dict[str, Any] = {}

@@ -10,7 +10,8 @@ PKG = Path(__file__).resolve().parent.parent / "opsrun"
 LAYERS: dict[str, int] = {}
 for layer, names in enumerate([
     # L0: no opsrun imports beyond these
-    "errors exit_codes paths ids terminal_text suggest durations sizes checkpoints",
+    "errors exit_codes paths ids terminal_text suggest durations sizes checkpoints scratch "
+    "digest",
     # L1: the runbook and plain data
     "yaml_load schema_checks runbook_schema expressions shell_words runbook secrets run_types "
     "event criteria params describe cron globs step_outputs identity completion_scripts "
@@ -25,7 +26,7 @@ for layer, names in enumerate([
     # L5: the program around it: a run's context, the service
     "runs.context runs.recovery runs.cancel runs.dispatch service output",
     # L6: the command line
-    "cli commands error_handler __main__ launcher",
+    "cli run_args commands error_handler __main__ launcher",
 ]):
     for name in names.split():
         LAYERS[name] = layer

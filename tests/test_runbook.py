@@ -75,7 +75,7 @@ def test_design_example_model() -> None:
     assert (dry.type, dry.default, dry.required) == ("bool", False, False)
 
     status, approve, restart, fleet = rb.steps
-    assert (status.id, status.kind, status.index) == ("status", "run", 0)
+    assert (status.id, status.kind, status.position) == ("status", "run", 0)
     assert status.run == 'systemctl is-active "$SERVICE"'
     assert status.continue_on_error is True
     assert status.shell == "bash" and status.plan is not None

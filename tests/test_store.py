@@ -119,7 +119,7 @@ def test_steps_keep_the_tail_of_long_output(store: Store) -> None:
     store.record_step(run.id, 0, "status", attempt=2, outcome="success", exit_code=0)
     store.record_step(run.id, 1, "restart", outcome="skipped")
     steps = store.steps_of(run.id)
-    assert [(s.index, s.attempt, s.outcome) for s in steps] == [
+    assert [(s.position, s.attempt, s.outcome) for s in steps] == [
         (0, 1, "failure"), (0, 2, "success"), (1, 1, "skipped")]
     assert steps[0].stdout_tail.endswith("éEND")
     assert len(steps[0].stdout_tail.encode()) <= MAX_OUTPUT_BYTES

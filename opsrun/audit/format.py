@@ -17,15 +17,15 @@ segment and chains to its last record.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
+
+from opsrun.digest import sha256_hex
 
 FORMAT_VERSION = 1
 GENESIS = "0" * 64
@@ -37,8 +37,7 @@ RESERVED_FIELDS = frozenset({"v", "seq", "prev", "time", "kind", "run_id", "runb
 HEADER_PREFIX = b'{"v":1,"seq":'
 
 
-@dataclass(frozen=True)
-class RunbookRef:
+class RunbookRef(NamedTuple):
     """What the audit log says about a runbook: its name, file and the sha256 of its bytes."""
 
     name: str
@@ -50,7 +49,7 @@ RunbookLike = Union[RunbookRef, Mapping[str, Any]]
 
 def line_hash(line: bytes) -> str:
     """The chain hash of a record line (its bytes without the newline)."""
-    return hashlib.sha256(line).hexdigest()
+    return sha256_hex(line)
 
 
 def parse_header(line: bytes) -> tuple[int, str] | None:

@@ -10,28 +10,36 @@ audit/format.py.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
-import logging
 import os
 import pwd
 import re
-import socket
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from opsrun import file_lock, proc
-from opsrun.audit.format import (FORMAT_VERSION, GENESIS, RESERVED_FIELDS, SEGMENT_STARTED,
-                                 RunbookLike, is_record, line_hash, list_segments,
-                                 lock_path_for, looks_torn, parse_header, rfc3339,
-                                 segment_path)
+from opsrun.audit.format import (
+    FORMAT_VERSION,
+    GENESIS,
+    RESERVED_FIELDS,
+    SEGMENT_STARTED,
+    RunbookLike,
+    is_record,
+    line_hash,
+    list_segments,
+    lock_path_for,
+    looks_torn,
+    parse_header,
+    rfc3339,
+    segment_path,
+)
+from opsrun.digest import sha256_hex
 from opsrun.errors import AuditWriteError, StateError, UsageError
 from opsrun.store import AuditHead, Store
 
@@ -47,7 +55,6 @@ _SCALARS_AND_STR = _SCALARS | {str}
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
-log = logging.getLogger(__name__)
 
 Masker = Callable[[str], str]
 
@@ -69,8 +76,7 @@ def segment_size_from_env(environ: Mapping[str, str] | None = None) -> int:
     return size
 
 
-@dataclass(frozen=True)
-class Tip:
+class Tip(NamedTuple):
     """The last complete record of a log file: where the next record chains on."""
 
     segment: int
@@ -104,7 +110,7 @@ class AuditLog:
         problem = permission_problem(self.path)
         if problem:
             self.warnings.append(problem)
-            log.warning("%s", problem)
+            _warn("%s", problem)
 
     def append(self, kind: str, *, run_id: str | None = None,
                runbook: RunbookLike | None = None, **fields: Any) -> dict[str, Any]:
@@ -322,7 +328,7 @@ class AuditLog:
                 self.store.set_audit_head(AuditHead(str(self.path), tip.segment, seq, prev))
             except StateError as e:
                 # The record itself is durable; only cut-tail detection is weakened.
-                log.warning("audit record %d written, but its head was not saved: %s", seq, e)
+                _warn("audit record %d written, but its head was not saved: %s", seq, e)
         return written
 
     def _write_durably(self, data: bytes, size_before: int, kind: str) -> None:
@@ -481,18 +487,24 @@ def _clean(value: Any, mask: Masker | None) -> Any:
                     "use str, int, float, bool, None, list or dict")
 
 
+def _warn(message: str, *args: object) -> None:
+    import logging  # only when there is something to say: not on every command's start
+
+    logging.getLogger("opsrun.audit").warning(message, *args)
+
+
 def _identity() -> tuple[str, int, str]:
     uid = os.getuid()
     try:
         user = pwd.getpwuid(uid).pw_name
     except KeyError:
         user = str(uid)
-    return user, uid, socket.gethostname()
+    return user, uid, os.uname().nodename  # what socket.gethostname() says, without socket
 
 
 def _file_sha256(path: Path) -> str | None:
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return sha256_hex(path.read_bytes())
     except OSError:
         return None
 
@@ -500,6 +512,8 @@ def _file_sha256(path: Path) -> str | None:
 def _git_info(path: Path) -> dict[str, Any] | None:
     """HEAD's commit and whether the file differs from it, if the file is in a work tree."""
     folder = str(path.parent)
+    if not _may_be_in_git(path.parent):
+        return None  # no git process for a runbook outside any repository
     # One git process for both questions: "true" or "false", then HEAD's commit (rc 1 and
     # no commit in a repository without one yet).
     rc, out, _ = proc.capture(["git", "-C", folder, "rev-parse", "--is-inside-work-tree",
@@ -512,6 +526,17 @@ def _git_info(path: Path) -> dict[str, Any] | None:
                                "--untracked-files=all", "--", path.name])
     # Modified, staged, untracked or unknown all mean: HEAD alone does not show this file.
     return {"commit": commit, "dirty": rc != 0 or commit is None or bool(out.strip())}
+
+
+def _may_be_in_git(folder: Path) -> bool:
+    """Whether a folder may be in a git work tree: a `.git` in it or above it, or git is
+    told where its repository is (GIT_DIR)."""
+    if os.environ.get("GIT_DIR") or os.environ.get("GIT_WORK_TREE"):
+        return True
+    for parent in (folder, *folder.parents):
+        if os.path.lexists(os.path.join(parent, ".git")):
+            return True
+    return False
 
 
 def fsync_dir(folder: Path) -> None:

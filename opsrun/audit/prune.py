@@ -21,8 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from opsrun import file_lock
+from opsrun.audit.format import (
+    is_record,
+    list_segments,
+    lock_path_for,
+    parse_header,
+    rfc3339,
+)
 from opsrun.audit.log import AuditLog, fsync_dir
-from opsrun.audit.format import is_record, list_segments, lock_path_for, parse_header, rfc3339
 from opsrun.audit.verify import verify_log
 from opsrun.errors import StateError, UsageError
 from opsrun.store import Store

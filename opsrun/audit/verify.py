@@ -29,8 +29,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from opsrun.audit.format import (GENESIS, SEGMENT_STARTED, is_record, list_segments,
-                                 looks_torn, parse_header)
+from opsrun.audit.format import (
+    GENESIS,
+    SEGMENT_STARTED,
+    is_record,
+    list_segments,
+    looks_torn,
+    parse_header,
+)
 from opsrun.audit.log import permission_problem, reading_lock
 from opsrun.errors import StateError
 from opsrun.store import AuditCheckpoint, Store

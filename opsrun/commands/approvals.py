@@ -4,8 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from opsrun import identity, output, paths
-from opsrun import control_socket
+from opsrun import control_socket, identity, output, paths
 from opsrun.approvals import describe_approvers, give_answer, pending_rows
 from opsrun.commands.runs import _store
 from opsrun.durations import format_duration

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from opsrun import exit_codes, paths
-from opsrun.audit.log import AuditLog
 from opsrun.audit import read
+from opsrun.audit.log import AuditLog
 from opsrun.audit.verify import Finding, VerifyResult, verify_log
 from opsrun.errors import StateError, UsageError
-from opsrun.terminal_text import safe
 from opsrun.store import Store
+from opsrun.terminal_text import safe
 
 JSON_VERSION = 1
 _HEADER_KEYS = ("v", "seq", "prev", "time", "kind", "run_id", "runbook", "user", "uid",

@@ -18,11 +18,11 @@ from typing import Any
 
 from opsrun import identity, output, paths, secrets
 from opsrun.audit.log import AuditLog
-from opsrun.runs.scheduler import Job, Scheduler
 from opsrun.errors import UsageError
 from opsrun.event import Event, EventRejected, parse_json_event
 from opsrun.matcher import Matcher
 from opsrun.runbook import load_runbooks
+from opsrun.runs.scheduler import Job, Scheduler
 from opsrun.sources.stdin_json import Rejection, read_events
 
 BATCH = 10_000
@@ -200,10 +200,10 @@ def _dry_run(matcher: Matcher, items: Iterable[Event | Rejection], *, as_json: b
 
 def _run_all(matcher: Matcher, parallel: int, state_dir: str | None, audit_log: str | None,
              secrets_file: str | None, as_json: bool, accept_new_hosts: bool) -> int:
-    from opsrun.runs.dispatch import Dispatcher
     from opsrun.engine import RunRequest
-    from opsrun.runs.driver_lock import driving
     from opsrun.runs.context import open_run_context
+    from opsrun.runs.dispatch import Dispatcher
+    from opsrun.runs.driver_lock import driving
 
     secret_values = secrets.load(Path(secrets_file) if secrets_file else None)
     codes: list[int] = []

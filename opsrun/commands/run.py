@@ -11,16 +11,17 @@ from types import FrameType
 from typing import Any
 
 from opsrun import engine as engine_mod
-from opsrun import identity, output, params as params_mod, secrets
+from opsrun import identity, output, secrets
+from opsrun import params as params_mod
 from opsrun.approvals import check_flag_may_answer
 from opsrun.errors import UsageError
 from opsrun.event import Event, EventRejected, from_object, new_event, parse_json_event
 from opsrun.ids import new_id
 from opsrun.inventory import check_option as check_inventory_option
-from opsrun.runs.driver_lock import driving
-from opsrun.runs.context import open_run_context
 from opsrun.run_types import RunResult
 from opsrun.runbook import Runbook, Step, find_runbook
+from opsrun.runs.context import open_run_context
+from opsrun.runs.driver_lock import driving
 
 
 def main(ref: str, folder: Path, *, param_args: list[str], event_arg: str | None,

@@ -7,18 +7,18 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from opsrun import output, paths, run_types as rt, secrets
-from opsrun.runs import recovery
-from opsrun.runs import resume
+from opsrun import output, paths, secrets
+from opsrun import run_types as rt
 from opsrun.approvals import check_flag_may_answer, resolve_run_id
 from opsrun.commands.run import result_document, run_with_signals
 from opsrun.describe import describe_answer
 from opsrun.durations import format_duration
 from opsrun.errors import UsageError
 from opsrun.inventory import check_option as check_inventory_option
-from opsrun.runs.driver_lock import driver_pid, driving
+from opsrun.runs import recovery, resume
 from opsrun.runs.cancel import cancel_undriven
 from opsrun.runs.context import open_run_context
+from opsrun.runs.driver_lock import driver_pid, driving
 from opsrun.store import RunRecord, Store
 
 
@@ -90,7 +90,7 @@ def logs(state_dir: str | None, run_ref: str | None, *, as_json: bool) -> int:
     assert run is not None
     if as_json:
         output.print_json({"version": 1, "run": _run_json(run), "steps": [
-            {"index": s.index, "id": s.step_id, "attempt": s.attempt, "outcome": s.outcome,
+            {"index": s.position, "id": s.step_id, "attempt": s.attempt, "outcome": s.outcome,
              "exit_code": s.exit_code, "started_at": _iso(s.started_at),
              "finished_at": _iso(s.finished_at), "stdout": s.stdout_tail,
              "stderr": s.stderr_tail, "outputs": s.outputs, "hosts": s.hosts}
@@ -162,8 +162,7 @@ def resume_run(state_dir: str | None, audit_log: str | None, run_ref: str, *, ye
 
 def cancel_run(state_dir: str | None, audit_log: str | None, run_ref: str) -> int:
     """Cancel a run: stop the process driving it, or close a run nobody drives."""
-    from opsrun import identity
-    from opsrun import control_socket
+    from opsrun import control_socket, identity
 
     try:
         reply = control_socket.request(paths.state_dir_from_env(state_dir) / paths.CONTROL_SOCKET,

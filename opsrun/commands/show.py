@@ -77,7 +77,7 @@ def _plan_lines(rb: Runbook) -> list[str]:
 
 
 def _step_lines(step: Step) -> list[str]:
-    head = f"  {step.index + 1}. {step.title}"
+    head = f"  {step.position + 1}. {step.title}"
     if step.explicit_id and step.title != step.id:
         head += f"  [{step.id}]"
     out = [head]

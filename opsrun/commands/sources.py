@@ -7,7 +7,13 @@ from typing import Any
 
 from opsrun import describe, output
 from opsrun.matcher import Matcher
-from opsrun.runbook import EventTrigger, FileTrigger, LogTrigger, ScheduleTrigger, load_runbooks
+from opsrun.runbook import (
+    EventTrigger,
+    FileTrigger,
+    LogTrigger,
+    ScheduleTrigger,
+    load_runbooks,
+)
 
 
 def main(folder: Path, *, as_json: bool, now: datetime | None = None) -> int:

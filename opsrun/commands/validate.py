@@ -5,7 +5,12 @@ from pathlib import Path
 
 from opsrun import output
 from opsrun.errors import Problem
-from opsrun.inventory import INVENTORY_NAMES, InventoryInvalid, check_option, load_inventory
+from opsrun.inventory import (
+    INVENTORY_NAMES,
+    InventoryInvalid,
+    check_option,
+    load_inventory,
+)
 from opsrun.runbook import load_runbooks
 
 

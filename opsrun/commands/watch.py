@@ -4,13 +4,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from opsrun import output, paths, secrets
-from opsrun import control_socket
-from opsrun.service.daemon import Daemon, WatchOptions
-from opsrun.service.log import DaemonLog
+from opsrun import control_socket, output, paths, secrets
 from opsrun.errors import UsageError
 from opsrun.inventory import check_option as check_inventory_option
 from opsrun.runs.context import open_run_context
+from opsrun.service.daemon import Daemon, WatchOptions
+from opsrun.service.log import DaemonLog
 from opsrun.service.systemd import Notifier, unit_file
 
 

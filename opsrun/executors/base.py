@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, NamedTuple, Protocol
 
 from opsrun.runbook import Step
+
+_EMPTY_MAP: Mapping[str, Any] = MappingProxyType({})
 
 # (stream "stdout"|"stderr", raw bytes, host name or None for local)
 OutputFn = Callable[[str, bytes, "str | None"], None]
 
 
-@dataclass(frozen=True)
-class ExecRequest:
+class ExecRequest(NamedTuple):
     """A step with every value rendered: what to run, where, with which variables."""
 
     step: Step
@@ -27,15 +28,14 @@ class ExecRequest:
     attempt: int = 1
 
 
-@dataclass
-class ExecResult:
+class ExecResult(NamedTuple):
     exit_code: int | None
     timed_out: bool = False
     cancelled: bool = False
     error: str | None = None  # could not run at all (no shell, no workdir, unreachable)
-    outputs: dict[str, str] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    hosts: dict[str, dict[str, Any]] = field(default_factory=dict)  # fan-out steps
+    outputs: Mapping[str, str] = _EMPTY_MAP
+    warnings: Sequence[str] = ()
+    hosts: Mapping[str, Mapping[str, Any]] = _EMPTY_MAP  # fan-out steps
 
     @property
     def ok(self) -> bool:

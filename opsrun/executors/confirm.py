@@ -12,8 +12,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from opsrun import run_types as rt
+from opsrun.approvals import (
+    Waiter,
+    describe_approvers,
+    give_answer,
+    refusal,
+)
 from opsrun.audit.format import RunbookRef
-from opsrun.approvals import Waiter, approvers_record, describe_approvers, give_answer, refusal
 from opsrun.identity import Identity
 from opsrun.terminal_text import safe
 
@@ -37,7 +42,7 @@ class FlagConfirmer:
         return self.fallback.already_asked(run_id, step_id)
 
     def confirm(self, request: rt.ConfirmRequest, cancel: threading.Event) -> rt.Answer:
-        why = refusal(approvers_record(request.approvers), self.who, request.starter.user)
+        why = refusal(request.approvers.as_record(), self.who, request.starter.user)
         if why:
             self.on_refused(request, why)
             return self.fallback.confirm(request, cancel)
@@ -122,7 +127,7 @@ def waiting_message(request: rt.ConfirmRequest, has_deadline: bool) -> str:
              f"  {safe(request.question)}"]
     for command in request.guarded:
         lines.append(f"  then: {safe(command, keep_newlines=False)}")
-    lines.append(f"  who may answer: {describe_approvers(approvers_record(request.approvers))}")
+    lines.append(f"  who may answer: {describe_approvers(request.approvers.as_record())}")
     lines.append(f"  answer with:  opsrun approve {request.run_id} --step {request.step_id} "
                  "[--comment TEXT]")
     lines.append(f"           or:  opsrun deny {request.run_id} --step {request.step_id} "
@@ -153,7 +158,7 @@ class PromptConfirmer:
         return self.fallback.already_asked(run_id, step_id)
 
     def confirm(self, request: rt.ConfirmRequest, cancel: threading.Event) -> rt.Answer:
-        why = refusal(approvers_record(request.approvers), self.who, request.starter.user)
+        why = refusal(request.approvers.as_record(), self.who, request.starter.user)
         if why:
             self._say(f"you cannot answer this question: {why}")
             self.on_refused(request, why)

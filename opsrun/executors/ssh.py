@@ -47,7 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from opsrun import run_types as rt, step_outputs
+from opsrun import run_types as rt
+from opsrun import step_outputs
 from opsrun.executors.base import ExecRequest, ExecResult, OutputFn
 from opsrun.inventory import Host
 

@@ -9,11 +9,11 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from opsrun import paths, run_types as rt
+from opsrun import paths
+from opsrun import run_types as rt
 from opsrun.audit.format import RunbookRef
 from opsrun.audit.log import AuditLog, segment_size_from_env
 from opsrun.engine import Engine
@@ -28,13 +28,16 @@ if TYPE_CHECKING:
     from opsrun.executors.confirm import WaitingConfirmer
 
 
-@dataclass
 class RunContext:
-    state_dir: Path
-    store: Store
-    audit: AuditLog
-    secrets: dict[str, str]
-    accept_new_hosts: bool = False  # --accept-new-hosts: learn unknown SSH host keys
+    """The state folder, store, audit log and secrets of one command, and what it builds."""
+
+    def __init__(self, state_dir: Path, store: Store, audit: AuditLog, secrets: dict[str, str],
+                 accept_new_hosts: bool = False) -> None:
+        self.state_dir = state_dir
+        self.store = store
+        self.audit = audit
+        self.secrets = secrets
+        self.accept_new_hosts = accept_new_hosts  # learn unknown SSH host keys
 
     def executors(self) -> dict[str, Any]:
         return {"run": LocalExecutor(extra_env=self.step_env(), on_start=self._step_started),

@@ -12,22 +12,24 @@ stored in the transaction that records the runs of those events.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from opsrun import expressions, params as params_mod, run_types as rt
+from opsrun import expressions
+from opsrun import params as params_mod
+from opsrun import run_types as rt
 from opsrun.checkpoints import merge
-from opsrun.runs.scheduler import REPLACE, SKIP, Job, Scheduler
 from opsrun.engine import RunRequest
 from opsrun.errors import ExpressionError
 from opsrun.event import Event
 from opsrun.identity import Identity
 from opsrun.ids import new_id
 from opsrun.matcher import Match, Matcher
-from opsrun.runs.recording import runbook_ref
 from opsrun.runbook import Runbook
 from opsrun.runs.context import RunContext
+from opsrun.runs.recording import runbook_ref
+from opsrun.runs.scheduler import REPLACE, SKIP, Job, Scheduler
 
 Log = Callable[..., None]  # log(message, **fields)
 BATCH = 500  # events whose runs are recorded together by dispatch_batch
@@ -158,7 +160,7 @@ class Dispatcher:
         request = RunRequest(rb, new_id(), run_event, typed, self.starter, trigger=m.trigger_key)
         return Planned(m, request, key, decision.replaced)
 
-    def _key(self, rb: Runbook, event: Event, typed: dict[str, Any]) -> str:
+    def _key(self, rb: Runbook, event: Event, typed: Mapping[str, Any]) -> str:
         if not rb.concurrency.key:
             return ""
         try:

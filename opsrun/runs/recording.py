@@ -9,8 +9,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from opsrun import run_types as rt
-from opsrun.audit.log import AuditLog
 from opsrun.audit.format import RunbookRef
+from opsrun.audit.log import AuditLog
 from opsrun.runbook import Runbook
 from opsrun.store import Store
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from opsrun import run_types as rt
-from opsrun.runs import step_processes
 from opsrun.executors.local import kill_grace
+from opsrun.runs import step_processes
 from opsrun.runs.context import RunContext
 from opsrun.runs.driver_lock import runs_dir
 from opsrun.store import RunRecord

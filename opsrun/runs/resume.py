@@ -48,7 +48,7 @@ def load_request(store: Store, run: RunRecord, inventory: Path | None = None) ->
                          "not resumed — start a new run if needed")
     prior: dict[str, rt.StepResult] = {}
     for rec in store.steps_of(run.id):
-        if rec.index >= at:
+        if rec.position >= at:
             continue
         answer = rec.outputs.get("answer") if isinstance(rec.outputs.get("answer"), dict) \
             else None

@@ -17,12 +17,11 @@ import os
 import select
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class StepProcess:
+class StepProcess(NamedTuple):
     """A live process of a run: pid, and its command line for the record."""
 
     pid: int

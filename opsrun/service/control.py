@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from opsrun import paths, run_types as rt
-from opsrun import control_socket
+from opsrun import control_socket, paths
+from opsrun import run_types as rt
 from opsrun.approvals import give_answer, pending_rows, resolve_run_id
 from opsrun.errors import OpsrunError, UsageError
 from opsrun.event import EventRejected, check_object

@@ -23,23 +23,23 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from opsrun import identity, run_types as rt
-from opsrun.runs import recovery
-from opsrun.runs import resume
+from opsrun import identity
+from opsrun import run_types as rt
 from opsrun.approvals import Waiter
 from opsrun.audit.read import finished_runs
+from opsrun.engine import RunRequest
+from opsrun.errors import OpsrunError, UsageError
+from opsrun.matcher import Matcher
+from opsrun.runbook import Runbook, load_runbooks
+from opsrun.runs import recovery, resume
+from opsrun.runs.cancel import cancel_undriven
+from opsrun.runs.context import RunContext
+from opsrun.runs.dispatch import Dispatcher
+from opsrun.runs.driver_lock import DriverLock, driver_pid
 from opsrun.runs.scheduler import Job, Scheduler
 from opsrun.service.control import ControlHandler, ControlParts
 from opsrun.service.log import DaemonLog, LogListener
 from opsrun.service.sources import SourceParts, Sources
-from opsrun.runs.dispatch import Dispatcher
-from opsrun.engine import RunRequest
-from opsrun.errors import OpsrunError, UsageError
-from opsrun.matcher import Matcher
-from opsrun.runs.cancel import cancel_undriven
-from opsrun.runs.context import RunContext
-from opsrun.runs.driver_lock import DriverLock, driver_pid
-from opsrun.runbook import Runbook, load_runbooks
 from opsrun.service.systemd import Notifier
 
 PARKED_CHECK_S = 0.25

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from opsrun.event import Event, from_object
+from opsrun.runbook import FileTrigger, LogTrigger, ScheduleTrigger
 from opsrun.runs.context import RunContext
 from opsrun.runs.dispatch import Dispatcher
-from opsrun.runbook import FileTrigger, LogTrigger, ScheduleTrigger
 from opsrun.sources.base import start_thread
-
 
 READY_TIMEOUT_S = 15.0
 QUEUE_POLL_S = 0.1

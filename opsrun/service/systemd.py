@@ -6,11 +6,11 @@ socket when it starts with '@'). Outside systemd the variable is unset and nothi
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 import shutil
 import socket
 import sys
 import threading
+from collections.abc import Callable
 
 DEFAULT_DRAIN_S = 60.0
 

@@ -35,7 +35,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from watchfiles._rust_notify import RustNotify
@@ -277,7 +277,7 @@ class FileSource:
                 change = _change(before, after)
                 if change is not None and change in w.trigger.events:
                     event = new_event("file", trigger=w.key, path=path, change=change)
-                    events.append(replace(event, checkpoint=Checkpoint(
+                    events.append(event._replace(checkpoint=Checkpoint(
                         file_states=((w.key, path, after),))))
                 elif change is not None:
                     quiet.append((w.key, path, after))

@@ -26,9 +26,9 @@ from __future__ import annotations
 import os
 import re
 import sys
-from itertools import accumulate
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 from opsrun.sources.base import log
