@@ -61,11 +61,10 @@ Masker = Callable[[str], str]
 
 def segment_size_from_env(environ: Mapping[str, str] | None = None) -> int:
     """When the audit log starts a new segment: OPSRUN_AUDIT_SEGMENT_SIZE, default 64 MiB."""
-    from opsrun.sizes import SizeError, parse_size
-
     text = (os.environ if environ is None else environ).get("OPSRUN_AUDIT_SEGMENT_SIZE")
     if not text:
         return DEFAULT_MAX_SEGMENT_BYTES
+    from opsrun.sizes import SizeError, parse_size
     try:
         size = parse_size(text)
     except SizeError as e:

@@ -13,7 +13,6 @@ from typing import Any
 from opsrun import engine as engine_mod
 from opsrun import identity, output, secrets
 from opsrun import params as params_mod
-from opsrun.approvals import check_flag_may_answer
 from opsrun.errors import UsageError
 from opsrun.event import Event, EventRejected, from_object, new_event, parse_json_event
 from opsrun.ids import new_id
@@ -46,6 +45,8 @@ def main(ref: str, folder: Path, *, param_args: list[str], event_arg: str | None
         eng = engine_mod.Engine({}, [], secrets=secret_values)
         return print_plan(rb, engine_mod.plan(eng, req), as_json=as_json)
     if yes:
+        from opsrun.approvals import check_flag_may_answer
+
         check_flag_may_answer(rb.all_steps(), starter, starter.user)
     reporter = output.reporter(as_json)
     with open_run_context(state_dir, audit_log, secret_values,

@@ -19,12 +19,11 @@ def base_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]
 
 def kill_grace(environ: Mapping[str, str] | None = None) -> float:
     """Seconds between SIGTERM and SIGKILL: OPSRUN_KILL_GRACE (e.g. 2s), else 5 s."""
-    from opsrun.durations import DurationError, parse_duration
-    from opsrun.errors import UsageError
-
     text = (os.environ if environ is None else environ).get("OPSRUN_KILL_GRACE")
     if not text:
         return proc.DEFAULT_GRACE_S
+    from opsrun.durations import DurationError, parse_duration
+    from opsrun.errors import UsageError
     try:
         return parse_duration(text)
     except DurationError as e:
