@@ -28,8 +28,6 @@ class AnswerRefused(OpsrunError):
     """The answer was not accepted: not an approver, already answered, or nothing waits."""
 
 
-
-
 def check_flag_may_answer(steps: Iterable[Step], who: Identity, starter: str) -> None:
     """`--yes` answers only where whoever gave it may answer; otherwise nothing runs.
 

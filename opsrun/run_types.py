@@ -23,6 +23,7 @@ def state_phrase(state: str) -> str:
     """A run's state as the end of a sentence: `has ended (succeeded)`, `is waiting`."""
     return f"has ended ({state})" if state in FINAL_STATES else f"is {state}"
 
+
 # Step outcomes (DESIGN section 2).
 SUCCESS, FAILURE, SKIPPED = "success", "failure", "skipped"
 STEP_DENIED, STEP_TIMED_OUT, STEP_CANCELLED = "denied", "timed_out", "cancelled"

@@ -468,7 +468,6 @@ def _stub_step(raw: Mapping[str, Any]) -> dict[str, Any]:
             else None, "env": env if env is not INVALID else {}}
 
 
-
 def _check_ids(step_lists: list[tuple[str, list[dict[str, Any]]]],
                problems: Problems) -> set[str]:
     seen: dict[str, PathT] = {}

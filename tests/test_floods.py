@@ -31,7 +31,6 @@ def test_flood(name: str, tmp_path: Path) -> None:
     print(figure.line())
 
 
-
 def test_emit_from_a_pipe_that_stays_open(tmp_path: Path) -> None:
     """A stream into `opsrun emit -` is queued batch by batch as it comes, not at its end."""
     marks = tmp_path / "marks"

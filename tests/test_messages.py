@@ -46,6 +46,7 @@ HEADER = """\
 
 # ── the cases ───────────────────────────────────────────────────────────────
 
+
 @dataclass(frozen=True)
 class Cli:
     """`opsrun ARGS` run in the workspace; {state}, {ws}, … in ARGS are filled in."""

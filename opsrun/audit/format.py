@@ -44,6 +44,7 @@ class RunbookRef(NamedTuple):
     path: str | None = None
     sha256: str | None = None
 
+
 RunbookLike = Union[RunbookRef, Mapping[str, Any]]
 
 

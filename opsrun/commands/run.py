@@ -164,7 +164,6 @@ def print_plan(rb: Runbook, planned: list[engine_mod.PlannedStep], *, as_json: b
     return 2 if any(p.verdict == "error" for p in planned) else 0
 
 
-
 def _hosts_line(step: Step) -> str:
     """The hosts a step reaches, groups expanded: `web-1, web-2 (group:web; 10 at once)`."""
     names = ", ".join(h.name for h in step.targets)

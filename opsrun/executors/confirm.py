@@ -88,7 +88,6 @@ class WaitingConfirmer:
         return rt.Answer(q.answer == "approved", q.answered_by or "?", q.answered_uid,
                          q.how or "command", q.comment, recorded=True)
 
-
     @contextmanager
     def _serving(self, run_id: str) -> Iterator[None]:
         """While waiting, take answers over `runs/<id>.sock` (identity from SO_PEERCRED)."""

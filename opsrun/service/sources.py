@@ -76,7 +76,8 @@ class Sources:
                      if isinstance(t := b.trigger, FileTrigger)]
             schedules = [(b.key, t) for b in matcher.bound("schedule")
                          if isinstance(t := b.trigger, ScheduleTrigger)]
-            logs = [(b.key, t) for b in matcher.bound("log") if isinstance(t := b.trigger, LogTrigger)]
+            logs = [(b.key, t) for b in matcher.bound("log")
+                    if isinstance(t := b.trigger, LogTrigger)]
             if files:
                 made.append(FileSource(files, states=store))
             if schedules:
