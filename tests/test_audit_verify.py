@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from opsrun.audit.log import AuditLog
 from opsrun.audit.format import line_hash
+from opsrun.audit.log import AuditLog
 from opsrun.audit.verify import VerifyResult, verify_log
 from opsrun.errors import StateError
 from opsrun.store import Store

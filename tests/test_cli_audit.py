@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from opsrun.audit.log import AuditLog
 from opsrun.audit.format import line_hash
+from opsrun.audit.log import AuditLog
 from opsrun.store import Store
 from tests.helpers.cli import command, no_traceback, opsrun
 

@@ -6,7 +6,14 @@ from typing import Any
 import pytest
 
 from opsrun.criteria import (
-    Condition, Criteria, CriteriaError, holds, lookup, matches, parse_where, same,
+    Condition,
+    Criteria,
+    CriteriaError,
+    holds,
+    lookup,
+    matches,
+    parse_where,
+    same,
 )
 
 EVENT: dict[str, Any] = {

@@ -24,7 +24,8 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from opsrun import criteria, expressions, params, shell_words, terminal_text
 from opsrun.durations import DurationError, parse_duration

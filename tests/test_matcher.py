@@ -11,8 +11,15 @@ from opsrun import matcher as matcher_mod
 from opsrun.criteria import parse_where
 from opsrun.event import Event, from_object, new_event
 from opsrun.matcher import Matcher, trigger_key, trigger_keys
-from opsrun.runbook import (EventTrigger, FileTrigger, LogTrigger, Runbook, ScheduleTrigger,
-                            Trigger, load_runbooks)
+from opsrun.runbook import (
+    EventTrigger,
+    FileTrigger,
+    LogTrigger,
+    Runbook,
+    ScheduleTrigger,
+    Trigger,
+    load_runbooks,
+)
 
 ALL = ("added", "modified", "deleted")
 

@@ -12,6 +12,7 @@ import pytest
 
 from tests.helpers.cli import command, no_traceback, opsrun
 from tests.helpers.files import audit, write
+from tests.helpers.procs import alive
 from tests.helpers.wait import wait_for
 
 
@@ -201,7 +202,7 @@ def test_timeout_kills_grandchild_ignoring_sigterm(tmp_path: Path, env: dict[str
     assert r.returncode == 1
     assert "TIMED OUT" in r.stdout and "step 'stubborn' timed out" in r.stdout
     for pid in map(int, pidfile.read_text().split()):
-        assert not _alive(pid), f"process {pid} survived the timeout"
+        assert not alive(pid), f"process {pid} survived the timeout"
 
 
 def test_run_timeout(tmp_path: Path, env: dict[str, str]) -> None:
@@ -225,7 +226,7 @@ def test_leftover_background_process_is_stopped(tmp_path: Path, env: dict[str, s
     rb = write(tmp_path, "bg.yaml", f"steps:\n  - run: sleep 600 & echo $! > {pidfile}\n")
     r = opsrun("run", str(rb), env=env)
     assert r.returncode == 0
-    assert not _alive(int(pidfile.read_text()))
+    assert not alive(int(pidfile.read_text()))
 
 
 def test_sigint_cancels_and_exits_130(tmp_path: Path, env: dict[str, str]) -> None:
@@ -246,7 +247,7 @@ def test_sigint_cancels_and_exits_130(tmp_path: Path, env: dict[str, str]) -> No
     out, err = p.communicate(timeout=30)
     assert p.returncode == 130, err
     assert "cancelled" in out
-    assert not _alive(int(pidfile.read_text()))
+    assert not alive(int(pidfile.read_text()))
     r = opsrun("runs", "--json", env=env)
     assert json.loads(r.stdout)["runs"][0]["state"] == "cancelled"
     kinds = [rec["kind"] for rec in audit_records(env)]
@@ -352,15 +353,6 @@ def test_state_cannot_grow_nothing_starts(tmp_path: Path, env: dict[str, str]) -
     assert opsrun("audit", "verify", env=env).returncode == 0
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
-
-
 def test_live_view_on_a_terminal(repo_root: Path, env: dict[str, str]) -> None:
     """On a terminal (and without NO_COLOR) the rich view: marks, output, a summary."""
     import pty
@@ -431,17 +423,9 @@ def test_resume_after_kill_9_ends_the_orphan_first(tmp_path: Path, env: dict[str
     run_id = json.loads(opsrun("runs", "--json", env=env).stdout)["runs"][0]["id"]
     r = opsrun("resume", run_id, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert not _alive(first)
+    assert not alive(first)
     begun, again, done = marks.read_text().splitlines()
     assert begun.startswith("begin ") and again.startswith("begin ") and done == "done"
     kinds = [(x["kind"], x.get("run_id")) for x in audit_records(env)]
     assert kinds.index(("run.orphans_stopped", run_id)) < kinds.index(
         ("run.interrupted", run_id)) < kinds.index(("run.resumed", run_id))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.files import write
+from tests.helpers.procs import alive, processes_of
 from tests.helpers.service import Service
 from tests.helpers.wait import wait_for
 
@@ -33,28 +34,6 @@ def services(tmp_path: Path) -> Iterator[list[Service]]:
 
 def lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
-
-
-def processes_of(run_id: str) -> list[int]:
-    """Live processes whose environment names this run (as every step process's does)."""
-    found = []
-    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-        except OSError:
-            continue
-        if f"OPSRUN_RUN_ID={run_id}".encode() in env and alive(pid):
-            found.append(pid)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
 
 
 def test_every_source_starts_runs(tmp_path: Path, rbdir: Path,

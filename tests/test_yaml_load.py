@@ -5,7 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from opsrun.yaml_load import MAX_DEPTH, MAX_FILE_BYTES, YamlError, load_bytes, load_file, load_text
+from opsrun.yaml_load import (
+    MAX_DEPTH,
+    MAX_FILE_BYTES,
+    YamlError,
+    load_bytes,
+    load_file,
+    load_text,
+)
 
 
 def refused(text: str | bytes) -> YamlError:

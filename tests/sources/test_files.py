@@ -49,8 +49,8 @@ class Collect:
 
 
 @contextmanager
-def running(source: FileSource) -> Iterator[Collect]:
-    got = Collect()
+def running(source: FileSource, got: Collect | None = None) -> Iterator[Collect]:
+    got = Collect() if got is None else got
     stop = threading.Event()
     thread = threading.Thread(target=source.run, args=(stop, got))
     thread.start()
@@ -277,21 +277,6 @@ class Recorder(Collect):
         super().__call__(events)
 
 
-@contextmanager
-def recording(source: FileSource, store: Any) -> Iterator[Recorder]:
-    got = Recorder(store)
-    stop = threading.Event()
-    thread = threading.Thread(target=source.run, args=(stop, got))
-    thread.start()
-    try:
-        assert source.ready.wait(5)
-        yield got
-    finally:
-        stop.set()
-        thread.join(5)
-        assert not thread.is_alive()
-
-
 def test_changes_while_down_and_pending_at_a_kill_are_reported_once(tmp_path: Path) -> None:
     from opsrun.store import Store
 
@@ -302,14 +287,14 @@ def test_changes_while_down_and_pending_at_a_kill_are_reported_once(tmp_path: Pa
     (drop / "gone.txt").write_text("x")
     with Store.open(tmp_path / "state") as store:
         watch = [("k", trig(drop / "*.txt"))]
-        with recording(FileSource(watch, states=store), store) as got:
+        with running(FileSource(watch, states=store), Recorder(store)) as got:
             barrier(drop, got)
         assert [c for c in got.seen() if "barrier" not in c[1]] == []  # the first start
         # While it is down:
         (drop / "new.txt").write_text("dropped while down")
         (drop / "edit.txt").write_text("two, longer")
         (drop / "gone.txt").unlink()
-        with recording(FileSource(watch, states=store), store) as got:
+        with running(FileSource(watch, states=store), Recorder(store)) as got:
             wait_for(lambda: len(got.seen()) >= 3, message=lambda: str(got.seen()))
             barrier(drop, got)
         assert sorted(c for c in got.seen() if "barrier" not in c[1]) == [
@@ -317,14 +302,14 @@ def test_changes_while_down_and_pending_at_a_kill_are_reported_once(tmp_path: Pa
         # A change still being debounced when the source stops (a kill) is not lost.
         slow = [("k", trig(drop / "*.txt", debounce=30.0))]
         source = FileSource(slow, states=store)
-        with recording(source, store) as got:
+        with running(source, Recorder(store)) as got:
             (drop / "late.txt").write_text("created just before the kill")
             wait_for(lambda: source._watches[0].pending, timeout=10)
         assert got.seen() == []
-        with recording(FileSource(watch, states=store), store) as got:
+        with running(FileSource(watch, states=store), Recorder(store)) as got:
             barrier(drop, got)
         assert [c for c in got.seen() if "barrier" not in c[1]] == [("added", "late.txt")]
         # And what was reported is not reported again.
-        with recording(FileSource(watch, states=store), store) as got:
+        with running(FileSource(watch, states=store), Recorder(store)) as got:
             barrier(drop, got)
         assert [c for c in got.seen() if "barrier" not in c[1]] == []

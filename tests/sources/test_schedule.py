@@ -13,8 +13,14 @@ import pytest
 
 from opsrun.event import Event
 from opsrun.runbook import ScheduleTrigger
-from opsrun.sources.schedule import (ScheduleSource, follows_clock, last_fire, next_fire,
-                                     next_fires, rfc3339)
+from opsrun.sources.schedule import (
+    ScheduleSource,
+    follows_clock,
+    last_fire,
+    next_fire,
+    next_fires,
+    rfc3339,
+)
 from opsrun.store import Store
 from tests.helpers.wait import wait_for
 

@@ -7,7 +7,12 @@ import threading
 from collections.abc import Iterator, Sequence
 
 from opsrun.event import MAX_EVENT_BYTES, Event
-from opsrun.sources.stdin_json import LineSplitter, Rejection, StdinJsonSource, read_events
+from opsrun.sources.stdin_json import (
+    LineSplitter,
+    Rejection,
+    StdinJsonSource,
+    read_events,
+)
 from tests.helpers.wait import wait_for
 
 
