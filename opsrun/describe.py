@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+from opsrun.criteria import Criteria
 from opsrun.durations import format_duration
 from opsrun.runbook import (
     EventTrigger,
@@ -55,9 +56,16 @@ def trigger_long(t: Trigger) -> str:
 
 
 def where_text(t: EventTrigger) -> str:
-    parts = []
-    for c in t.where.conditions:
-        parts.append(f"{c.field} = {_v(c.value)}" if c.op == "eq" else f"{c.field} {c.op} {_v(c.value)}")
+    return _criteria_text(t.where)
+
+
+def _criteria_text(where: Criteria) -> str:
+    parts = [f"{c.field} = {_v(c.value)}" if c.op == "eq" else f"{c.field} {c.op} {_v(c.value)}"
+             for c in where.conditions]
+    parts += [f"all of ({_criteria_text(g)})" for g in where.all_of]
+    if where.any_of:
+        parts.append("any of (" + " | ".join(_criteria_text(g) for g in where.any_of) + ")")
+    parts += [f"not ({_criteria_text(g)})" for g in where.none_of]
     return ", ".join(parts)
 
 

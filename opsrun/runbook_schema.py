@@ -115,7 +115,8 @@ class Criteria(Check):
 
     expects = "a mapping of field paths to values or operators"
     description = ("Conditions on the event: field path → value (equal) or "
-                   "{operator: value}; operators: " + ", ".join(criteria_mod.OPERATORS))
+                   "{operator: value}; operators: " + ", ".join(criteria_mod.OPERATORS)
+                   + "; any: [...], all: [...] and not: {...} combine them")
 
     def check(self, value: Any, path: PathT, problems: Problems) -> Any:
         if not isinstance(value, Mapping):
@@ -125,8 +126,10 @@ class Criteria(Check):
             try:
                 criteria_mod.parse_where({key: spec})
             except criteria_mod.CriteriaError as e:
-                problems.add((*path, *e.key), f"{show_path((*path, key))}: {e.message}",
-                             at_key=len(e.key) == 2)
+                # Named by the condition's field; marked at its operator or value.
+                field = e.key[:-1] if e.at_key and len(e.key) > 1 else e.key
+                problems.add((*path, *e.key), f"{show_path((*path, *field))}: {e.message}",
+                             at_key=e.at_key)
                 ok = False
         return dict(value) if ok else INVALID
 
@@ -137,8 +140,17 @@ class Criteria(Check):
                     "exists": {"type": "boolean"}})
         operator_map = {"type": "object", "properties": ops, "additionalProperties": False,
                         "minProperties": 1}
+        nested = {"type": "object", "minProperties": 1}  # conditions again (not spelt out)
         return self._with_description({
             "type": "object",
+            "properties": {
+                "any": {"type": "array", "items": nested, "minItems": 1,
+                        "description": "One of these mappings of conditions must hold"},
+                "all": {"type": "array", "items": nested, "minItems": 1,
+                        "description": "Each of these mappings of conditions must hold"},
+                "not": {"anyOf": [nested, {"type": "array", "items": nested}],
+                        "description": "These conditions must not (all) hold"},
+            },
             "additionalProperties": {"anyOf": [operator_map,
                                                {"type": ["string", "number", "boolean",
                                                          "null", "array"]}]},

@@ -14,6 +14,7 @@ from opsrun.criteria import (
     matches,
     parse_where,
     same,
+    why_not,
 )
 
 EVENT: dict[str, Any] = {
@@ -210,3 +211,69 @@ def test_criteria_is_pure() -> None:
     c = Criteria(parse_where({"a": {"contains": 1}, "b.c": 1}).conditions)
     assert matches(c, event) and matches(c, event)
     assert event == {"a": [1, 2], "b": {"c": 1}}
+
+
+# ── any, all, not; contains by a subset of an item's fields ─────────────────
+
+ALERT = {"type": "alert", "env": "prod", "labels": {"team": "web", "severity": "warning"},
+         "alerts": [{"labels": {"alertname": "DiskFull", "severity": "warning"},
+                     "status": "firing", "fingerprint": "a1"},
+                    {"labels": {"alertname": "Down", "severity": "critical"},
+                     "status": "resolved", "fingerprint": "b2"}]}
+
+
+@pytest.mark.parametrize("where, expected", [
+    ({"any": [{"labels.severity": "critical"}, {"labels.team": "web"}]}, True),
+    ({"any": [{"labels.severity": "critical"}, {"labels.team": "db"}]}, False),
+    ({"all": [{"type": "alert"}, {"env": {"in": ["prod", "staging"]}}]}, True),
+    ({"all": [{"type": "alert"}, {"env": "staging"}]}, False),
+    ({"not": {"env": "staging"}}, True),
+    ({"not": {"env": "prod", "type": "alert"}}, False),  # not (both hold)
+    ({"not": [{"env": "staging"}, {"labels.team": "web"}]}, False),  # neither may hold
+    ({"type": "alert", "any": [{"not": {"env": "prod"}}, {"labels.team": "web"}]}, True),
+    # an object of the list meets every condition given: extra fields do not matter
+    ({"alerts": {"contains": {"labels.severity": "critical"}}}, True),
+    ({"alerts": {"contains": {"labels.severity": "critical", "status": "firing"}}}, False),
+    ({"alerts": {"contains": {"labels.alertname": {"regex": "^Disk"},
+                              "status": "firing"}}}, True),
+    ({"labels": {"contains": {"team": "web"}}}, False),  # not a list
+])
+def test_combinators_and_contains_an_object(where: dict[str, Any], expected: bool) -> None:
+    assert matches(parse_where(where), ALERT) is expected
+
+
+def test_why_not_names_each_failed_condition_and_the_value() -> None:
+    c = parse_where({"type": "alert", "labels.severity": {"in": ["critical"]}, "host": "x",
+                     "any": [{"env": "staging"}, {"labels.team": "db"}],
+                     "not": {"labels.team": "web"}})
+    assert why_not(c, ALERT) == [
+        'labels.severity: expected one of ["critical"], found "warning"',
+        "host: missing",
+        'any: none of its 2 alternatives holds (env: expected "staging", found "prod"; or '
+        'labels.team: expected "db", found "web")',
+        'not: the event meets {labels.team eq "web"}',
+    ]
+    assert why_not(parse_where({"type": "alert"}), ALERT) == []
+
+
+def test_literal_equalities_leave_the_groups_out() -> None:
+    c = parse_where({"type": "alert", "any": [{"env": "prod"}], "not": {"x": 1}})
+    assert c.literal_equalities() == {"type": "alert"}
+
+
+@pytest.mark.parametrize("where, key, at_key, words", [
+    ({"any": {"a": 1}}, ("any",), False, "`any` takes a list of mappings"),
+    ({"all": []}, ("all",), False, "`all` takes a list of mappings"),
+    ({"any": [{"x": {"nope": 1}}]}, ("any", 0, "x", "nope"), True, "unknown operator 'nope'"),
+    ({"not": [1]}, ("not", 0), False, "`not` takes a mapping of conditions"),
+    ({"alerts": {"contains": {}}}, ("alerts", "contains"), True,
+     "`contains` with a mapping needs the fields"),
+    ({"alerts": {"contains": {"s": {"in": 1}}}}, ("alerts", "contains", "s", "in"), True,
+     "`in` takes a list"),
+])
+def test_bad_groups(where: dict[str, Any], key: tuple[object, ...], at_key: bool,
+                    words: str) -> None:
+    with pytest.raises(CriteriaError) as exc:
+        parse_where(where)
+    assert (exc.value.key, exc.value.at_key) == (key, at_key)
+    assert words in exc.value.message
