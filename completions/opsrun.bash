@@ -51,7 +51,7 @@ _opsrun() {
         -r) COMPREPLY=($(compgen -d -- "$cur")); return ;;
     esac
     case "$path" in
-        "") COMPREPLY=($(compgen -W 'approve audit cancel completion deny dispatch emit init list logs pending resume run runs schema show sources status systemd-unit validate watch --version --debug' -- "$cur")) ;;
+        "") COMPREPLY=($(compgen -W 'approve audit cancel completion deny dispatch emit explain init list logs pending resume run runs schema show sources status systemd-unit validate watch --version --debug' -- "$cur")) ;;
         "approve") COMPREPLY=($(compgen -W '--comment -m --step --state-dir --audit-log' -- "$cur") $(compgen -f -- "$cur")) ;;
         "audit") COMPREPLY=($(compgen -W 'head prune show tail verify' -- "$cur")) ;;
         "audit head") COMPREPLY=($(compgen -W '--state-dir --audit-log --json' -- "$cur")) ;;
@@ -62,8 +62,9 @@ _opsrun() {
         "cancel") COMPREPLY=($(compgen -W '--state-dir --audit-log' -- "$cur") $(compgen -f -- "$cur")) ;;
         "completion") COMPREPLY=($(compgen -W 'bash zsh fish' -- "$cur")) ;;
         "deny") COMPREPLY=($(compgen -W '--comment -m --step --state-dir --audit-log' -- "$cur") $(compgen -f -- "$cur")) ;;
-        "dispatch") COMPREPLY=($(compgen -W '--dry-run --parallel --json --runbooks -r --state-dir --audit-log --secrets-file --inventory --accept-new-hosts' -- "$cur")) ;;
+        "dispatch") COMPREPLY=($(compgen -W '--dry-run --explain --parallel --json --runbooks -r --state-dir --audit-log --secrets-file --inventory --accept-new-hosts' -- "$cur")) ;;
         "emit") COMPREPLY=($(compgen -W '--state-dir --audit-log' -- "$cur") $(compgen -f -- "$cur")) ;;
+        "explain") COMPREPLY=($(compgen -W '--event --runbooks -r --json' -- "$cur") $(compgen -W "$(_opsrun_runbooks)" -- "$cur") $(compgen -f -- "$cur")) ;;
         "init") COMPREPLY=($(compgen -W '' -- "$cur") $(compgen -f -- "$cur")) ;;
         "list") COMPREPLY=($(compgen -W '--runbooks -r --json' -- "$cur")) ;;
         "logs") COMPREPLY=($(compgen -W '--json --state-dir' -- "$cur") $(compgen -f -- "$cur")) ;;

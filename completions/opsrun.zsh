@@ -19,6 +19,7 @@ _opsrun() {
     'deny:Deny the step a run waits on, as yourself.'
     'dispatch:Read JSON lines on stdin and run each event'\''s runbooks here; exit with the worst code.'
     'emit:Queue JSON events for `opsrun watch` (they wait if it is not running).'
+    'explain:Say whether an event starts a runbook; if not, which condition fails, with what value.'
     'init:Create a runbooks folder - a starter runbook, an inventory example, the schema.'
     'list:List the runbooks - name, triggers, number of steps, file.'
     'logs:Show a run'\''s steps and the output they printed (the newest run by default).'
@@ -50,6 +51,7 @@ _opsrun() {
         deny) _opsrun_deny ;;
         dispatch) _opsrun_dispatch ;;
         emit) _opsrun_emit ;;
+        explain) _opsrun_explain ;;
         init) _opsrun_init ;;
         list) _opsrun_list ;;
         logs) _opsrun_logs ;;
@@ -173,6 +175,7 @@ _opsrun_deny() {
 _opsrun_dispatch() {
   _arguments \
     '(--dry-run)'--dry-run'[Print which runbooks each event would start; run nothing.]' \
+    '(--explain)'--explain'[For each event and runbook, say which trigger matches or which condition fails; run nothing.]' \
     '(--parallel)'--parallel'[Runs at once (default 1 - in order).]:value: ' \
     '(--json)'--json'[Machine-readable output.]' \
     '(--runbooks -r)'{--runbooks,-r}'[Runbooks folder (default ./runbooks).]:value:_files -/' \
@@ -188,6 +191,14 @@ _opsrun_emit() {
     '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun - ~/.local/state/opsrun).]:value:_files -/' \
     '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files' \
     '*:file:_files'
+}
+
+_opsrun_explain() {
+  _arguments \
+    '(--event)'--event'[The event (a file or log event by its `source`).]:value: ' \
+    '(--runbooks -r)'{--runbooks,-r}'[Runbooks folder (default ./runbooks).]:value:_files -/' \
+    '(--json)'--json'[Machine-readable output.]' \
+    '*:runbook:{_opsrun_runbooks; _files}'
 }
 
 _opsrun_init() {

@@ -435,6 +435,9 @@ def _dispatch(
     ctx: typer.Context,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print which runbooks each event "
                                                           "would start; run nothing."),
+    explain: bool = typer.Option(False, "--explain", help="For each event and runbook, say "
+                                 "which trigger matches or which condition fails; run "
+                                 "nothing."),
     parallel: int = typer.Option(1, "--parallel", min=1, help="Runs at once (default 1: "
                                                                "in order)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
@@ -454,7 +457,24 @@ def _dispatch(
                                          state_dir=state_dir, audit_log=audit_log,
                                          secrets_file=secrets_file, as_json=as_json,
                                          inventory=inventory,
-                                         accept_new_hosts=accept_new_hosts))
+                                         accept_new_hosts=accept_new_hosts, explain=explain))
+
+
+@app.command("explain")
+def _explain(
+    ctx: typer.Context,
+    runbook: str = typer.Argument(..., help="Runbook name or file path."),
+    event: str = typer.Option(..., "--event", metavar="JSON|@FILE|-",
+                              help="The event (a file or log event by its `source`)."),
+    runbooks: Optional[Path] = _runbooks_opt(),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Say whether an event starts a runbook; if not, which condition fails, with what value."""
+    from opsrun import paths as paths_mod
+    from opsrun.commands import explain as explain_cmd
+
+    folder = paths_mod.runbooks_dir_from_env(runbooks)
+    _finish(ctx, lambda: explain_cmd.main(runbook, folder, event_arg=event, as_json=as_json))
 
 
 @app.command("sources")

@@ -17,7 +17,7 @@ for layer, names in enumerate([
     "event criteria params describe cron globs step_outputs identity completion_scripts "
     "inventory",
     # L2
-    "matcher",
+    "matcher explain",
     # L3: the world: processes, files, sockets, the store and the audit log
     "proc file_lock store audit control_socket approvals sources executors "
     "runs.step_processes runs.driver_lock",

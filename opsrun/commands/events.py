@@ -21,7 +21,7 @@ from opsrun.audit.log import AuditLog
 from opsrun.errors import UsageError
 from opsrun.event import Event, EventRejected, parse_json_event
 from opsrun.matcher import Matcher
-from opsrun.runbook import load_runbooks
+from opsrun.runbook import Runbook, load_runbooks
 from opsrun.runs.scheduler import Job, Scheduler
 from opsrun.sources.stdin_json import Rejection, read_events
 
@@ -158,7 +158,8 @@ def _audit_rejection(audit: AuditLog, r: Rejection, source: str) -> None:
 
 def dispatch(folder: Path, *, dry_run: bool, parallel: int, state_dir: str | None,
              audit_log: str | None, secrets_file: str | None, as_json: bool,
-             inventory: Path | None = None, accept_new_hosts: bool = False) -> int:
+             inventory: Path | None = None, accept_new_hosts: bool = False,
+             explain: bool = False) -> int:
     """Read JSON lines on stdin and run each event's runbooks in this process."""
     from opsrun.inventory import check_option as check_inventory_option
 
@@ -172,6 +173,8 @@ def dispatch(folder: Path, *, dry_run: bool, parallel: int, state_dir: str | Non
         raise UsageError(f"{len({p.file for p in problems})} runbook(s) in {folder} do not "
                          f"validate; fix them first (`opsrun validate {folder}`)")
     matcher = Matcher(runbooks)
+    if explain:
+        return _explain(runbooks, read_events(sys.stdin.buffer), as_json=as_json)
     if dry_run:
         return _dry_run(matcher, read_events(sys.stdin.buffer), as_json=as_json)
     return _run_all(matcher, parallel, state_dir, audit_log, secrets_file, as_json,
@@ -195,6 +198,31 @@ def _dry_run(matcher: Matcher, items: Iterable[Event | Rejection], *, as_json: b
             # The id is the sender's own: shown escaped, like everything from an event.
             print(output.safe(f"event {item.id}: ", keep_newlines=False)
                   + (output.safe(", ".join(names)) if names else "no runbook matches"))
+    return 2 if rejected else 0
+
+
+def _explain(runbooks: list[Runbook], items: Iterable[Event | Rejection], *,
+             as_json: bool) -> int:
+    """For each event, each runbook with a trigger for it: does it start, and why not."""
+    from opsrun.commands.explain import explain_rows, print_verdicts
+    from opsrun.explain import explain
+
+    rejected = False
+    for item in items:
+        if isinstance(item, Rejection):
+            rejected = True
+            print(f"opsrun: stdin {item}", file=sys.stderr)
+            continue
+        if as_json:
+            sys.stdout.write(output.json_line({"event_id": item.id, "runbooks":
+                                               explain_rows(runbooks, item)}) + "\n")
+            continue
+        print(output.safe(f"event {item.id}:", keep_newlines=False))
+        shown = [rb for rb in runbooks if any(t.kind == "event" for t in rb.triggers)]
+        for rb in shown:
+            print_verdicts(rb, explain(rb, item), indent="  ")
+        if not shown:
+            print("  no runbook has an event trigger")
     return 2 if rejected else 0
 
 

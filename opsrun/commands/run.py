@@ -79,6 +79,11 @@ def read_event(arg: str | None) -> Event:
     """The event the run sees: --event JSON, @file, - (stdin), or a manual event."""
     if arg is None:
         return new_event("manual")
+    return from_object(read_raw_event(arg), "manual")
+
+
+def read_raw_event(arg: str) -> dict[str, Any]:
+    """The JSON object of --event JSON, @file or - (stdin), checked like any event."""
     if arg == "-":
         raw = sys.stdin.buffer.read()
         where = "stdin"
@@ -95,7 +100,7 @@ def read_event(arg: str | None) -> Event:
         parsed = parse_json_event(raw.strip(), source="manual")
     except EventRejected as e:
         raise UsageError(f"the event from {where} was rejected: {e}") from None
-    return from_object(parsed.data, "manual")
+    return dict(parsed.data)
 
 
 @contextmanager
