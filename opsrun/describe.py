@@ -88,7 +88,14 @@ def step_facts(step: Step) -> list[str]:
     if step.retry.attempts > 1:
         r = step.retry
         facts.append(f"retry {r.attempts} times, {format_duration(r.delay_s)} apart"
-                     + (f", backoff ×{r.backoff:g}" if r.backoff != 1 else ""))
+                     + (f", backoff ×{r.backoff:g}" if r.backoff != 1 else "")
+                     + (f", at most {format_duration(r.max_delay_s)}"
+                        if r.max_delay_s is not None else "")
+                     + (", full jitter" if r.jitter == "full" else "")
+                     + ("" if set(r.on) == {"failure", "timed_out"} else
+                        f", on {' and '.join(r.on)}")
+                     + (f", after exit code {', '.join(map(str, r.on_exit_codes))}"
+                        if r.on_exit_codes else ""))
     if step.timeout_s is not None:
         facts.append(f"timeout {format_duration(step.timeout_s)}")
     if step.continue_on_error:

@@ -39,6 +39,8 @@ class RunRequest(NamedTuple):
     starter: Identity
     trigger: str | None = None
     resume_at: int = 0  # index of the first main step to run (resume)
+    resume_attempt: int = 1  # its first attempt: more when a retry was due (restart)
+    retry_at: float | None = None  # when that retry is due (Unix time)
     prior: Mapping[str, rt.StepResult] = _EMPTY_MAP  # results before resume_at
 
 
@@ -302,10 +304,15 @@ class _Run:
                   env: dict[str, str], workdir: str | None) -> rt.StepResult:
         executor = self.e.executors["ssh" if step.hosts else "run"]
         shown = self.e.masker(rendered.display)  # listeners are told no secret
-        delay = step.retry.delay_s
         started = time.monotonic()
         result = rt.StepResult(step.id, rt.FAILURE)
-        for attempt in range(1, step.retry.attempts + 1):
+        first = 1
+        if base["index"] == self.req.resume_at and self.req.resume_attempt > 1:
+            # A retry that was due when the service stopped: its wait goes on from there.
+            first = self.req.resume_attempt
+            if self._sleep(max(0.0, (self.req.retry_at or 0.0) - time.time())):
+                return rt.StepResult(step.id, rt.STEP_CANCELLED)
+        for attempt in range(first, step.retry.attempts + 1):
             timeout = self._timeout_for(step)
             self.e.emit("step.started", {**base, "attempt": attempt,
                                          "attempts": step.retry.attempts,
@@ -329,11 +336,17 @@ class _Run:
                                           "stdout": result.stdout, "stderr": result.stderr,
                                           "outputs": result.outputs, "hosts": result.hosts,
                                           "error": result.error, "warnings": x.warnings})
-            if result.outcome in (rt.SUCCESS, rt.STEP_CANCELLED) or attempt == step.retry.attempts:
+            if result.outcome in (rt.SUCCESS, rt.STEP_CANCELLED) or \
+                    attempt == step.retry.attempts or \
+                    not step.retry.retries(result.outcome, x.exit_code) or self._run_timed_out():
                 break
-            if self._run_timed_out() or self._sleep(delay):
+            wait = step.retry.wait_before(attempt + 1)
+            self.e.emit("step.retrying", {**base, "attempt": attempt + 1,
+                                          "attempts": step.retry.attempts,
+                                          "delay_s": round(wait, 3),
+                                          "at": round(time.time() + wait, 3)})
+            if self._sleep(wait):
                 break
-            delay *= step.retry.backoff
         return result
 
     def _timeout_for(self, step: Step) -> float | None:

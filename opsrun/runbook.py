@@ -79,6 +79,28 @@ class Retry(NamedTuple):
     attempts: int = 1
     delay_s: float = 1.0
     backoff: float = 1.0
+    max_delay_s: float | None = None
+    jitter: str = "none"  # none | full
+    on: tuple[str, ...] = ("failure", "timed_out")  # step outcomes tried again
+    on_exit_codes: tuple[int, ...] = ()  # only these failures, when given
+
+    def retries(self, outcome: str, exit_code: int | None) -> bool:
+        """Whether a try that ended so is tried again (attempts left aside)."""
+        if outcome not in self.on:
+            return False
+        return outcome != "failure" or not self.on_exit_codes or exit_code in self.on_exit_codes
+
+    def wait_before(self, attempt: int) -> float:
+        """Seconds to wait before try `attempt` (2, 3, …): the delay times backoff**(n-2),
+        at most max_delay, and with `jitter: full` a random time up to that."""
+        wait = self.delay_s * self.backoff ** max(0, attempt - 2)
+        if self.max_delay_s is not None:
+            wait = min(wait, self.max_delay_s)
+        if self.jitter == "full":
+            import random  # only for the runbooks that ask for it
+
+            wait = random.uniform(0.0, wait)
+        return wait
 
 
 class Approvers(NamedTuple):
@@ -682,7 +704,9 @@ def _build_step(s: dict[str, Any], index: int, prefix: str, inventory: Inventory
     if isinstance(retry, int):
         retry_obj = Retry(attempts=retry)
     elif retry:
-        retry_obj = Retry(retry["attempts"], retry["delay"], retry["backoff"])
+        retry_obj = Retry(retry["attempts"], retry["delay"], retry["backoff"],
+                          retry["max_delay"], retry["jitter"], tuple(retry["on"]),
+                          tuple(retry["on_exit_codes"]))
     else:
         retry_obj = Retry()
     approvers = s["approvers"]

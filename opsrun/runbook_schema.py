@@ -352,6 +352,8 @@ APPROVERS = Alternatives(
     description="Who may answer; default: anyone who can reach the state folder",
 )
 
+RETRY_ON = ("failure", "timed_out")
+
 RETRY = Alternatives(
     (lambda v: isinstance(v, int) and not isinstance(v, bool),
      Integer(minimum=1, maximum=100)),
@@ -361,8 +363,21 @@ RETRY = Alternatives(
         "delay": Field(Duration(description="Wait before the second try"), default=1.0),
         "backoff": Field(Number(minimum=1.0, description="Multiply the delay by this "
                                                          "after each try"), default=1.0),
+        "max_delay": Field(Duration(description="The longest wait between two tries")),
+        "jitter": Field(Enum("none", "full", description="full: wait a random time up to "
+                             "the delay, so that many runs do not retry at once"),
+                        default="none"),
+        "on": Field(ListOf(Enum(*RETRY_ON, description="failure or timed_out"),
+                           min_items=1, single_ok=True,
+                           description="Which outcomes are tried again"),
+                    default=list(RETRY_ON)),
+        "on_exit_codes": Field(ListOf(Integer(minimum=0, maximum=255), min_items=1,
+                                      single_ok=True,
+                                      description="Try a failure again only after these "
+                                                  "exit codes"), default=[]),
     })),
-    expects="a number of attempts or {attempts, delay, backoff}",
+    expects="a number of attempts or {attempts, delay, backoff, max_delay, jitter, on, "
+            "on_exit_codes}",
     description="Try again when the step fails",
 )
 

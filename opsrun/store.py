@@ -114,6 +114,12 @@ MIGRATIONS.append([
     """CREATE TABLE file_baselines (
         trigger_key TEXT PRIMARY KEY, taken_at TEXT NOT NULL)""",
 ])
+MIGRATIONS.append([
+    # A retry the engine waits to make: a service that stops meanwhile makes it at its
+    # next start, at the time it was due, instead of calling the run interrupted.
+    "ALTER TABLE runs ADD COLUMN retry_attempt INTEGER",
+    "ALTER TABLE runs ADD COLUMN retry_at REAL",
+])
 SCHEMA_VERSION = len(MIGRATIONS)
 RECEIPT_KEEP_S = 24 * 3600  # an emit looks for its receipt within seconds; keep a day
 
@@ -145,6 +151,8 @@ class RunRecord(NamedTuple):
     exit_code: int | None
     error: str | None
     current_step: int | None
+    retry_attempt: int | None = None  # the attempt of current_step due at retry_at
+    retry_at: float | None = None  # Unix time
 
     def runbook_ref(self) -> RunbookRef:
         """The runbook version the run started with, as the audit log names it."""
@@ -301,7 +309,9 @@ class Store:
                    state: str | _Unset = UNSET, started_at: _Time = UNSET,
                    finished_at: _Time = UNSET, exit_code: int | None | _Unset = UNSET,
                    error: str | None | _Unset = UNSET,
-                   current_step: int | None | _Unset = UNSET) -> bool:
+                   current_step: int | None | _Unset = UNSET,
+                   retry_attempt: int | None | _Unset = UNSET,
+                   retry_at: float | None | _Unset = UNSET) -> bool:
         """Change the given columns of a run; return whether the run was changed.
 
         With `expect_state` the change applies only if the run is in (one of) those states,
@@ -315,7 +325,8 @@ class Store:
             if value is not UNSET:
                 sets[column] = _ts(value)
         for column, plain in (("exit_code", exit_code), ("error", error),
-                              ("current_step", current_step)):
+                              ("current_step", current_step),
+                              ("retry_attempt", retry_attempt), ("retry_at", retry_at)):
             if plain is not UNSET:
                 sets[column] = plain
         if not sets:
@@ -859,7 +870,7 @@ def _tail(text: str) -> str:
 
 _RUN_COLUMNS = ("id, runbook, runbook_path, runbook_sha256, state, event, params, started_by, "
                 "started_uid, trigger, created_at, started_at, finished_at, exit_code, error, "
-                "current_step")
+                "current_step, retry_attempt, retry_at")
 _STEP_COLUMNS = ("run_id, idx, step_id, attempt, outcome, started_at, finished_at, exit_code, "
                  "stdout_tail, stderr_tail, outputs, hosts")
 _RUN_ENDED = ("SELECT 1 FROM runs WHERE runs.id = approvals.run_id AND runs.state IN "
@@ -873,7 +884,7 @@ def _run(r: Sequence[Any]) -> RunRecord:
     assert created is not None
     return RunRecord(r[0], r[1], r[2], r[3], r[4], None if r[5] is None else json.loads(r[5]),
                      json.loads(r[6]), r[7], r[8], r[9], created, _dt(r[11]), _dt(r[12]),
-                     r[13], r[14], r[15])
+                     r[13], r[14], r[15], r[16], r[17])
 
 
 def _step(r: Sequence[Any]) -> StepRecord:

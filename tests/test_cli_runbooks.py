@@ -204,3 +204,26 @@ def test_sources_name_the_zone_of_each_time(tmp_path: Path, tz: str, utc_line: s
     if "CEST" not in r.stdout:  # the summer form is the same with CEST
         assert re.search(utc_line, text[0], re.M), r.stdout
         assert re.search(berlin_line, text[1], re.M), r.stdout
+
+
+def test_show_json_of_every_example(repo_root: Path) -> None:
+    for rb in sorted((repo_root / "runbooks").glob("*.yaml")):
+        if rb.name == "inventory.yaml":
+            continue
+        r = opsrun("show", str(rb), "--json", cwd=repo_root)
+        assert r.returncode == 0 and no_traceback(r), (rb, r.stderr)
+        doc = json.loads(r.stdout)
+        assert doc["name"] and doc["steps"], rb
+
+
+def test_show_json_has_the_retry_settings(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(
+        "steps:\n  - id: flaky\n    run: ./x\n    retry: {attempts: 4, delay: 1s, backoff: 2,"
+        " max_delay: 5s, jitter: full, on: failure, on_exit_codes: [75]}\n")
+    doc = json.loads(opsrun("show", str(tmp_path / "r.yaml"), "--json").stdout)
+    assert doc["steps"][0]["retry"] == {"attempts": 4, "delay_s": 1.0, "backoff": 2.0,
+                                        "max_delay_s": 5.0, "jitter": "full",
+                                        "on": ["failure"], "on_exit_codes": [75]}
+    text = opsrun("show", str(tmp_path / "r.yaml")).stdout
+    assert ("retry 4 times, 1.0s apart, backoff ×2, at most 5.0s, full jitter, on failure, after "
+            "exit code 75") in text

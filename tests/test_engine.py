@@ -297,3 +297,31 @@ def test_a_step_whose_start_cannot_be_recorded_does_not_run() -> None:
     assert executor.requests == []  # fail closed
     assert recorder.transitions[-1][0] == "run.finished"  # the others still hear of it
     assert recorder.transitions[-1][1]["state"] == rt.FAILED
+
+
+def test_retry_only_the_chosen_exit_codes_and_outcomes() -> None:
+    rb = runbook("steps:\n  - id: x\n    run: ./x\n"
+                 "    retry: {attempts: 3, delay: 10ms, on_exit_codes: [75]}\n")
+    _, _, ex = go(rb, 1)
+    assert len(ex.requests) == 1  # exit 1 is not among them
+    _, _, ex = go(rb, 75)
+    assert len(ex.requests) == 3
+    only_timeouts = runbook("steps:\n  - id: x\n    run: ./x\n"
+                            "    retry: {attempts: 3, delay: 10ms, on: [timed_out]}\n")
+    _, _, ex = go(only_timeouts, 1)
+    assert len(ex.requests) == 1
+    _, _, ex = go(only_timeouts, Reply(None, timed_out=True))
+    assert len(ex.requests) == 3
+
+
+def test_retry_waits_are_capped_and_jittered() -> None:
+    rb = runbook("steps:\n  - id: x\n    run: ./x\n"
+                 "    retry: {attempts: 5, delay: 10ms, backoff: 3, max_delay: 50ms}\n")
+    _, rec, _ = go(rb, 1)
+    waits = [d["delay_s"] for k, d in rec.transitions if k == "step.retrying"]
+    assert waits == [0.01, 0.03, 0.05, 0.05]
+    jittered = runbook("steps:\n  - id: x\n    run: ./x\n"
+                       "    retry: {attempts: 4, delay: 20ms, backoff: 2, jitter: full}\n")
+    _, rec, _ = go(jittered, 1)
+    waits = [d["delay_s"] for k, d in rec.transitions if k == "step.retrying"]
+    assert len(waits) == 3 and all(0 <= w <= cap for w, cap in zip(waits, (0.02, 0.04, 0.08)))

@@ -65,7 +65,9 @@ def test_failure_retry_and_on_failure(tmp_path: Path, env: dict[str, str]) -> No
     kinds = [(rec["kind"], rec.get("step_id"), rec.get("attempt")) for rec in audit_records(env)]
     assert [k for k in kinds if k[1] == "flaky"] == [
         ("step.started", "flaky", 1), ("step.finished", "flaky", 1),
+        ("step.retrying", "flaky", 2),
         ("step.started", "flaky", 2), ("step.finished", "flaky", 2),
+        ("step.retrying", "flaky", 3),
         ("step.started", "flaky", 3), ("step.finished", "flaky", 3)]
 
 

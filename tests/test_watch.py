@@ -391,3 +391,46 @@ def test_steps_reach_the_same_service(tmp_path: Path, rbdir: Path,
     assert lines(out) == [f"{state} {state / 'audit.jsonl'}"]
     default = Path(os.environ["XDG_STATE_HOME"]) / "opsrun"
     assert not default.exists()
+
+
+def test_a_pending_retry_survives_a_kill_of_the_service(tmp_path: Path, rbdir: Path,
+                                                       services: list[Service]) -> None:
+    """Killed while a step waits to be tried again, the service makes that retry at its
+    next start, when it is due: the run goes on instead of being called interrupted."""
+    marks = tmp_path / "marks"
+    write(rbdir, "flaky.yaml", f"""\
+        on: [{{event: {{where: {{kind: flaky}}}}}}]
+        steps:
+          - id: call
+            run: |
+              echo "try $OPSRUN_RUN_ID" >> {marks}
+              [ "$(wc -l < {marks})" -ge 2 ]
+            retry: {{attempts: 3, delay: 2s}}
+          - run: echo done >> {marks}
+        """)
+    svc = Service(tmp_path, rbdir)
+    services.append(svc)
+    svc.start()
+    assert svc.cli("emit", '{"kind": "flaky"}').returncode == 0
+    wait_for(lambda: any(r["kind"] == "step.retrying" for r in svc.audit()), timeout=20,
+             message=svc.log)
+    svc.kill()
+    assert lines(marks) == [lines(marks)[0]]  # one try so far
+    svc2 = Service(tmp_path, rbdir)
+    services.append(svc2)
+    svc2.start()
+    wait_for(lambda: "done" in lines(marks), timeout=30, message=svc2.log)
+    (run,) = svc2.runs(runbook="flaky")
+    assert run["state"] == "succeeded"
+    audit = svc2.audit()
+    retrying = next(r for r in audit if r["kind"] == "step.retrying")
+    resumed = next(r for r in audit if r["kind"] == "run.resumed")
+    assert resumed["attempt"] == 2 and "a retry was due" in resumed["reason"]
+    second = [r for r in audit if r["kind"] == "step.started" and r["attempt"] == 2]
+    assert len(second) == 1
+    from datetime import datetime, timezone
+
+    started = datetime.fromisoformat(second[0]["time"].removesuffix("Z")).replace(
+        tzinfo=timezone.utc).timestamp()
+    assert started >= retrying["at"] - 0.1  # not before it was due
+    assert not any(r["kind"] == "run.interrupted" for r in audit)

@@ -95,19 +95,20 @@ def as_dict(rb: Runbook) -> dict[str, object]:
     def step(s: Step) -> dict[str, object]:
         return {"id": s.id, "name": s.name, "kind": s.kind, "run": s.run, "confirm": s.confirm,
                 "if": s.condition, "env": dict(s.env), "timeout_s": s.timeout_s,
-                "retry": vars(s.retry), "continue_on_error": s.continue_on_error,
+                "retry": s.retry._asdict() | {"on": list(s.retry.on),
+                                              "on_exit_codes": list(s.retry.on_exit_codes)},
+                "continue_on_error": s.continue_on_error,
                 "hosts": list(s.hosts), "parallel": s.parallel, "workdir": s.workdir,
-                "shell": s.shell, "approvers": {"users": list(s.approvers.users),
-                                                "groups": list(s.approvers.groups),
-                                                "not_starter": s.approvers.not_starter},
+                "shell": s.shell, "approvers": s.approvers.as_record(),
                 "on_timeout": s.on_timeout}
 
     return {"version": 1, "name": rb.name, "file": str(rb.path), "sha256": rb.sha256,
             "description": rb.description,
             "triggers": [describe.trigger_short(t) for t in rb.triggers],
-            "params": {n: vars(p) | {"choices": list(p.choices)} for n, p in rb.params.items()},
+            "params": {n: p._asdict() | {"choices": list(p.choices)}
+                       for n, p in rb.params.items()},
             "env": dict(rb.env),
-            "concurrency": vars(rb.concurrency), "timeout_s": rb.timeout_s,
+            "concurrency": rb.concurrency._asdict(), "timeout_s": rb.timeout_s,
             "steps": [step(s) for s in rb.steps],
             "on_failure": [step(s) for s in rb.on_failure],
             "on_denied": [step(s) for s in rb.on_denied]}

@@ -50,6 +50,7 @@ class StoreListener:
         self.store = store
         self._started: dict[tuple[str, int, int], datetime] = {}
         self._versions: set[str] = set()  # runbook versions already kept
+        self._retrying: set[str] = set()  # runs with a retry due
 
     def transition(self, kind: str, data: dict[str, Any]) -> None:
         run_id = data["run_id"]
@@ -71,6 +72,9 @@ class StoreListener:
         elif kind == "run.progress":
             self.store.update_run(run_id, current_step=data["current_step"])
         elif kind == "step.started":
+            if run_id in self._retrying:
+                self._retrying.discard(run_id)
+                self.store.update_run(run_id, retry_attempt=None, retry_at=None)
             self._started[(run_id, data["index"], data["attempt"])] = now
             self.store.record_step(run_id, data["index"], data["step_id"], outcome="running",
                                    attempt=data["attempt"], started_at=now)
@@ -82,6 +86,9 @@ class StoreListener:
                                    exit_code=data.get("exit_code"), stdout_tail=data["stdout"],
                                    stderr_tail=data["stderr"], outputs=data["outputs"],
                                    hosts=data.get("hosts") or {})
+        elif kind == "step.retrying":
+            self._retrying.add(run_id)
+            self.store.update_run(run_id, retry_attempt=data["attempt"], retry_at=data["at"])
         elif kind == "step.skipped":
             self.store.record_step(run_id, data["index"], data["step_id"], outcome=rt.SKIPPED,
                                    started_at=now, finished_at=now)

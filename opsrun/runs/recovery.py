@@ -41,6 +41,18 @@ def end_orphans(rc: RunContext, run_id: str, log: Log | None = None) -> int:
     return len(found)
 
 
+def retry_due(rc: RunContext, run: RunRecord) -> bool:
+    """Whether a run left `running` was only waiting to retry a step: its earlier attempt
+    ended (no process of it is left, no later attempt started), so the retry can be made."""
+    if run.retry_attempt is None or run.current_step is None:
+        return False
+    started = any(s.position == run.current_step and s.attempt >= run.retry_attempt
+                  for s in rc.store.steps_of(run.id))
+    if started or step_processes.find(runs_dir(rc.state_dir), run.id):
+        return False
+    return True
+
+
 def interrupt(rc: RunContext, run: RunRecord, log: Log | None = None) -> bool:
     """Record a run left `running` by a dead driver as interrupted; whether it was."""
     end_orphans(rc, run.id, log)

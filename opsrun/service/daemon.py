@@ -254,6 +254,9 @@ class Daemon:
         for run in left:
             if run.id in ended and self._store_recorded_end(run.id, ended[run.id]):
                 continue
+            if recovery.retry_due(self.rc, run):
+                self._adopt(run, parked=False, retry=True)
+                continue
             recovery.interrupt(self.rc, run, self.log)
         for run in store.list_runs(state=rt.WAITING, limit=1_000_000):
             self._adopt(run, parked=True)
@@ -280,14 +283,24 @@ class Daemon:
                      "log", run_id=run_id, state=state)
         return done
 
-    def _adopt(self, run: Any, *, parked: bool) -> None:
+    def _adopt(self, run: Any, *, parked: bool, retry: bool = False) -> None:
         if driver_pid(self.rc.state_dir, run.id) is not None:
             return
         try:
             request = resume.load_request(self.rc.store, run, self.opts.inventory)
         except OpsrunError as e:
             self.log("cannot take over run", level="error", run_id=run.id, error=str(e))
+            if retry:
+                recovery.interrupt(self.rc, run, self.log)
             return
+        if retry:
+            request = request._replace(resume_attempt=run.retry_attempt, retry_at=run.retry_at)
+            self.rc.audit.append("run.resumed", run_id=run.id, runbook=run.runbook_ref(),
+                                 from_state=run.state, at_step=request.resume_at,
+                                 attempt=run.retry_attempt, reason="a retry was due when "
+                                 "opsrun stopped; it is made when it is due")
+            self.log("run goes on with the retry it was waiting for", run_id=run.id,
+                     attempt=run.retry_attempt)
         rb = request.runbook
         key = self.dispatcher._key(rb, request.event, request.params)
         job = Job(run.id, rb.name, key, rb.concurrency.policy,
