@@ -30,6 +30,8 @@ from opsrun.schema_checks import INVALID, PathT, Problems, show_path
 from opsrun.yaml_load import Document, YamlError, load_bytes, read_limited
 
 COMMON_EVENT_FIELDS = ("source", "id", "time")
+STEP_LISTS = ("steps", "on_failure", "on_denied", "on_success")
+LOOP_NAMES = ("item", "item_index")  # what a `for_each:` step's expressions read besides
 RUN_FIELDS = ("id", "runbook", "sha256", "started_by", "dry_run")
 FAILURE_RUN_FIELDS = ("failed_step",)
 
@@ -120,7 +122,7 @@ class Approvers(NamedTuple):
 
 class Step(NamedTuple):
     id: str
-    kind: str  # "run" | "confirm"
+    kind: str  # "run" | "confirm" | "emit" | "uses" | "parallel"
     position: int  # its place in its list (steps, on_failure, on_denied), from 0
     name: str = ""
     run: str | None = None
@@ -139,6 +141,21 @@ class Step(NamedTuple):
     explicit_id: bool = True
     plan: shell_words.ShellPlan | None = None
     targets: tuple[Host, ...] = ()  # `hosts:` with groups expanded, from the inventory
+    emit: Mapping[str, Any] | None = None  # the event an `emit:` step queues (templates)
+    uses: str | None = None  # the reference as written
+    used: Runbook | None = None  # the runbook it names, loaded and checked
+    inputs: Mapping[str, Any] = _EMPTY_MAP  # `with:`
+    branches: tuple[tuple[str, tuple[Step, ...]], ...] = ()  # `parallel:` as a mapping
+    for_each: str | tuple[Any, ...] | None = None  # an expression, or the items as written
+    max_parallel: int = 1
+    fail_fast: bool = True
+
+    def nested(self) -> Iterable[Step]:
+        """The steps inside this one (branches), depth first; a used runbook's are its own."""
+        for _name, steps in self.branches:
+            for step in steps:
+                yield step
+                yield from step.nested()
 
     @property
     def title(self) -> str:
@@ -170,14 +187,17 @@ class Runbook(NamedTuple):
     timeout_s: float | None = None
     on_failure: tuple[Step, ...] = ()
     on_denied: tuple[Step, ...] = ()
+    on_success: tuple[Step, ...] = ()
+    outputs: Mapping[str, str] = _EMPTY_MAP  # what a caller's `uses:` step gets
     source: bytes = b""  # the file's bytes
     # What is right but looks wrong on this machine (an approvers group it lacks).
     warnings: tuple[Problem, ...] = ()
 
     def all_steps(self) -> Iterable[Step]:
-        yield from self.steps
-        yield from self.on_failure
-        yield from self.on_denied
+        """Every step, branches included, in the order the lists are written."""
+        for step in (*self.steps, *self.on_failure, *self.on_denied, *self.on_success):
+            yield step
+            yield from step.nested()
 
     def event_fields(self) -> set[str] | None:
         """Fields its events can carry, or None when any field may come (event triggers, manual)."""
@@ -325,8 +345,9 @@ def load_runbook_bytes(raw: bytes, path: Path, *, inventory: Path | None = None)
     return runbook
 
 
-def _load(path: Path, raw: bytes | None = None, *, inventories: Inventories
-          ) -> tuple[Runbook | None, list[Problem]]:
+def _load(path: Path, raw: bytes | None = None, *, inventories: Inventories,
+          using: tuple[Path, ...] = ()) -> tuple[Runbook | None, list[Problem]]:
+    """Load one file; `using` holds the files whose `uses:` led here (to refuse cycles)."""
     try:
         if raw is None:
             raw = read_limited(path)
@@ -346,11 +367,12 @@ def _load(path: Path, raw: bytes | None = None, *, inventories: Inventories
     whole = data if data is not INVALID else _partial_view(doc.data)
     _check_whole(whole, problems)
     inventory, inventory_problems = _check_hosts(whole, path, inventories, problems)
-    if problems or inventory_problems:
-        return None, inventory_problems + _to_problems(problems, doc, path)
+    used, used_problems = _check_uses(whole, path, inventories, (*using, path), problems)
+    if problems or inventory_problems or used_problems:
+        return None, inventory_problems + used_problems + _to_problems(problems, doc, path)
     warnings = tuple(Problem(str(path), *doc.mark(where), message, "warning")
                      for where, message in _approver_warnings(doc.data))
-    return _build(data, path, raw, inventory)._replace(warnings=warnings), []
+    return _build(data, path, raw, inventory, used)._replace(warnings=warnings), []
 
 
 def _approver_warnings(raw: Mapping[str, Any]) -> list[tuple[PathT, str]]:
@@ -420,8 +442,7 @@ class _Scope(NamedTuple):
 
 def _check_whole(data: dict[str, Any], problems: Problems) -> None:
     triggers = _build_triggers(data["on"])
-    step_lists = [("steps", data["steps"]), ("on_failure", data["on_failure"]),
-                  ("on_denied", data["on_denied"])]
+    step_lists = [(name, data[name]) for name in STEP_LISTS]
     all_ids = _check_ids(step_lists, problems)
     top_env = set(data["env"])
     fields = _event_fields(triggers)
@@ -435,16 +456,53 @@ def _check_whole(data: dict[str, Any], problems: Problems) -> None:
                         base._replace(allow=("event", "params")), problems)
     main_ids: set[str] = set()
     for list_name, steps in step_lists:
+        failing = list_name in ("on_failure", "on_denied")
+        scope = base._replace(run_fields=RUN_FIELDS + (FAILURE_RUN_FIELDS if failing else ()))
         before = set(main_ids) if list_name != "steps" else set()
-        run_fields = RUN_FIELDS + (FAILURE_RUN_FIELDS if list_name != "steps" else ())
+        added = _check_step_list(steps, (list_name,), scope, before, problems)
+        if list_name == "steps":
+            main_ids = added
+    outputs_scope = base._replace(steps_before=main_ids,
+                                  allow=("event", "params", "env", "steps", "run"))
+    for name, value in (data.get("outputs") or {}).items():
+        _check_template(value, ("outputs", name), outputs_scope, problems)
+
+
+def _check_step_list(steps: list[dict[str, Any]], path: PathT, scope: _Scope, before: set[str],
+                     problems: Problems, nested: str = "") -> set[str]:
+    """Check steps in order; return the ids readable after them (their branches' included)."""
+    seen = set(before)
+    for i, step in enumerate(steps):
+        at = (*path, i)
+        _check_step(step, at, scope._replace(steps_before=set(seen)), problems, nested)
+        inside = set(seen)
+        for name, branch in _branches(step):
+            seen |= _check_step_list(branch, (*at, "parallel", name), scope, inside, problems,
+                                     "inside `parallel:` branches")
+        if step["id"]:
+            seen.add(step["id"])
+    return seen
+
+
+def _branches(step: Mapping[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """A checked step's branches (`parallel:` as a mapping of step lists)."""
+    branches = step.get("parallel")
+    if not isinstance(branches, Mapping):
+        return []
+    return [(name, [s for s in steps if isinstance(s, dict)])
+            for name, steps in branches.items() if isinstance(steps, list)]
+
+
+def _raw_steps(data: Mapping[str, Any]) -> Iterable[tuple[PathT, dict[str, Any]]]:
+    """Every checked step with where it is written, branches included, in order."""
+    def walk(steps: list[dict[str, Any]], path: PathT) -> Iterable[tuple[PathT, dict[str, Any]]]:
         for i, step in enumerate(steps):
-            sid = step["id"]
-            scope = base._replace(steps_before=set(before), run_fields=run_fields)
-            _check_step(step, (list_name, i), scope, problems)
-            if sid:
-                before.add(sid)
-                if list_name == "steps":
-                    main_ids.add(sid)
+            yield (*path, i), step
+            for name, branch in _branches(step):
+                yield from walk(branch, (*path, i, "parallel", name))
+
+    for list_name in STEP_LISTS:
+        yield from walk(data.get(list_name) or [], (list_name,))
 
 
 def _partial_view(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -472,7 +530,8 @@ def _partial_view(raw: Mapping[str, Any]) -> dict[str, Any]:
         "env": valid(schema.ENV, raw.get("env"), {}),
         "concurrency": valid(schema.CONCURRENCY, raw.get("concurrency"), None),
         "steps": steps("steps"), "on_failure": steps("on_failure"),
-        "on_denied": steps("on_denied"),
+        "on_denied": steps("on_denied"), "on_success": steps("on_success"),
+        "outputs": {},
     }
 
 
@@ -486,6 +545,9 @@ def _stub_step(raw: Mapping[str, Any]) -> dict[str, Any]:
     env = schema.ENV.check(raw.get("env"), (), Problems()) if raw.get("env") else {}
     return {"id": sid if sid and re.fullmatch(schema.IDENT_RE, sid) else None,
             "run": text("run"), "confirm": text("confirm"), "workdir": text("workdir"),
+            "uses": None, "emit": None, "with": {}, "parallel": None,
+            # An invalid for_each is reported once; `item` in the step is not again.
+            "for_each": None if raw.get("for_each") is None else [],
             "shell": text("shell"), "if": raw.get("if") if isinstance(raw.get("if"), str)
             else None, "env": env if env is not INVALID else {}}
 
@@ -493,16 +555,15 @@ def _stub_step(raw: Mapping[str, Any]) -> dict[str, Any]:
 def _check_ids(step_lists: list[tuple[str, list[dict[str, Any]]]],
                problems: Problems) -> set[str]:
     seen: dict[str, PathT] = {}
-    for list_name, steps in step_lists:
-        for i, step in enumerate(steps):
-            sid = step["id"]
-            if sid is None:
-                continue
-            if sid in seen:
-                problems.add((list_name, i, "id"), f"{list_name}[{i}].id: the step id {sid!r} "
-                             f"is already used by {show_path(seen[sid])}; ids must be unique")
-            else:
-                seen[sid] = (list_name, i)
+    for path, step in _raw_steps(dict(step_lists)):
+        sid = step["id"]
+        if sid is None:
+            continue
+        if sid in seen:
+            problems.add((*path, "id"), f"{show_path(path)}.id: the step id {sid!r} "
+                         f"is already used by {show_path(seen[sid])}; ids must be unique")
+        else:
+            seen[sid] = path
     return set(seen)
 
 
@@ -512,8 +573,20 @@ def _check_env_name(path: PathT, name: str, problems: Problems) -> None:
                            "opsrun itself; choose another name", at_key=True)
 
 
-def _check_step(step: dict[str, Any], path: PathT, scope: _Scope, problems: Problems) -> None:
+def _check_step(step: dict[str, Any], path: PathT, scope: _Scope, problems: Problems,
+                nested: str = "") -> None:
+    if step.get("for_each") is not None:
+        if isinstance(step["for_each"], str):
+            _check_template(step["for_each"], (*path, "for_each"), scope, problems)
+        scope = scope._replace(allow=(*scope.allow, *LOOP_NAMES))
     step_scope = scope._replace(env=scope.env | set(step["env"]))
+    if nested and step.get("confirm") is not None:
+        problems.add((*path, "confirm"), f"{show_path(path)}: a confirm step cannot be "
+                     f"{nested}: a run waits for one answer at a time; ask before the "
+                     "step that holds it", at_key=True)
+    for key in ("emit", "with"):
+        for where, text in _texts(step.get(key), (*path, key)):
+            _check_template(text, where, step_scope, problems)
     for name, value in step["env"].items():
         _check_env_name((*path, "env", name), name, problems)
         _check_template(value, (*path, "env", name), scope, problems)
@@ -530,6 +603,18 @@ def _check_step(step: dict[str, Any], path: PathT, scope: _Scope, problems: Prob
                      "would let the clock approve a step that `approvers:` limits to certain "
                      "people (four eyes); with approvers, a timeout denies: remove "
                      "`on_timeout: approve`")
+
+
+def _texts(value: Any, path: PathT) -> Iterable[tuple[PathT, str]]:
+    """The texts inside a JSON-like value, with where each is."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from _texts(v, (*path, str(k)))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _texts(v, (*path, i))
 
 
 def _limits_answerers(approvers: Any) -> bool:
@@ -584,7 +669,9 @@ def _check_ref(ref: expressions.Ref, path: PathT, offset: int, scope: _Scope,
 
     where = show_path(path)
     if ref.root not in scope.allow:
-        if ref.root in expressions.ROOT_NAMES:
+        if ref.root in LOOP_NAMES:
+            msg = f"`{ref.root}` is only known in a step with `for_each:`"
+        elif ref.root in expressions.ROOT_NAMES:
             msg = f"`{ref.root}` cannot be used here; this field can read {', '.join(scope.allow)}"
         else:
             msg = (f"unknown name {ref.root!r}{did_you_mean(ref.root, scope.allow)}; "
@@ -630,8 +717,7 @@ def _host_names(step: dict[str, Any], path: PathT) -> list[tuple[PathT, str]]:
 def _check_hosts(data: dict[str, Any], path: Path, inventories: Inventories,
                  problems: Problems) -> tuple[Inventory, list[Problem]]:
     """Every host and group a step names must be known; the inventory is read only if needed."""
-    named = [n for list_name in ("steps", "on_failure", "on_denied")
-             for i, step in enumerate(data[list_name]) for n in _host_names(step, (list_name, i))]
+    named = [n for at, step in _raw_steps(data) for n in _host_names(step, at)]
     if not named:
         return Inventory(None), []
     found = inventories.for_runbook(path)
@@ -652,9 +738,111 @@ def _check_hosts(data: dict[str, Any], path: Path, inventories: Inventories,
     return found, []
 
 
+# ── uses: other runbooks ───────────────────────────────────────────────────
+
+def used_file(ref: str, caller: Path) -> Path | None:
+    """The file a `uses:` names: a path beside the caller, or a runbook file by its name
+    in the caller's folder; None when there is none."""
+    folder = caller.parent
+    if "/" in ref or ref.endswith((".yaml", ".yml")):
+        candidate = folder / ref
+        return candidate if candidate.is_file() else None
+    for suffix in (".yaml", ".yml"):
+        candidate = folder / f"{ref}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _check_uses(data: Mapping[str, Any], path: Path, inventories: Inventories,
+                using: tuple[Path, ...], problems: Problems
+                ) -> tuple[dict[str, Runbook], list[Problem]]:
+    """Load the runbooks that `uses:` steps name, and check their inputs; refuse cycles."""
+    used: dict[str, Runbook] = {}
+    others: list[Problem] = []
+    for at, step in _raw_steps(data):
+        ref = step.get("uses")
+        if not isinstance(ref, str):
+            continue
+        child = used.get(ref)
+        if child is None:
+            child = _load_used(ref, (*at, "uses"), path, inventories, using, problems, others)
+            if child is None:
+                continue
+            used[ref] = child
+        _check_inputs(step.get("with") or {}, child, at, problems)
+    return used, others
+
+
+def _load_used(ref: str, at: PathT, path: Path, inventories: Inventories,
+               using: tuple[Path, ...], problems: Problems, others: list[Problem]
+               ) -> Runbook | None:
+    where = show_path(at)
+    found = used_file(ref, path)
+    if found is None:
+        names = sorted(p.stem for p in path.parent.glob("*.y*ml") if p != path)
+        from opsrun.suggest import did_you_mean
+
+        problems.add(at, f"{where}: there is no runbook {ref!r} beside this one in "
+                     f"{path.parent}{did_you_mean(ref, names)}; give a runbook's file name "
+                     "(without .yaml) or a path like ./restart.yaml")
+        return None
+    chain = [p.resolve() for p in using]
+    if found.resolve() in chain:
+        loop = " → ".join(p.name for p in [*using[chain.index(found.resolve()):], found])
+        problems.add(at, f"{where}: runbooks that use each other would never end: {loop}; "
+                     "remove one of these `uses:`")
+        return None
+    child, child_problems = _load(found, inventories=inventories, using=using)
+    if child is None:
+        cycle = [p for p in child_problems if "would never end" in p.message]
+        problems.add(at, f"{where}: the runbook {ref!r} ({found}) has "
+                     f"{len(child_problems)} problem{'s' * (len(child_problems) != 1)}, shown "
+                     "with its file name; fix it first")
+        if not cycle:
+            others.extend(child_problems)
+        return None
+    asks = [s.id for s in child.all_steps() if s.kind == "confirm"]
+    if asks:
+        problems.add(at, f"{where}: the runbook {ref!r} asks for confirmation (step "
+                     f"{asks[0]!r}), and a used runbook cannot: one run waits for one answer "
+                     "at a time; put the confirm step in this runbook, before this step")
+        return None
+    return child
+
+
+def _check_inputs(given: Mapping[str, Any], child: Runbook, at: PathT,
+                  problems: Problems) -> None:
+    """`with:` against the used runbook's params: known names, required ones given, types."""
+    from opsrun.params import ParamError, coerce_value
+    from opsrun.suggest import did_you_mean
+
+    for name, value in given.items():
+        where = (*at, "with", name)
+        param = child.params.get(name)
+        if param is None:
+            known = ", ".join(child.params) or "none"
+            problems.add(where, f"{show_path(where)}: {child.name!r} has no param {name!r}"
+                         f"{did_you_mean(name, child.params)}; its params: {known}",
+                         at_key=True)
+            continue
+        if isinstance(value, str) and expressions.has_expressions(value):
+            continue  # its type is checked when the run renders it
+        try:
+            coerce_value(param, value)
+        except ParamError as e:
+            problems.add(where, f"{show_path(where)}: {e} (the param {name!r} of "
+                         f"{child.name!r} is {param.type})")
+    for name, param in child.params.items():
+        if param.required and param.default is None and name not in given:
+            problems.add((*at, "uses"), f"{show_path(at)}: {child.name!r} needs the param "
+                         f"{name!r}; give it in `with:` ({name}: …)", at_key=True)
+
+
 # ── building the immutable model ───────────────────────────────────────────
 
-def _build(data: dict[str, Any], path: Path, raw: bytes, inventory: Inventory) -> Runbook:
+def _build(data: dict[str, Any], path: Path, raw: bytes, inventory: Inventory,
+           used: Mapping[str, Runbook]) -> Runbook:
     params = {name: Param(name=name, type=p["type"], description=p["description"],
                           default=p["default"], required=p["required"], pattern=p["pattern"],
                           choices=tuple(p["choices"]))
@@ -671,9 +859,11 @@ def _build(data: dict[str, Any], path: Path, raw: bytes, inventory: Inventory) -
         env=dict(data["env"]),
         concurrency=Concurrency(conc["key"], conc["policy"]),
         timeout_s=data["timeout"],
-        steps=_build_steps(data["steps"], "step", inventory),
-        on_failure=_build_steps(data["on_failure"], "on_failure", inventory),
-        on_denied=_build_steps(data["on_denied"], "on_denied", inventory),
+        steps=_build_steps(data["steps"], "step", inventory, used),
+        on_failure=_build_steps(data["on_failure"], "on_failure", inventory, used),
+        on_denied=_build_steps(data["on_denied"], "on_denied", inventory, used),
+        on_success=_build_steps(data["on_success"], "on_success", inventory, used),
+        outputs=dict(data["outputs"]),
     )
 
 
@@ -693,13 +883,18 @@ def _build_triggers(raw: list[dict[str, Any]]) -> tuple[Trigger, ...]:
     return tuple(out)
 
 
-def _build_steps(raw: list[dict[str, Any]], prefix: str, inventory: Inventory
-                 ) -> tuple[Step, ...]:
-    return tuple(_build_step(s, i, prefix, inventory) for i, s in enumerate(raw))
+def _build_steps(raw: list[dict[str, Any]], prefix: str, inventory: Inventory,
+                 used: Mapping[str, Runbook]) -> tuple[Step, ...]:
+    return tuple(_build_step(s, i, prefix, inventory, used) for i, s in enumerate(raw))
 
 
-def _build_step(s: dict[str, Any], index: int, prefix: str, inventory: Inventory) -> Step:
-    kind = "run" if s["run"] is not None else "confirm"
+def _build_step(s: dict[str, Any], index: int, prefix: str, inventory: Inventory,
+                used: Mapping[str, Runbook]) -> Step:
+    kind = schema.step_kind(s) or "run"
+    sid = s["id"] or f"{prefix}-{index + 1}"
+    branches = tuple((name, _build_steps(steps, f"{sid}.{name}", inventory, used))
+                     for name, steps in s["parallel"].items()) \
+        if kind == "parallel" else ()
     retry = s["retry"]
     if isinstance(retry, int):
         retry_obj = Retry(attempts=retry)
@@ -729,8 +924,9 @@ def _build_step(s: dict[str, Any], index: int, prefix: str, inventory: Inventory
     if kind == "run" and shell_words.is_posix_shell(shell):
         plan = shell_words.plan(s["run"])
     hosts = tuple(s["hosts"]) or ((s["host"],) if s["host"] else ())
+    for_each = s["for_each"]
     return Step(
-        id=s["id"] or f"{prefix}-{index + 1}",
+        id=sid,
         kind=kind,
         position=index,
         name=s["name"] or "",
@@ -742,7 +938,7 @@ def _build_step(s: dict[str, Any], index: int, prefix: str, inventory: Inventory
         retry=retry_obj,
         continue_on_error=s["continue_on_error"],
         hosts=hosts,
-        parallel=s["parallel"] or 1,
+        parallel=s["parallel"] if isinstance(s["parallel"], int) else 1,
         workdir=s["workdir"],
         shell=shell,
         approvers=appr,
@@ -750,4 +946,12 @@ def _build_step(s: dict[str, Any], index: int, prefix: str, inventory: Inventory
         explicit_id=s["id"] is not None,
         plan=plan,
         targets=inventory.expand(hosts) if kind == "run" else (),
+        emit=s["emit"],
+        uses=s["uses"],
+        used=used.get(s["uses"]) if s["uses"] is not None else None,
+        inputs=dict(s["with"]),
+        branches=branches,
+        for_each=tuple(for_each) if isinstance(for_each, list) else for_each,
+        max_parallel=s["max_parallel"] or 1,
+        fail_fast=True if s["fail_fast"] is None else s["fail_fast"],
     )

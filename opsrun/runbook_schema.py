@@ -19,6 +19,7 @@ from opsrun.schema_checks import (
     Enum,
     Field,
     Integer,
+    Lazy,
     ListOf,
     MapOf,
     Number,
@@ -382,33 +383,101 @@ RETRY = Alternatives(
 )
 
 
+STEP_KINDS = ("run", "confirm", "emit", "uses", "parallel")
+# Keys that belong to one kind of step only (`parallel` is checked on its own: an int
+# bounds an SSH step's hosts at once, a mapping holds branches).
+KIND_ONLY = {
+    "confirm": ("approvers", "on_timeout"),
+    "run": ("shell", "workdir", "host", "hosts"),
+    "uses": ("with",),
+    "parallel": ("fail_fast",),
+}
+RETRIED_KINDS = ("run", "uses")
+LOOPED_KINDS = ("run", "emit", "uses")
+
+
+def step_kind(s: Mapping[str, Any]) -> str | None:
+    """The kind of a (checked) step: what it does, or None when it says nothing to do."""
+    if isinstance(s.get("parallel"), Mapping):
+        return "parallel"
+    for kind in ("run", "confirm", "emit", "uses"):
+        if s.get(kind) is not None:
+            return kind
+    return None
+
+
 def _step_rules(s: dict[str, Any], path: PathT, problems: Problems) -> None:
     where = show_path(path)
-    if s["uses"] is not None:
-        problems.add((*path, "uses"), f"{where}: `uses:` is reserved for a later version of "
-                     "opsrun; write the command with `run:`", at_key=True)
-        return
-    kinds = [k for k in ("run", "confirm") if s[k] is not None]
+    kinds = [k for k in ("run", "confirm", "emit", "uses") if s[k] is not None]
+    if isinstance(s["parallel"], Mapping):
+        kinds.append("parallel")
     if not kinds:
-        problems.add(path, f"{where}: a step needs `run:` (a command) or `confirm:` "
-                           "(a question for a person)")
+        problems.add(path, f"{where}: a step needs `run:` (a command), `confirm:` (a question "
+                           "for a person), `emit:` (an event), `uses:` (another runbook) or "
+                           "`parallel:` (branches of steps)")
         return
-    if len(kinds) == 2:
-        problems.add((*path, "confirm"), f"{where}: a step has either `run:` or `confirm:`, "
-                     "not both; split it into two steps", at_key=True)
+    if len(kinds) > 1:
+        problems.add((*path, kinds[1]), f"{where}: a step has one of `{kinds[0]}:` and "
+                     f"`{kinds[1]}:`, not both; split it into two steps", at_key=True)
         return
-    wrong = CONFIRM_ONLY if kinds[0] == "run" else RUN_ONLY
-    for key in wrong:
-        if s[key] not in (None, [], False):
-            other = "confirm:" if kinds[0] == "run" else "run:"
-            problems.add((*path, key), f"{where}: `{key}` only applies to a `{other}` step",
-                         at_key=True)
+    kind = kinds[0]
+    for other, keys in KIND_ONLY.items():
+        if other == kind:
+            continue
+        for key in keys:
+            if s[key] not in (None, [], False, {}):
+                problems.add((*path, key), f"{where}: `{key}` only applies to a "
+                             f"`{other}:` step", at_key=True)
+    if s["retry"] is not None and kind not in RETRIED_KINDS:
+        problems.add((*path, "retry"), f"{where}: `retry` only applies to a `run:` or "
+                     "`uses:` step", at_key=True)
     if s["host"] is not None and s["hosts"]:
         problems.add((*path, "host"), f"{where}: use `host:` or `hosts:`, not both",
                      at_key=True)
-    if s["parallel"] is not None and not s["hosts"]:
-        problems.add((*path, "parallel"), f"{where}: `parallel` needs `hosts:` (it bounds how many "
-                     "hosts run at once); add the hosts, or remove `parallel`", at_key=True)
+    if isinstance(s["parallel"], int) and not s["hosts"]:
+        problems.add((*path, "parallel"), f"{where}: `parallel: N` needs `hosts:` (it bounds "
+                     "how many hosts run at once); add the hosts, remove `parallel`, or give "
+                     "it branches of steps (`parallel: {name: [steps]}`)", at_key=True)
+    if s["for_each"] is not None and kind not in LOOPED_KINDS:
+        problems.add((*path, "for_each"), f"{where}: `for_each` only applies to a `run:`, "
+                     "`emit:` or `uses:` step", at_key=True)
+    if s["max_parallel"] is not None and s["for_each"] is None:
+        problems.add((*path, "max_parallel"), f"{where}: `max_parallel` needs `for_each:` "
+                     "(it bounds how many items run at once)", at_key=True)
+    if s["fail_fast"] is not None and kind != "parallel" and s["for_each"] is None:
+        problems.add((*path, "fail_fast"), f"{where}: `fail_fast` only applies to a "
+                     "`parallel:` step or a step with `for_each:`", at_key=True)
+
+
+def _check_one_expression(text: str) -> str:
+    _check_template(text)
+    parts = expressions.split(text.strip())
+    if len(parts) != 1 or not isinstance(parts[0], expressions.Expr):
+        raise PositionedError("give the list as one `${{ … }}` expression, like "
+                              "`${{ event.alerts }}`, or write the list in YAML")
+    return text
+
+
+FOR_EACH = Alternatives(
+    (lambda v: isinstance(v, list), ListOf(Anything(), description="The items")),
+    (lambda v: isinstance(v, str), Custom(_check_one_expression, expects="an expression")),
+    expects="a list, or one `${{ … }}` expression that gives a list",
+    description="Run the step once per item of a list; `item` (and `item_index`) read it")
+
+
+BRANCHES = MapOf(Lazy(lambda: _steps(), "steps"), key_pattern=IDENT_RE,
+                 key_hint="a branch name is letters, digits and _, starting with a letter",
+                 description="Branches: name → steps; the branches run at once and the "
+                             "step ends when all have ended")
+
+EMIT = MapOf(Anything(), key_pattern=r".+", key_hint="",
+             description="An event to queue for other runbooks: a JSON object; ${{ … }} in "
+                         "its texts is rendered (a text that is one expression keeps the "
+                         "value's type)")
+
+WITH = MapOf(Anything(), key_pattern=IDENT_RE,
+             key_hint="inputs are the used runbook's param names",
+             description="Inputs of the used runbook, by param name; ${{ … }} is rendered")
 
 
 STEP = Object("a step", {
@@ -419,7 +488,15 @@ STEP = Object("a step", {
     "run": Field(Text(description="Shell commands (bash -c); ${{ … }} values are inserted "
                                   "as single words, never as shell syntax")),
     "confirm": Field(Text(description="A question a person must answer yes to")),
-    "uses": Field(Anything(description="Reserved for a later version")),
+    "emit": Field(EMIT),
+    "uses": Field(Text(description="Run another runbook here: its name, or a file path "
+                                   "beside this one (./restart.yaml)")),
+    "with": Field(WITH, default={}),
+    "for_each": Field(FOR_EACH),
+    "max_parallel": Field(Integer(minimum=1, maximum=1000,
+                                  description="for_each: items at once (default 1)")),
+    "fail_fast": Field(Boolean(description="parallel/for_each: the first failure stops the "
+                                           "others (default true); false lets them finish")),
     "if": Field(Alternatives((lambda v: isinstance(v, bool), Boolean()),
                              (lambda v: isinstance(v, str), EXPRESSION),
                              expects="an expression or true/false",
@@ -436,8 +513,13 @@ STEP = Object("a step", {
                           too_few="is empty; name hosts or groups of the inventory, like "
                                   "[web-1, \"group:db\"], or leave `hosts:` out to run here"),
                    default=[]),
-    "parallel": Field(Integer(minimum=1, maximum=1000,
-                              description="Hosts at once (default 1)")),
+    "parallel": Field(Alternatives(
+        (lambda v: isinstance(v, Mapping), BRANCHES),
+        (lambda v: not isinstance(v, Mapping), Integer(minimum=1, maximum=1000,
+                                                       description="Hosts at once")),
+        expects="a number of hosts at once, or branches (name: [steps])",
+        description="With hosts: how many at once (default 1); a mapping: branches of "
+                    "steps that run at the same time")),
     "workdir": Field(TEMPLATE),
     "shell": Field(Text(description="Shell to run the commands with (default bash)")),
     "approvers": Field(APPROVERS),
@@ -455,7 +537,14 @@ STEP = Object("a step", {
                 "with keys (the inventory's `key:`, the SSH agent or your usual keys), and "
                 "a secret a command needs comes from `secrets.NAME`"
              for k in PASSWORD_KEYS},
-    json_extra={"oneOf": [{"required": ["run"]}, {"required": ["confirm"]}]})
+    json_extra={"oneOf": [{"required": ["run"]}, {"required": ["confirm"]},
+                          {"required": ["emit"]}, {"required": ["uses"]},
+                          {"required": ["parallel"], "properties": {
+                              "parallel": {"type": "object"}}}]})
+
+def _steps() -> Check:
+    return STEPS
+
 
 STEPS = ListOf(STEP, min_items=1, description="The steps, run in order",
                expects="a list of steps, each starting with `- `, like `- run: uptime`",
@@ -483,6 +572,13 @@ RUNBOOK = Object("the runbook", {
     "on_failure": Field(ListOf(STEP, description="Steps run when the run fails"), default=[]),
     "on_denied": Field(ListOf(STEP, description="Steps run when a confirmation is denied "
                                                 "or times out"), default=[]),
+    "on_success": Field(ListOf(STEP, description="Steps run when every step succeeded"),
+                        default=[]),
+    "outputs": Field(MapOf(TEMPLATE, key_pattern=IDENT_RE,
+                           key_hint="output names are letters, digits and _, starting with "
+                                    "a letter",
+                           description="What a caller's `uses:` step gets as "
+                                       "steps.<id>.outputs: name → text"), default={}),
 }, description="An opsrun runbook")
 
 
@@ -490,4 +586,4 @@ def json_schema() -> dict[str, Any]:
     """The JSON Schema of the runbook format, for editors and other tools."""
     s = RUNBOOK.schema()
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID,
-            "title": "opsrun runbook", **s}
+            "title": "opsrun runbook", **s, "$defs": {"steps": STEPS.schema()}}

@@ -238,6 +238,23 @@ class Anything(Check):
         self.description = description
 
 
+class Lazy(Check):
+    """A checker defined later (a step holds steps); in the JSON schema, a `$ref` to its $defs."""
+
+    def __init__(self, get: Callable[[], Check], ref: str) -> None:
+        self.get, self.ref = get, ref
+
+    @property
+    def expects(self) -> str:  # type: ignore[override]
+        return self.get().expects
+
+    def check(self, value: Any, path: PathT, problems: Problems) -> Any:
+        return self.get().check(value, path, problems)
+
+    def schema(self) -> dict[str, Any]:
+        return {"$ref": f"#/$defs/{self.ref}"}
+
+
 class PositionedError(ValueError):
     """A ValueError that knows which character of the checked text is at fault."""
 
