@@ -76,6 +76,14 @@ def _v(value: object) -> str:
 def step_facts(step: Step) -> list[str]:
     """Conditions and settings of a step, each a short phrase."""
     facts = []
+    if step.for_each is not None:
+        items = step.for_each if isinstance(step.for_each, str) else json.dumps(
+            list(step.for_each), default=str)
+        facts.append(f"for each item of {items}" + (f", {step.max_parallel} at a time"
+                                                    if step.max_parallel > 1 else ""))
+    if step.kind == "parallel" or (step.for_each is not None and step.max_parallel > 1):
+        facts.append("the first failure stops the others" if step.fail_fast
+                     else "a failure lets the others finish")
     if step.condition is not None:
         facts.append(f"if: {step.condition}")
     if step.hosts:

@@ -399,3 +399,25 @@ def render_text(text: str, context: Mapping[str, Any]) -> str:
     for part in parts:
         out.append(to_text(evaluate(part.source, context)) if isinstance(part, Expr) else part)
     return "".join(out)
+
+
+def render_value(value: Any, context: Mapping[str, Any]) -> Any:
+    """Render the texts inside a JSON-like value (an `emit:` event, `with:` inputs).
+
+    A text that is one expression and nothing else keeps the value's type, so
+    `count: ${{ steps.n.outputs.n | int }}` is a number and `alerts: ${{ event.alerts }}`
+    a list; any other text is rendered as text.
+    """
+    if isinstance(value, str):
+        try:
+            parts = split(value.strip())
+        except ExpressionSyntaxError as e:
+            raise ExpressionError(e.message) from None
+        if len(parts) == 1 and isinstance(parts[0], Expr):
+            return evaluate(parts[0].source, context)
+        return render_text(value, context)
+    if isinstance(value, Mapping):
+        return {str(k): render_value(v, context) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [render_value(v, context) for v in value]
+    return value

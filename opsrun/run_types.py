@@ -42,10 +42,31 @@ class Cancel(threading.Event):
         super().__init__()
         self.reason = CANCELLED
         self.why: str | None = None
+        self._linked: list[Cancel] = []
+        self._link_lock = threading.RLock()  # a signal handler may cancel meanwhile
 
     def cancel(self, reason: str = CANCELLED, why: str | None = None) -> None:
         self.reason, self.why = reason, why
         self.set()
+
+    def set(self) -> None:
+        super().set()
+        with self._link_lock:
+            linked = list(self._linked)
+        for child in linked:
+            child.cancel(self.reason, self.why)
+
+    def link(self, child: Cancel) -> None:
+        """Cancel `child` too when this is cancelled (a run's branches and loop items)."""
+        with self._link_lock:
+            self._linked.append(child)
+        if self.is_set():
+            child.cancel(self.reason, self.why)
+
+    def unlink(self, child: Cancel) -> None:
+        with self._link_lock:
+            if child in self._linked:
+                self._linked.remove(child)
 
 
 def cancel_reason(event: threading.Event) -> str:
@@ -74,6 +95,8 @@ class StepResult(NamedTuple):
     hosts: Mapping[str, Mapping[str, Any]] = _EMPTY_MAP
     error: str | None = None
     answer: dict[str, Any] | None = None  # confirm steps: who answered what
+    items: tuple[dict[str, Any], ...] | None = None  # for_each: each item's result
+    branches: Mapping[str, Mapping[str, Any]] | None = None  # parallel: each branch's end
 
     def context(self) -> dict[str, Any]:
         """The value of `steps.<id>` for expressions."""
@@ -83,6 +106,10 @@ class StepResult(NamedTuple):
                                "hosts": self.hosts}
         if self.answer is not None:
             out["answer"] = self.answer
+        if self.items is not None:
+            out["items"] = list(self.items)
+        if self.branches is not None:
+            out["branches"] = dict(self.branches)
         return out
 
 
@@ -111,6 +138,12 @@ class Listener(Protocol):
     def transition(self, kind: str, data: dict[str, Any]) -> None: ...
 
     def output(self, step_id: str, stream: str, text: str, host: str | None) -> None: ...
+
+
+class Emitter(Protocol):
+    """Queues an event that an `emit:` step made, for the service to match (durably)."""
+
+    def __call__(self, data: dict[str, Any], via: dict[str, Any]) -> None: ...
 
 
 class ConfirmRequest(NamedTuple):

@@ -120,6 +120,22 @@ MIGRATIONS.append([
     "ALTER TABLE runs ADD COLUMN retry_attempt INTEGER",
     "ALTER TABLE runs ADD COLUMN retry_at REAL",
 ])
+MIGRATIONS.append([
+    # Steps inside a step (parallel branches, loop items, a used runbook's steps) are kept
+    # under their top-level step's idx, numbered by `sub` (0 for the top-level step itself).
+    """CREATE TABLE steps_new (
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        idx INTEGER NOT NULL, sub INTEGER NOT NULL DEFAULT 0, step_id TEXT NOT NULL,
+        attempt INTEGER NOT NULL, outcome TEXT NOT NULL, started_at TEXT, finished_at TEXT,
+        exit_code INTEGER, stdout_tail TEXT NOT NULL, stderr_tail TEXT NOT NULL,
+        outputs TEXT NOT NULL, hosts TEXT NOT NULL, PRIMARY KEY (run_id, idx, sub, attempt))""",
+    """INSERT INTO steps_new (run_id, idx, sub, step_id, attempt, outcome, started_at,
+        finished_at, exit_code, stdout_tail, stderr_tail, outputs, hosts)
+        SELECT run_id, idx, 0, step_id, attempt, outcome, started_at, finished_at, exit_code,
+        stdout_tail, stderr_tail, outputs, hosts FROM steps""",
+    "DROP TABLE steps",
+    "ALTER TABLE steps_new RENAME TO steps",
+])
 SCHEMA_VERSION = len(MIGRATIONS)
 RECEIPT_KEEP_S = 24 * 3600  # an emit looks for its receipt within seconds; keep a day
 
@@ -174,6 +190,7 @@ class StepRecord(NamedTuple):
     stderr_tail: str
     outputs: dict[str, Any]
     hosts: dict[str, Any]
+    sub: int = 0  # inside the step at `position`: its number there (0: that step itself)
 
 
 class ApprovalRecord(NamedTuple):
@@ -372,22 +389,22 @@ class Store:
                     finished_at: datetime | None = None, exit_code: int | None = None,
                     stdout_tail: str = "", stderr_tail: str = "",
                     outputs: Mapping[str, Any] | None = None,
-                    hosts: Mapping[str, Any] | None = None) -> StepRecord:
+                    hosts: Mapping[str, Any] | None = None, sub: int = 0) -> StepRecord:
         """Insert or replace one attempt of a step; output beyond 64 KiB keeps its tail."""
         row = (run_id, index, step_id, attempt, outcome, _ts(started_at), _ts(finished_at),
                exit_code, _tail(stdout_tail), _tail(stderr_tail), _json(outputs or {}),
-               _json(hosts or {}))
+               _json(hosts or {}), sub)
         with self._write("recording a step") as c:
             c.execute("INSERT OR REPLACE INTO steps (run_id, idx, step_id, attempt, outcome, "
                       "started_at, finished_at, exit_code, stdout_tail, stderr_tail, outputs, "
-                      "hosts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+                      "hosts, sub) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
         return _step(row)
 
     def steps_of(self, run_id: str) -> list[StepRecord]:
         """Every recorded step attempt of a run, in order."""
         with self._read("reading steps") as c:
             rows = c.execute(f"SELECT {_STEP_COLUMNS} FROM steps WHERE run_id = ? "
-                             "ORDER BY idx, attempt", (run_id,)).fetchall()
+                             "ORDER BY idx, sub, attempt", (run_id,)).fetchall()
         return [_step(r) for r in rows]
 
     # ── approvals ───────────────────────────────────────────────────────────
@@ -872,7 +889,7 @@ _RUN_COLUMNS = ("id, runbook, runbook_path, runbook_sha256, state, event, params
                 "started_uid, trigger, created_at, started_at, finished_at, exit_code, error, "
                 "current_step, retry_attempt, retry_at")
 _STEP_COLUMNS = ("run_id, idx, step_id, attempt, outcome, started_at, finished_at, exit_code, "
-                 "stdout_tail, stderr_tail, outputs, hosts")
+                 "stdout_tail, stderr_tail, outputs, hosts, sub")
 _RUN_ENDED = ("SELECT 1 FROM runs WHERE runs.id = approvals.run_id AND runs.state IN "
               f"({', '.join('?' * len(FINAL_RUN_STATES))})")
 _APPROVAL_COLUMNS = ("id, run_id, step_id, question, approvers, starter, asked_at, deadline, "
@@ -889,7 +906,7 @@ def _run(r: Sequence[Any]) -> RunRecord:
 
 def _step(r: Sequence[Any]) -> StepRecord:
     return StepRecord(r[0], r[1], r[2], r[3], r[4], _dt(r[5]), _dt(r[6]), r[7], r[8], r[9],
-                      json.loads(r[10]), json.loads(r[11]))
+                      json.loads(r[10]), json.loads(r[11]), r[12])
 
 
 def _approval(r: Sequence[Any]) -> ApprovalRecord:

@@ -17,7 +17,7 @@ from opsrun.errors import UsageError
 from opsrun.event import Event, EventRejected, from_object, new_event, parse_json_event
 from opsrun.ids import new_id
 from opsrun.inventory import check_option as check_inventory_option
-from opsrun.run_types import RunResult
+from opsrun.run_types import Cancel, RunResult
 from opsrun.runbook import Runbook, Step, find_runbook
 from opsrun.runs.context import open_run_context
 from opsrun.runs.driver_lock import driving
@@ -122,7 +122,7 @@ def _signals_cancel(cancel: threading.Event) -> Iterator[None]:
 
 
 def run_with_signals(eng: engine_mod.Engine, req: engine_mod.RunRequest) -> RunResult:
-    cancel = threading.Event()
+    cancel = Cancel()
     with _signals_cancel(cancel):
         return eng.run(req, cancel)
 
@@ -147,12 +147,14 @@ def print_plan(rb: Runbook, planned: list[engine_mod.PlannedStep], *, as_json: b
     """Show a dry run: every step rendered, with what it would do."""
     if as_json:
         output.print_json({"version": 1, "dry_run": True, "runbook": rb.name, "steps": [
-            {"section": p.section, "id": p.step.id, "verdict": p.verdict, "note": p.note,
+            {"section": p.section, "id": p.step.id, "kind": p.step.kind, "within": p.within,
+             "verdict": p.verdict, "note": p.note,
              "command": p.command, "hosts": [h.name for h in p.step.targets],
              "parallel": p.step.parallel if p.step.targets else None} for p in planned]})
         return 2 if any(p.verdict == "error" for p in planned) else 0
     print(f"dry run of {rb.name}: nothing will be run")
-    titles = {"steps": "Steps", "on_failure": "On failure", "on_denied": "On denied"}
+    titles = {"steps": "Steps", "on_failure": "On failure", "on_denied": "On denied",
+              "on_success": "On success"}
     words = {"run": "would run", "skip": "would be skipped", "ask": "would ask for approval",
              "depends": "runs or is skipped depending on earlier steps", "error": "ERROR"}
     section = ""
@@ -160,12 +162,19 @@ def print_plan(rb: Runbook, planned: list[engine_mod.PlannedStep], *, as_json: b
         if p.section != section:
             section = p.section
             print(f"\n{titles[section]}")
-        print(f"  {p.step.id}: {words[p.verdict]}" + (f" ({output.safe(p.note)})" if p.note else ""))
+        # Steps inside a step are indented under it, with where they are.
+        pad = "  " * (p.within.count("/") + p.within.count("→") + 1)
+        where = f"[{output.safe(p.within)}] " if p.within else ""
+        print(f"{pad}{where}{p.step.id}: {words[p.verdict]}"
+              + (f" ({output.safe(p.note)})" if p.note else ""))
         if p.step.targets:
-            print(f"      on hosts: {_hosts_line(p.step)}")
-        label = "confirm:" if p.step.kind == "confirm" else "$"
-        for i, line in enumerate(output.safe(p.command).splitlines() or [""]):
-            print(f"      {label if i == 0 else ' ' * len(label)} {line}")
+            print(f"{pad}    on hosts: {_hosts_line(p.step)}")
+        if p.step.kind == "parallel":
+            continue
+        label = {"confirm": "confirm:", "emit": "emit:", "uses": "uses:"}.get(p.step.kind, "$")
+        command = p.command.removeprefix("emit ").removeprefix("uses ")
+        for i, line in enumerate(output.safe(command).splitlines() or [""]):
+            print(f"{pad}    {label if i == 0 else ' ' * len(label)} {line}")
     return 2 if any(p.verdict == "error" for p in planned) else 0
 
 

@@ -68,26 +68,48 @@ def _plan_lines(rb: Runbook) -> list[str]:
                  + (f", key {rb.concurrency.key}" if rb.concurrency.key else ", one key for all runs"))
     lines.append("  timeout: " + (format_duration(rb.timeout_s) if rb.timeout_s else "none"))
     for title, steps in (("Steps", rb.steps), ("On failure", rb.on_failure),
-                         ("On denied", rb.on_denied)):
+                         ("On denied", rb.on_denied), ("On success", rb.on_success)):
         if steps:
             lines += ["", _HEADING + title]
             for step in steps:
                 lines += _step_lines(step)
+    if rb.outputs:
+        lines += ["", _HEADING + "Outputs (for a caller's uses: step)"]
+        lines += [f"  {name}: {value}" for name, value in rb.outputs.items()]
     return lines
 
 
-def _step_lines(step: Step) -> list[str]:
-    head = f"  {step.position + 1}. {step.title}"
+def _step_lines(step: Step, indent: str = "  ") -> list[str]:
+    head = f"{indent}{step.position + 1}. {step.title}"
     if step.explicit_id and step.title != step.id:
         head += f"  [{step.id}]"
     out = [head]
-    body = step.run if step.kind == "run" else step.confirm
-    label = "run:" if step.kind == "run" else "confirm:"
-    text = (body or "").rstrip("\n").splitlines() or [""]
-    out.append(f"       {label} {text[0]}")
-    out += [f"       {' ' * len(label)} {line}" for line in text[1:]]
-    out += [f"       {fact}" for fact in describe.step_facts(step)]
+    pad = indent + "     "
+    label, text = _body(step)
+    if label:
+        out.append(f"{pad}{label} {text[0]}")
+        out += [f"{pad}{' ' * len(label)} {line}" for line in text[1:]]
+    out += [f"{pad}{fact}" for fact in describe.step_facts(step)]
+    for name, steps in step.branches:
+        out.append(f"{pad}branch {name}:")
+        for inner in steps:
+            out += _step_lines(inner, pad + "  ")
     return out
+
+
+def _body(step: Step) -> tuple[str, list[str]]:
+    """What a step does, as a label and lines: `run: …`, `emit: {…}`, `uses: x with …`."""
+    if step.kind == "parallel":
+        return "", [""]
+    if step.kind == "emit":
+        return "emit:", [json.dumps(dict(step.emit or {}), ensure_ascii=False, default=str)]
+    if step.kind == "uses":
+        used = f" ({step.used.path})" if step.used is not None else ""
+        inputs = ", ".join(f"{k}={v}" for k, v in step.inputs.items())
+        return "uses:", [f"{step.uses}{used}" + (f" with {inputs}" if inputs else "")]
+    body = step.run if step.kind == "run" else step.confirm
+    text = (body or "").rstrip("\n").splitlines() or [""]
+    return ("run:" if step.kind == "run" else "confirm:"), text
 
 
 def as_dict(rb: Runbook) -> dict[str, object]:
@@ -100,7 +122,12 @@ def as_dict(rb: Runbook) -> dict[str, object]:
                 "continue_on_error": s.continue_on_error,
                 "hosts": list(s.hosts), "parallel": s.parallel, "workdir": s.workdir,
                 "shell": s.shell, "approvers": s.approvers.as_record(),
-                "on_timeout": s.on_timeout}
+                "on_timeout": s.on_timeout, "emit": s.emit, "uses": s.uses,
+                "uses_file": None if s.used is None else str(s.used.path),
+                "with": dict(s.inputs),
+                "for_each": list(s.for_each) if isinstance(s.for_each, tuple)
+                else s.for_each, "max_parallel": s.max_parallel, "fail_fast": s.fail_fast,
+                "branches": {name: [step(x) for x in steps] for name, steps in s.branches}}
 
     return {"version": 1, "name": rb.name, "file": str(rb.path), "sha256": rb.sha256,
             "description": rb.description,
@@ -111,4 +138,5 @@ def as_dict(rb: Runbook) -> dict[str, object]:
             "concurrency": rb.concurrency._asdict(), "timeout_s": rb.timeout_s,
             "steps": [step(s) for s in rb.steps],
             "on_failure": [step(s) for s in rb.on_failure],
-            "on_denied": [step(s) for s in rb.on_denied]}
+            "on_denied": [step(s) for s in rb.on_denied],
+            "on_success": [step(s) for s in rb.on_success], "outputs": dict(rb.outputs)}

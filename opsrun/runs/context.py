@@ -70,7 +70,11 @@ class RunContext:
         """An engine whose first listeners are the audit log and the store."""
         return Engine(self.executors(),
                       [AuditListener(self.audit), StoreListener(self.store), *listeners],
-                      secrets=self.secrets, confirmer=confirmer)
+                      secrets=self.secrets, confirmer=confirmer, emitter=self.queue_event)
+
+    def queue_event(self, data: dict[str, Any], via: dict[str, Any]) -> None:
+        """An `emit:` step's event onto the durable queue that `opsrun watch` drains."""
+        self.store.enqueue_events([data], source=via)
 
     def waiting_confirmer(self, *, park: bool = False,
                           notify: Callable[[str], None] | None = None) -> WaitingConfirmer:

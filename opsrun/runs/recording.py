@@ -48,7 +48,7 @@ class StoreListener:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._started: dict[tuple[str, int, int], datetime] = {}
+        self._started: dict[tuple[str, int, int, int], datetime] = {}
         self._versions: set[str] = set()  # runbook versions already kept
         self._retrying: set[str] = set()  # runs with a retry due
 
@@ -75,12 +75,14 @@ class StoreListener:
             if run_id in self._retrying:
                 self._retrying.discard(run_id)
                 self.store.update_run(run_id, retry_attempt=None, retry_at=None)
-            self._started[(run_id, data["index"], data["attempt"])] = now
+            sub = data.get("sub") or 0
+            self._started[(run_id, data["index"], sub, data["attempt"])] = now
             self.store.record_step(run_id, data["index"], data["step_id"], outcome="running",
-                                   attempt=data["attempt"], started_at=now)
+                                   attempt=data["attempt"], started_at=now, sub=sub)
         elif kind == "step.finished":
-            started = self._started.pop((run_id, data["index"], data["attempt"]), now)
-            self.store.record_step(run_id, data["index"], data["step_id"],
+            sub = data.get("sub") or 0
+            started = self._started.pop((run_id, data["index"], sub, data["attempt"]), now)
+            self.store.record_step(run_id, data["index"], data["step_id"], sub=sub,
                                    outcome=data["outcome"], attempt=data["attempt"],
                                    started_at=started, finished_at=now,
                                    exit_code=data.get("exit_code"), stdout_tail=data["stdout"],
@@ -91,7 +93,7 @@ class StoreListener:
             self.store.update_run(run_id, retry_attempt=data["attempt"], retry_at=data["at"])
         elif kind == "step.skipped":
             self.store.record_step(run_id, data["index"], data["step_id"], outcome=rt.SKIPPED,
-                                   started_at=now, finished_at=now)
+                                   started_at=now, finished_at=now, sub=data.get("sub") or 0)
         elif kind in ("confirm.answered", "confirm.resumed"):
             outcome = rt.SUCCESS if data["approved"] else rt.STEP_DENIED
             self.store.record_step(run_id, data["index"], data["step_id"], outcome=outcome,
