@@ -160,12 +160,18 @@ class _Run:
         f.steps_ctx = {} if ctx is not None else dict(self.steps_ctx)
         f.ctx = dict(self.ctx if ctx is None else ctx)
         f.ctx["steps"] = f.steps_ctx
-        f.started, f.deadline, f.scratch = self.started, self.deadline, self.scratch
+        f.started, f.deadline = self.started, self.deadline
+        f.subs = self.subs
+        # Parts that run side by side write their event and output files apart.
+        try:
+            f.scratch = scratch.make_part(self.scratch, next(self.subs))
+        except OSError as e:
+            raise StateError(f"cannot create a scratch folder in {self.scratch}: "
+                             f"{e.strerror or e} (out of disk space?)") from None
         f.ordinal = f.top_index = self.top_index
         f.forked = True
         f.extra = {**self.extra, **extra}
         f.prefix = self.prefix + prefix
-        f.subs = self.subs
         return f
 
     def _adopt(self, fork: _Run, *, steps: bool = True) -> None:

@@ -23,6 +23,13 @@ def make(run_id: str) -> str:
     return path
 
 
+def make_part(run_folder: str, n: int) -> str:
+    """A folder inside a run's for one part that runs beside others (a branch, an item)."""
+    path = os.path.join(run_folder, f"part-{n}")
+    os.mkdir(path, 0o700)
+    return path
+
+
 def remove(path: str) -> None:
     """Remove the folder and what it holds; errors are ignored (it is only scratch)."""
     try:

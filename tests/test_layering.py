@@ -22,7 +22,7 @@ for layer, names in enumerate([
     "proc file_lock store audit control_socket approvals sources executors "
     "runs.step_processes runs.driver_lock",
     # L4: orchestration
-    "engine runs.scheduler runs.recording runs.resume",
+    "engine flow runs.scheduler runs.recording runs.resume",
     # L5: the program around it: a run's context, the service
     "runs.context runs.recovery runs.cancel runs.dispatch service output",
     # L6: the command line
