@@ -448,6 +448,22 @@ def memory(tmp: Path, quick: bool) -> list[Row]:
     return rows
 
 
+def flow(tmp: Path, repeat: int) -> list[Row]:
+    sys.path.insert(0, str(HERE))
+    import flow as flow_bench  # bench/flow.py
+
+    figures = flow_bench.measure(tmp / "flow", 16, max(3, repeat))
+    bash_median, _bash_max = figures["bash"]
+    rows = []
+    for kind, label in (("parallel", "parallel: branch start gap (16)"),
+                        ("for_each", "for_each: item start gap (16)")):
+        median, largest = figures[kind]
+        rows.append(Row(label, median, "ms", {"bash &": bash_median},
+                        f"< {flow_bench.GOAL_MS:g} ms", median < flow_bench.GOAL_MS,
+                        f"largest gap {largest:.1f} ms"))
+    return rows
+
+
 def ssh_fanout(tmp: Path, repeat: int) -> list[Row]:
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
@@ -533,7 +549,8 @@ def main() -> int:
     ap.add_argument("--with-peers", action="store_true",
                     help="install ansible-core (temp venv) and inotify-tools, entr, jq")
     ap.add_argument("--repeat", type=int, help="repetitions of each figure (default 3)")
-    ap.add_argument("--only", help="comma-separated: startup,latency,log,dispatch,audit,ssh,memory")
+    ap.add_argument("--only", help="comma-separated: startup,latency,log,dispatch,audit,ssh,"
+                                     "flow,memory")
     args = ap.parse_args()
     repeat = args.repeat or (1 if args.quick else 3)
     tmp = Path(tempfile.mkdtemp(prefix="opsrun-bench-"))
@@ -548,6 +565,7 @@ def main() -> int:
             ("dispatch", lambda: dispatch(tmp, repeat, 20_000 if args.quick else 100_000)),
             ("audit", lambda: audit(tmp, repeat, 100_000 if args.quick else 1_000_000)),
             ("ssh", lambda: ssh_fanout(tmp, repeat)),
+            ("flow", lambda: flow(tmp, repeat)),
             ("memory", lambda: memory(tmp, args.quick)),
         ]
         for name, fn in parts:
