@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             if got != expected:
                 raise SystemExit(f"{name} with {n} runbooks started {got}, not {expected}")
             results.setdefault(name, []).append(per_call_us(lambda: m.match(event), seconds))
-    print(f"matching cost per event (µs), runbooks with 3 triggers each + 3 unindexable")
+    print("matching cost per event (µs), runbooks with 3 triggers each + 3 unindexable")
     print(f"{'event':<12}" + "".join(f"{n:>10,}" for n in SIZES) + f"{'1000/10':>10}")
     for name, figures in results.items():
         ratio = figures[-1] / figures[0]

@@ -242,7 +242,6 @@ def log_throughput(tmp: Path, repeat: int, lines: int) -> list[Row]:
         for n in range(lines):
             f.write(f"2026-11-22T10:00:{n % 60:02d}Z web-{n % 7} GET /api/item/{n} 200 "
                     f"{n % 997}ms user={n % 4000}\n")
-    size = log.stat().st_size
 
     def grep(args: list[str]) -> float:
         t0 = time.perf_counter()
