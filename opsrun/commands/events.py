@@ -232,6 +232,7 @@ def _run_all(matcher: Matcher, parallel: int, state_dir: str | None, audit_log: 
     from opsrun.runs.context import open_run_context
     from opsrun.runs.dispatch import Dispatcher
     from opsrun.runs.driver_lock import driving
+    from opsrun.runs.throttle import ThrottleTimer
 
     secret_values = secrets.load(Path(secrets_file) if secrets_file else None)
     codes: list[int] = []
@@ -254,6 +255,11 @@ def _run_all(matcher: Matcher, parallel: int, state_dir: str | None, audit_log: 
 
         dispatcher = Dispatcher(rc, scheduler, start, identity.current(),
                                 matcher=matcher)
+        # once_after windows end while events still come (a long pipeline), or ended
+        # before: they fire here; those still open at the end are left in the state folder.
+        timer = ThrottleTimer(rc.store, lambda: matcher.runbooks, dispatcher.fire_window,
+                              lambda message, **fields: None).start()
+        dispatcher.window_opened = timer.wake
         for item in read_events(sys.stdin.buffer):
             if isinstance(item, Rejection):
                 print(f"opsrun: stdin {item}", file=sys.stderr)
@@ -263,6 +269,7 @@ def _run_all(matcher: Matcher, parallel: int, state_dir: str | None, audit_log: 
             dispatcher.dispatch(item)
             if parallel == 1:
                 scheduler.wait_idle()
+        timer.stop()
         scheduler.wait_idle()
     if as_json:
         output.print_json({"version": 1, "runs": results})
