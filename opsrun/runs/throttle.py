@@ -19,6 +19,7 @@ from typing import Any
 
 from opsrun import expressions
 from opsrun.audit.format import rfc3339
+from opsrun.durations import format_duration
 from opsrun.errors import ExpressionError, OpsrunError
 from opsrun.runbook import Runbook
 from opsrun.store import Store
@@ -67,11 +68,40 @@ def throttled_event(window: Window) -> tuple[str, dict[str, Any]]:
     return source, data
 
 
-def open_window(store: Store, rb: Runbook, key: str) -> Window | None:
-    """The window open now for this runbook and rendered key, if any (for explain)."""
-    if rb.throttle is None:
+def explain(rb: Runbook, event: Mapping[str, Any], params: Mapping[str, Any],
+            store: Store | None) -> dict[str, Any] | None:
+    """What the runbook's throttle would do with an event that its triggers take now:
+    `runs_now`, the rendered `key`, and the open window's `until` and `suppressed`
+    (None when no window is open, or no state folder was given). None: not throttled."""
+    spec = spec_for(rb, event, params, lambda message, **fields: None)
+    if spec is None:
         return None
-    return store.open_throttle(rb.name, key, rb.throttle.mode)
+    window = None if store is None else store.open_throttle(rb.name, spec.key, spec.mode)
+    return {"mode": spec.mode, "key": spec.key, "window_s": spec.window_s,
+            "runs_now": spec.mode != ONCE_AFTER and window is None,
+            "until": None if window is None else rfc3339(window.until),
+            "suppressed": None if window is None else window.suppressed()}
+
+
+def explain_text(t: Mapping[str, Any]) -> str:
+    """`explain`'s line for a throttle verdict."""
+    key = f"key {t['key']!r}" if t["key"] else "the runbook-wide key"
+    if t["mode"] == ONCE_AFTER:
+        if t["until"] is None:
+            return (f"throttle: opens a once_after window of {format_duration(t['window_s'])} "
+                    f"for {key}; one run with the last event of it when it ends")
+        return (f"throttled: joins the once_after window for {key} "
+                f"({_events(t['suppressed'])} so far); one run with the last event when it "
+                f"ends at {t['until']}")
+    if t["until"] is None:
+        return (f"throttle: runs and opens a once_within window of "
+                f"{format_duration(t['window_s'])} for {key}")
+    return (f"throttled until {t['until']}: the once_within window for {key} is open "
+            f"({_events(t['suppressed'])} held back so far); no run")
+
+
+def _events(n: int) -> str:
+    return f"{n} event" + ("s" if n != 1 else "")
 
 
 class ThrottleTimer:
