@@ -122,7 +122,12 @@ class ThrottleTimer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> ThrottleTimer:
-        """Start the timer thread (fires what is due at once: the end may have passed)."""
+        """Fire what is due now (it ended while opsrun was down), then start the thread."""
+        try:
+            self.fire_due()
+        except OpsrunError as e:
+            self.log("throttle windows could not be fired; trying again", level="error",
+                     error=str(e))
         self._thread = threading.Thread(target=self._loop, name="opsrun-throttle",
                                         daemon=True)
         self._thread.start()
