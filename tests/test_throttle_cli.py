@@ -227,3 +227,23 @@ def test_show_describes_the_throttle(tmp_path: Path, rbdir: Path) -> None:
     data = json.loads(opsrun("show", "alerts", "--runbooks", str(rbdir), "--json").stdout)
     assert data["throttle"] == {"mode": "once_within", "window_s": 600.0,
                                 "key": "${{ event.alertname }}"}
+
+
+def test_the_alert_storm_example_pages_once_with_the_count(tmp_path: Path, rbdir: Path,
+                                                          env: dict[str, str],
+                                                          repo_root: Path) -> None:
+    text = (repo_root / "runbooks" / "alert-storm.yaml").read_text()
+    assert "once_after: 5m" in text
+    (rbdir / "alert-storm.yaml").write_text(text.replace("once_after: 5m",
+                                                         "once_after: 300ms"))
+    alert = {"type": "alert", "status": "firing", "alertname": "HighLatency"}
+    storm = "".join(json.dumps({**alert, "labels": {"instance": f"web-{n}"}}) + "\n"
+                    for n in range(3))
+    r = opsrun("dispatch", "--runbooks", str(rbdir), env=env, input=storm)
+    assert r.returncode == 0 and "page:" not in r.stdout
+    until = unix(kinds(audit(tmp_path / "state"), "run.throttled")[-1]["until"])
+    wait_for(lambda: time.time() > until, timeout=10)
+    r = opsrun("dispatch", "--runbooks", str(rbdir), env=env, input="")
+    assert r.returncode == 0, r.stderr
+    assert "page: HighLatency fired 3 times in 0.3s since " in r.stdout
+    assert "last on web-2" in r.stdout
