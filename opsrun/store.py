@@ -703,6 +703,13 @@ class Store:
                              "ORDER BY opened_at", args).fetchall()
         return [_window(r) for r in rows]
 
+    def count_throttles(self, *, now: float | None = None) -> int:
+        """How many windows `throttle_windows` would list."""
+        clock = time.time() if now is None else now
+        with self._read("counting throttle windows") as c:
+            return int(c.execute("SELECT count(*) FROM throttles WHERE until > ? OR mode = ?",
+                                 (clock, ONCE_AFTER)).fetchone()[0])
+
     def open_throttle(self, runbook: str, key: str, mode: str, *,
                       now: float | None = None) -> Window | None:
         """The window open now for this runbook, key and mode, or None."""

@@ -80,6 +80,8 @@ def test_watch_runs_once_within_a_window_and_records_the_rest(
     assert first["runbook"]["name"] == "alerts" and first["mode"] == "once_within"
     assert first["until"].endswith("Z") and first["trigger"].startswith("alerts/event/")
     assert first["run_id"] is None and first["event_id"]
+    assert json.loads(svc.cli("status", "--json").stdout)["throttle_windows"] == 2
+    assert "throttles:   2 window(s) open" in svc.cli("status").stdout
     assert svc.stop() == 0
     logged = [json.loads(ln) for ln in svc.log().splitlines() if ln.startswith("{")]
     assert sum(ln["msg"] == "run throttled" for ln in logged) == 4

@@ -377,6 +377,7 @@ class Daemon:
             "runs_running": counts["running"], "runs_waiting": counts["parked"],
             "runs_queued": counts["queued"], "event_queue": self.rc.store.queue_length(),
             "max_parallel": self.opts.max_parallel,
+            "throttle_windows": self.rc.store.count_throttles(),
         }
 
     def status_line(self) -> str:
