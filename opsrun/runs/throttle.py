@@ -168,6 +168,3 @@ class ThrottleTimer:
             self._wake.wait(wait)
             self._wake.clear()
 
-
-def is_once_after(rb: Runbook) -> bool:
-    return rb.throttle is not None and rb.throttle.mode == ONCE_AFTER
