@@ -64,7 +64,7 @@ _opsrun() {
         "deny") COMPREPLY=($(compgen -W '--comment -m --step --state-dir --audit-log' -- "$cur") $(compgen -f -- "$cur")) ;;
         "dispatch") COMPREPLY=($(compgen -W '--dry-run --explain --parallel --json --runbooks -r --state-dir --audit-log --secrets-file --inventory --accept-new-hosts' -- "$cur")) ;;
         "emit") COMPREPLY=($(compgen -W '--state-dir --audit-log' -- "$cur") $(compgen -f -- "$cur")) ;;
-        "explain") COMPREPLY=($(compgen -W '--event --runbooks -r --json' -- "$cur") $(compgen -W "$(_opsrun_runbooks)" -- "$cur") $(compgen -f -- "$cur")) ;;
+        "explain") COMPREPLY=($(compgen -W '--event --runbooks -r --json --state-dir' -- "$cur") $(compgen -W "$(_opsrun_runbooks)" -- "$cur") $(compgen -f -- "$cur")) ;;
         "init") COMPREPLY=($(compgen -W '' -- "$cur") $(compgen -f -- "$cur")) ;;
         "list") COMPREPLY=($(compgen -W '--runbooks -r --json' -- "$cur")) ;;
         "logs") COMPREPLY=($(compgen -W '--json --state-dir' -- "$cur") $(compgen -f -- "$cur")) ;;

@@ -95,6 +95,7 @@ complete -c opsrun -n '__fish_seen_subcommand_from emit' -F
 complete -c opsrun -n '__fish_seen_subcommand_from explain' -l event -r -d 'The event (a file or log event by its `source`).'
 complete -c opsrun -n '__fish_seen_subcommand_from explain' -l runbooks -s r -r -F -d 'Runbooks folder (default ./runbooks).'
 complete -c opsrun -n '__fish_seen_subcommand_from explain' -l json -d 'Machine-readable output.'
+complete -c opsrun -n '__fish_seen_subcommand_from explain' -l state-dir -r -F -d 'State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun: ~/.local/state/opsrun).'
 complete -c opsrun -n '__fish_seen_subcommand_from explain' -a '(__opsrun_runbooks)' -F
 complete -c opsrun -n '__fish_seen_subcommand_from init' -F
 complete -c opsrun -n '__fish_seen_subcommand_from list' -l runbooks -s r -r -F -d 'Runbooks folder (default ./runbooks).'

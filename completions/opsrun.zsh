@@ -198,6 +198,7 @@ _opsrun_explain() {
     '(--event)'--event'[The event (a file or log event by its `source`).]:value: ' \
     '(--runbooks -r)'{--runbooks,-r}'[Runbooks folder (default ./runbooks).]:value:_files -/' \
     '(--json)'--json'[Machine-readable output.]' \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun - ~/.local/state/opsrun).]:value:_files -/' \
     '*:runbook:{_opsrun_runbooks; _files}'
 }
 

@@ -468,13 +468,15 @@ def _explain(
                               help="The event (a file or log event by its `source`)."),
     runbooks: Optional[Path] = _runbooks_opt(),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    state_dir: Optional[str] = _state_dir_opt(),
 ) -> None:
     """Say whether an event starts a runbook; if not, which condition fails, with what value."""
     from opsrun import paths as paths_mod
     from opsrun.commands import explain as explain_cmd
 
     folder = paths_mod.runbooks_dir_from_env(runbooks)
-    _finish(ctx, lambda: explain_cmd.main(runbook, folder, event_arg=event, as_json=as_json))
+    _finish(ctx, lambda: explain_cmd.main(runbook, folder, event_arg=event, as_json=as_json,
+                                          state_dir=state_dir))
 
 
 @app.command("sources")

@@ -12,6 +12,7 @@ from opsrun.runbook import (
     Runbook,
     ScheduleTrigger,
     Step,
+    Throttle,
     Trigger,
 )
 
@@ -115,6 +116,16 @@ def step_facts(step: Step) -> list[str]:
                                             if a.not_starter else ""))
         facts.append(f"on timeout: {step.on_timeout}")
     return facts
+
+
+def throttle_text(t: Throttle) -> str:
+    """`once_within 10m00s per key ${{ event.alertname }}: the first event runs, …`."""
+    per = f"per key {t.key}" if t.key else "one window for all events"
+    what = ("the first event of a window runs, the rest of it are recorded as run.throttled"
+            if t.mode == "once_within" else
+            "every event is recorded as run.throttled; when the window ends, one run with "
+            "the last")
+    return f"{t.mode} {format_duration(t.window_s)}, {per}: {what}"
 
 
 def runbook_triggers_short(rb: Runbook) -> str:

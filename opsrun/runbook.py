@@ -174,6 +174,18 @@ class Concurrency(NamedTuple):
     policy: str = "queue"
 
 
+class Throttle(NamedTuple):
+    """At most one run per window of `window_s` for each rendered `key`.
+
+    `once_within`: the first event of a window runs, the others in it do not;
+    `once_after`: no event runs at once, and the last of the window runs when it ends.
+    """
+
+    mode: str  # once_within | once_after
+    window_s: float
+    key: str = ""  # a template reading event and params; "" = one window for the runbook
+
+
 class Runbook(NamedTuple):
     name: str
     path: Path
@@ -184,6 +196,7 @@ class Runbook(NamedTuple):
     params: Mapping[str, Param] = _EMPTY_MAP
     env: Mapping[str, str] = _EMPTY_MAP
     concurrency: Concurrency = Concurrency()
+    throttle: Throttle | None = None
     timeout_s: float | None = None
     on_failure: tuple[Step, ...] = ()
     on_denied: tuple[Step, ...] = ()
@@ -454,6 +467,9 @@ def _check_whole(data: dict[str, Any], problems: Problems) -> None:
     if data["concurrency"] is not None:
         _check_template(data["concurrency"]["key"], ("concurrency", "key"),
                         base._replace(allow=("event", "params")), problems)
+    if data["throttle"] is not None:
+        _check_template(data["throttle"]["key"], ("throttle", "key"),
+                        base._replace(allow=("event", "params")), problems)
     main_ids: set[str] = set()
     for list_name, steps in step_lists:
         failing = list_name in ("on_failure", "on_denied")
@@ -529,6 +545,7 @@ def _partial_view(raw: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(raw.get("params"), Mapping) else {},
         "env": valid(schema.ENV, raw.get("env"), {}),
         "concurrency": valid(schema.CONCURRENCY, raw.get("concurrency"), None),
+        "throttle": valid(schema.THROTTLE, raw.get("throttle"), None),
         "steps": steps("steps"), "on_failure": steps("on_failure"),
         "on_denied": steps("on_denied"), "on_success": steps("on_success"),
         "outputs": {},
@@ -858,6 +875,7 @@ def _build(data: dict[str, Any], path: Path, raw: bytes, inventory: Inventory,
         params=params,
         env=dict(data["env"]),
         concurrency=Concurrency(conc["key"], conc["policy"]),
+        throttle=_build_throttle(data["throttle"]),
         timeout_s=data["timeout"],
         steps=_build_steps(data["steps"], "step", inventory, used),
         on_failure=_build_steps(data["on_failure"], "on_failure", inventory, used),
@@ -865,6 +883,13 @@ def _build(data: dict[str, Any], path: Path, raw: bytes, inventory: Inventory,
         on_success=_build_steps(data["on_success"], "on_success", inventory, used),
         outputs=dict(data["outputs"]),
     )
+
+
+def _build_throttle(raw: dict[str, Any] | None) -> Throttle | None:
+    if raw is None:
+        return None
+    mode = "once_within" if raw["once_within"] is not None else "once_after"
+    return Throttle(mode, raw[mode], raw["key"])
 
 
 def _build_triggers(raw: list[dict[str, Any]]) -> tuple[Trigger, ...]:

@@ -557,6 +557,41 @@ CONCURRENCY = Object("concurrency", {
                     default="queue"),
 }, description="How runs of this runbook overlap (default: queue, one at a time)")
 
+THROTTLE_MODES = ("once_within", "once_after")
+
+
+def _throttle_rules(t: dict[str, Any], path: PathT, problems: Problems) -> None:
+    given = [m for m in THROTTLE_MODES if t[m] is not None]
+    if len(given) == 1:
+        return
+    if given:
+        problems.add((*path, given[1]), f"{show_path(path)}: give `once_within:` or "
+                     "`once_after:`, not both: once_within runs the first event of a window, "
+                     "once_after the last one when the window ends", at_key=True)
+    else:
+        problems.add(path, f"{show_path(path)}: needs `once_within: DURATION` (run the first "
+                     "event, drop the rest of the window) or `once_after: DURATION` (run the "
+                     "last event once the window ends)")
+
+
+def _window(what: str) -> Field:
+    return Field(Duration(description=what, minimum_s=0.001,
+                          too_short="a throttle window needs a length, like 10m"))
+
+
+THROTTLE = Object("throttle", {
+    "once_within": _window("Run the first event of each window this long; the events "
+                           "after it in the window start no run (run.throttled)"),
+    "once_after": _window("Collect events for this long from the first one, then run once "
+                          "with the last (each is recorded as run.throttled)"),
+    "key": Field(TEMPLATE, default=""),
+}, rules=_throttle_rules,
+    description="At most one run per window and key, for alert storms (kept in the state "
+                "folder across restarts)",
+    synonyms={"within": "once_within", "after": "once_after", "window": "once_within",
+              "period": "once_within", "interval": "once_within"},
+    json_extra={"oneOf": [{"required": ["once_within"]}, {"required": ["once_after"]}]})
+
 RUNBOOK = Object("the runbook", {
     "name": Field(Text(pattern=NAME_RE, hint="a name is letters, digits, -, _ and ., "
                        "starting with a letter or digit",
@@ -566,6 +601,7 @@ RUNBOOK = Object("the runbook", {
     "params": Field(PARAMS, default={}),
     "env": Field(ENV, default={}),
     "concurrency": Field(CONCURRENCY),
+    "throttle": Field(THROTTLE),
     "timeout": Field(Duration(description="Stop the whole run after this long",
                               minimum_s=0.001, too_short="leave `timeout:` out for no limit")),
     "steps": Field(STEPS, required=True),

@@ -34,6 +34,7 @@ from opsrun.audit.format import RunbookRef
 from opsrun.checkpoints import Checkpoint, FileStat
 from opsrun.errors import StateError
 from opsrun.ids import new_id
+from opsrun.throttle_window import ONCE_AFTER, ONCE_WITHIN, Entry, ThrottleSpec, Window, enter
 
 BUSY_TIMEOUT_MS = 10_000
 MAX_OUTPUT_BYTES = 64 * 1024  # DESIGN section 2: the last 64 KiB of a step's output
@@ -119,6 +120,17 @@ MIGRATIONS.append([
     # next start, at the time it was due, instead of calling the run interrupted.
     "ALTER TABLE runs ADD COLUMN retry_attempt INTEGER",
     "ALTER TABLE runs ADD COLUMN retry_at REAL",
+])
+MIGRATIONS.append([
+    # Throttle windows (runbook `throttle:`): kept here so a restart neither forgets a
+    # window nor loses the run a once_after window owes when it ends. A once_within row
+    # ends with its window; a once_after row ends when its run is recorded.
+    """CREATE TABLE throttles (
+        runbook TEXT NOT NULL, key TEXT NOT NULL, mode TEXT NOT NULL,
+        opened_at REAL NOT NULL, until REAL NOT NULL, events INTEGER NOT NULL,
+        first_event_id TEXT NOT NULL, last_event_id TEXT NOT NULL, trigger TEXT,
+        last_event TEXT, PRIMARY KEY (runbook, key, mode, opened_at))""",
+    "CREATE INDEX throttles_by_until ON throttles (mode, until)",
 ])
 MIGRATIONS.append([
     # Steps inside a step (parallel branches, loop items, a used runbook's steps) are kept
@@ -611,17 +623,19 @@ class Store:
             return c.execute("UPDATE event_queue SET leased_until = NULL "
                              "WHERE leased_until IS NOT NULL").rowcount
 
-    def accept_queued(self, queue_id: int, runs: Sequence[Mapping[str, Any]]) -> bool:
+    def accept_queued(self, queue_id: int, runs: Sequence[Mapping[str, Any]],
+                      throttled: dict[str, Entry] | None = None) -> bool:
         """Record the runs a queued event starts and remove the event, in one transaction.
 
         False (and nothing recorded) when the event is no longer in the queue: another
         process took it first. So an emitted event starts its runs exactly once.
         """
-        return queue_id in self.record_runs([], [(queue_id, runs)])
+        return queue_id in self.record_runs([], [(queue_id, runs)], throttled=throttled)
 
     def record_runs(self, runs: Sequence[Mapping[str, Any]],
                     queued: Sequence[tuple[int, Sequence[Mapping[str, Any]]]] = (),
-                    checkpoint: Checkpoint | None = None) -> set[int]:
+                    checkpoint: Checkpoint | None = None, *,
+                    throttled: dict[str, Entry] | None = None) -> set[int]:
         """Record new runs, and the runs of queued events with their removal from the
         queue, and where their sources are up to, all in one transaction; return the queue
         ids that were still there.
@@ -629,22 +643,138 @@ class Store:
         The runs of an event no longer in the queue (another process took it first) are
         not recorded, so an emitted event starts its runs exactly once; a checkpoint
         stored with its runs makes a log line or file change start them exactly once.
+        A run with a `throttle` (a ThrottleSpec) goes through its throttle window in the
+        same transaction and is recorded only if the window lets it run; what the window
+        did is put in `throttled` under the run's id.
         """
         now = _ts(_now())
+        clock = time.time()
         accepted: set[int] = set()
         with self._write("recording runs"):
             if checkpoint:
                 self._apply(checkpoint, now)
             for r in runs:
-                self._insert_run(r, now)
+                self._insert_throttled(r, now, clock, throttled)
             for queue_id, event_runs in queued:
                 if self._conn.execute("DELETE FROM event_queue WHERE id = ?",
                                       (queue_id,)).rowcount == 0:
                     continue
                 accepted.add(queue_id)
                 for r in event_runs:
-                    self._insert_run(r, now)
+                    self._insert_throttled(r, now, clock, throttled)
         return accepted
+
+    def _insert_throttled(self, r: Mapping[str, Any], now: str | None, clock: float,
+                          throttled: dict[str, Entry] | None) -> None:
+        spec = r.get("throttle")
+        if spec is None:
+            self._insert_run(r, now)
+            return
+        entry = self._enter_window(r, spec, clock)
+        if throttled is not None:
+            throttled[r["run_id"]] = entry
+        if entry.runs:
+            self._insert_run(r, now)
+
+    # ── throttle windows ───────────────────────────────────────────────────
+
+    def _enter_window(self, r: Mapping[str, Any], spec: ThrottleSpec, clock: float) -> Entry:
+        """Apply one event to its throttle window; inside the caller's transaction."""
+        c = self._conn
+        # once_within windows that ended mean nothing any more (any key: they would pile up
+        # with the keys of a storm); once_after ones wait to be fired.
+        c.execute("DELETE FROM throttles WHERE mode = ? AND until <= ?", (ONCE_WITHIN, clock))
+        row = c.execute(f"SELECT {_THROTTLE_COLUMNS} FROM throttles WHERE runbook = ? AND "
+                        "key = ? AND mode = ? AND until > ? ORDER BY opened_at DESC LIMIT 1",
+                        (r["runbook"], spec.key, spec.mode, clock)).fetchone()
+        event = dict(r.get("event") or {})
+        kept = {"source": r.get("event_source") or "json", "data": event}
+        entry = enter(None if row is None else _window(row), r["runbook"], spec, clock,
+                      str(event.get("id", "")), r.get("trigger"), kept)
+        w = entry.window
+        if entry.opened:
+            c.execute(f"INSERT INTO throttles ({_THROTTLE_COLUMNS}) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                      (w.runbook, w.key, w.mode, w.opened_at, w.until, w.events,
+                       w.first_event_id, w.last_event_id, w.trigger,
+                       None if w.last_event is None else _json(w.last_event)))
+        else:
+            c.execute("UPDATE throttles SET events = ?, last_event_id = ?, trigger = ?, "
+                      "last_event = ? WHERE runbook = ? AND key = ? AND mode = ? AND "
+                      "opened_at = ?",
+                      (w.events, w.last_event_id, w.trigger,
+                       None if w.last_event is None else _json(w.last_event),
+                       w.runbook, w.key, w.mode, w.opened_at))
+        return entry
+
+    def throttle_windows(self, runbook: str | None = None, *,
+                         now: float | None = None) -> list[Window]:
+        """Windows still open, and once_after windows that ended but have not fired yet;
+        oldest first."""
+        clock = time.time() if now is None else now
+        where, args = "(until > ? OR mode = ?)", [clock, ONCE_AFTER]
+        if runbook is not None:
+            where, args = where + " AND runbook = ?", [*args, runbook]
+        with self._read("reading throttle windows") as c:
+            rows = c.execute(f"SELECT {_THROTTLE_COLUMNS} FROM throttles WHERE {where} "
+                             "ORDER BY opened_at", args).fetchall()
+        return [_window(r) for r in rows]
+
+    def count_throttles(self, *, now: float | None = None) -> int:
+        """How many windows `throttle_windows` would list."""
+        clock = time.time() if now is None else now
+        with self._read("counting throttle windows") as c:
+            return int(c.execute("SELECT count(*) FROM throttles WHERE until > ? OR mode = ?",
+                                 (clock, ONCE_AFTER)).fetchone()[0])
+
+    def open_throttle(self, runbook: str, key: str, mode: str, *,
+                      now: float | None = None) -> Window | None:
+        """The window open now for this runbook, key and mode, or None."""
+        clock = time.time() if now is None else now
+        with self._read("reading a throttle window") as c:
+            row = c.execute(f"SELECT {_THROTTLE_COLUMNS} FROM throttles WHERE runbook = ? "
+                            "AND key = ? AND mode = ? AND until > ? ORDER BY opened_at DESC "
+                            "LIMIT 1", (runbook, key, mode, clock)).fetchone()
+        return None if row is None else _window(row)
+
+    def due_throttles(self, runbooks: Iterable[str], *,
+                      now: float | None = None) -> list[Window]:
+        """The once_after windows of these runbooks that have ended, oldest end first."""
+        names = sorted(set(runbooks))
+        if not names:
+            return []
+        clock = time.time() if now is None else now
+        with self._read("reading due throttle windows") as c:
+            rows = c.execute(f"SELECT {_THROTTLE_COLUMNS} FROM throttles WHERE mode = ? AND "
+                             f"until <= ? AND runbook IN ({', '.join('?' * len(names))}) "
+                             "ORDER BY until", (ONCE_AFTER, clock, *names)).fetchall()
+        return [_window(r) for r in rows]
+
+    def next_throttle_end(self, runbooks: Iterable[str]) -> float | None:
+        """When the first once_after window of these runbooks ends (Unix time), or None."""
+        names = sorted(set(runbooks))
+        if not names:
+            return None
+        with self._read("reading throttle windows") as c:
+            row = c.execute(f"SELECT min(until) FROM throttles WHERE mode = ? AND runbook "
+                            f"IN ({', '.join('?' * len(names))})",
+                            (ONCE_AFTER, *names)).fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def fire_throttle(self, window: Window, run: Mapping[str, Any] | None) -> bool:
+        """Close an ended once_after window and record the run it owes (None: it starts
+        none, e.g. its concurrency policy skipped it), in one transaction.
+
+        False (nothing recorded) when the window is gone: another process fired it first.
+        """
+        with self._write("firing a throttle window") as c:
+            if c.execute("DELETE FROM throttles WHERE runbook = ? AND key = ? AND mode = ? "
+                         "AND opened_at = ?", (window.runbook, window.key, window.mode,
+                                               window.opened_at)).rowcount == 0:
+                return False
+            if run is not None:
+                self._insert_run(run, _ts(_now()))
+        return True
 
     def _insert_run(self, r: Mapping[str, Any], now: str | None) -> None:
         _check_state(r.get("state", "queued"))
@@ -894,6 +1024,15 @@ _RUN_ENDED = ("SELECT 1 FROM runs WHERE runs.id = approvals.run_id AND runs.stat
               f"({', '.join('?' * len(FINAL_RUN_STATES))})")
 _APPROVAL_COLUMNS = ("id, run_id, step_id, question, approvers, starter, asked_at, deadline, "
                      "answer, answered_by, answered_uid, comment, how, answered_at")
+
+
+_THROTTLE_COLUMNS = ("runbook, key, mode, opened_at, until, events, first_event_id, "
+                     "last_event_id, trigger, last_event")
+
+
+def _window(r: Sequence[Any]) -> Window:
+    return Window(r[0], r[1], r[2], float(r[3]), float(r[4]), int(r[5]), r[6], r[7], r[8],
+                  None if r[9] is None else json.loads(r[9]))
 
 
 def _run(r: Sequence[Any]) -> RunRecord:

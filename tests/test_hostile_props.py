@@ -452,8 +452,8 @@ def test_yaml_round_trip(data: Any) -> None:
     assert load_text(text).data == {"k": data}
 
 
-RUNBOOK_KEYS = ["name", "description", "on", "params", "env", "concurrency", "timeout",
-                "steps", "on_failure", "on_denied", "bogus"]
+RUNBOOK_KEYS = ["name", "description", "on", "params", "env", "concurrency", "throttle",
+                "timeout", "steps", "on_failure", "on_denied", "bogus"]
 STEP_KEYS = ["id", "name", "run", "confirm", "if", "env", "timeout", "retry",
              "continue_on_error", "hosts", "parallel", "workdir", "shell", "approvers",
              "on_timeout", "uses", "with"]
@@ -467,7 +467,8 @@ values = st.recursive(leaf, lambda inner: st.one_of(
     st.lists(inner, max_size=3), st.dictionaries(st.one_of(
         st.sampled_from(["type", "default", "required", "pattern", "choices", "attempts",
                          "delay", "backoff", "users", "groups", "not_starter", "key",
-                         "policy", "paths", "events", "debounce", "ignore", "cron",
+                         "policy", "once_within", "once_after", "paths", "events",
+                         "debounce", "ignore", "cron",
                          "timezone", "catch_up", "jitter", "path", "match", "from", "where",
                          "file", "schedule", "log", "event", "in", "regex", "eq", "exists"]),
         hostile_text), inner, max_size=3)), max_leaves=10)

@@ -15,6 +15,7 @@ for layer, names in enumerate([
     # L1: the runbook and plain data
     "yaml_load schema_checks runbook_schema expressions shell_words runbook secrets run_types "
     "event criteria params describe cron globs step_outputs identity completion_scripts "
+    "throttle_window "
     "inventory",
     # L2
     "matcher explain",
@@ -22,7 +23,7 @@ for layer, names in enumerate([
     "proc file_lock store audit control_socket approvals sources executors "
     "runs.step_processes runs.driver_lock",
     # L4: orchestration
-    "engine flow runs.scheduler runs.recording runs.resume",
+    "engine flow runs.scheduler runs.recording runs.resume runs.throttle",
     # L5: the program around it: a run's context, the service
     "runs.context runs.recovery runs.cancel runs.dispatch service output",
     # L6: the command line

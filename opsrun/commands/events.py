@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opsrun import identity, output, paths, secrets
 from opsrun.audit.log import AuditLog
@@ -24,6 +24,9 @@ from opsrun.matcher import Matcher
 from opsrun.runbook import Runbook, load_runbooks
 from opsrun.runs.scheduler import Job, Scheduler
 from opsrun.sources.stdin_json import Rejection, read_events
+
+if TYPE_CHECKING:
+    from opsrun.store import Store
 
 BATCH = 10_000
 BATCH_BYTES = 2 * 1024 * 1024  # per request to the service (its limit is 4 MiB)
@@ -174,7 +177,8 @@ def dispatch(folder: Path, *, dry_run: bool, parallel: int, state_dir: str | Non
                          f"validate; fix them first (`opsrun validate {folder}`)")
     matcher = Matcher(runbooks)
     if explain:
-        return _explain(runbooks, read_events(sys.stdin.buffer), as_json=as_json)
+        return _explain(runbooks, read_events(sys.stdin.buffer), as_json=as_json,
+                        state_dir=state_dir)
     if dry_run:
         return _dry_run(matcher, read_events(sys.stdin.buffer), as_json=as_json)
     return _run_all(matcher, parallel, state_dir, audit_log, secrets_file, as_json,
@@ -202,9 +206,18 @@ def _dry_run(matcher: Matcher, items: Iterable[Event | Rejection], *, as_json: b
 
 
 def _explain(runbooks: list[Runbook], items: Iterable[Event | Rejection], *,
-             as_json: bool) -> int:
-    """For each event, each runbook with a trigger for it: does it start, and why not."""
-    from opsrun.commands.explain import explain_rows, print_verdicts
+             as_json: bool, state_dir: str | None = None) -> int:
+    """For each event, each runbook with a trigger for it: does it start, and why not
+    (throttle windows open in the state folder included)."""
+    from opsrun.commands.explain import state_store
+
+    with state_store(state_dir) as store:
+        return _explain_each(runbooks, items, as_json, store)
+
+
+def _explain_each(runbooks: list[Runbook], items: Iterable[Event | Rejection],
+                  as_json: bool, store: Store | None) -> int:
+    from opsrun.commands.explain import explain_rows, print_verdicts, throttle_verdict
     from opsrun.explain import explain
 
     rejected = False
@@ -215,12 +228,14 @@ def _explain(runbooks: list[Runbook], items: Iterable[Event | Rejection], *,
             continue
         if as_json:
             sys.stdout.write(output.json_line({"event_id": item.id, "runbooks":
-                                               explain_rows(runbooks, item)}) + "\n")
+                                               explain_rows(runbooks, item, store)}) + "\n")
             continue
         print(output.safe(f"event {item.id}:", keep_newlines=False))
         shown = [rb for rb in runbooks if any(t.kind == "event" for t in rb.triggers)]
         for rb in shown:
-            print_verdicts(rb, explain(rb, item), indent="  ")
+            verdicts = explain(rb, item)
+            print_verdicts(rb, verdicts, indent="  ",
+                           throttle=throttle_verdict(rb, item, verdicts, store))
         if not shown:
             print("  no runbook has an event trigger")
     return 2 if rejected else 0
@@ -232,6 +247,7 @@ def _run_all(matcher: Matcher, parallel: int, state_dir: str | None, audit_log: 
     from opsrun.runs.context import open_run_context
     from opsrun.runs.dispatch import Dispatcher
     from opsrun.runs.driver_lock import driving
+    from opsrun.runs.throttle import ThrottleTimer
 
     secret_values = secrets.load(Path(secrets_file) if secrets_file else None)
     codes: list[int] = []
@@ -254,6 +270,11 @@ def _run_all(matcher: Matcher, parallel: int, state_dir: str | None, audit_log: 
 
         dispatcher = Dispatcher(rc, scheduler, start, identity.current(),
                                 matcher=matcher)
+        # once_after windows end while events still come (a long pipeline), or ended
+        # before: they fire here; those still open at the end are left in the state folder.
+        timer = ThrottleTimer(rc.store, lambda: matcher.runbooks, dispatcher.fire_window,
+                              lambda message, **fields: None).start()
+        dispatcher.window_opened = timer.wake
         for item in read_events(sys.stdin.buffer):
             if isinstance(item, Rejection):
                 print(f"opsrun: stdin {item}", file=sys.stderr)
@@ -263,6 +284,7 @@ def _run_all(matcher: Matcher, parallel: int, state_dir: str | None, audit_log: 
             dispatcher.dispatch(item)
             if parallel == 1:
                 scheduler.wait_idle()
+        timer.stop()
         scheduler.wait_idle()
     if as_json:
         output.print_json({"version": 1, "runs": results})

@@ -66,6 +66,8 @@ def _plan_lines(rb: Runbook) -> list[str]:
     lines += ["", _HEADING + "Run"]
     lines.append(f"  concurrency: policy {rb.concurrency.policy}"
                  + (f", key {rb.concurrency.key}" if rb.concurrency.key else ", one key for all runs"))
+    if rb.throttle is not None:
+        lines.append(f"  throttle: {describe.throttle_text(rb.throttle)}")
     lines.append("  timeout: " + (format_duration(rb.timeout_s) if rb.timeout_s else "none"))
     for title, steps in (("Steps", rb.steps), ("On failure", rb.on_failure),
                          ("On denied", rb.on_denied), ("On success", rb.on_success)):
@@ -135,7 +137,9 @@ def as_dict(rb: Runbook) -> dict[str, object]:
             "params": {n: p._asdict() | {"choices": list(p.choices)}
                        for n, p in rb.params.items()},
             "env": dict(rb.env),
-            "concurrency": rb.concurrency._asdict(), "timeout_s": rb.timeout_s,
+            "concurrency": rb.concurrency._asdict(),
+            "throttle": None if rb.throttle is None else rb.throttle._asdict(),
+            "timeout_s": rb.timeout_s,
             "steps": [step(s) for s in rb.steps],
             "on_failure": [step(s) for s in rb.on_failure],
             "on_denied": [step(s) for s in rb.on_denied],

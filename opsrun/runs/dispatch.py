@@ -8,6 +8,12 @@ that removes the event from the queue, so an emitted event starts its runs exact
 The service hands over batches (`dispatch_batch`): their runs share one transaction and
 one audit group commit. Where a log or file source is up to (the events' checkpoints) is
 stored in the transaction that records the runs of those events.
+
+A runbook's `throttle:` is applied in that same transaction (runs/throttle.py): a run its
+window holds back is not recorded, and is audited as run.throttled instead of run.queued.
+Since the scheduler knows nothing of windows, an event inside an open window skips the
+concurrency decision (it is throttled, not skipped), and a once_after event always does:
+its run is decided when the window ends (`fire_window`).
 """
 from __future__ import annotations
 
@@ -29,7 +35,9 @@ from opsrun.matcher import Match, Matcher
 from opsrun.runbook import Runbook
 from opsrun.runs.context import RunContext
 from opsrun.runs.recording import runbook_ref
-from opsrun.runs.scheduler import REPLACE, SKIP, Job, Scheduler
+from opsrun.runs import throttle
+from opsrun.runs.scheduler import REPLACE, SKIP, Decision, Job, Scheduler
+from opsrun.throttle_window import ONCE_AFTER, Entry, ThrottleSpec, Window
 
 Log = Callable[..., None]  # log(message, **fields)
 BATCH = 500  # events whose runs are recorded together by dispatch_batch
@@ -39,10 +47,12 @@ BATCH = 500  # events whose runs are recorded together by dispatch_batch
 class Planned:
     """A run an event will start, before it is recorded."""
 
-    match: Match
+    trigger_key: str
     request: RunRequest
     key: str
     replaced: tuple[str, ...] = ()
+    throttle: ThrottleSpec | None = None
+    throttled: dict[str, Any] | None = None  # a once_after window's run: its `throttled`
 
 
 @dataclass
@@ -55,6 +65,8 @@ class Dispatcher:
     starter: Identity
     log: Log = lambda message, **fields: None
     matcher: Matcher = field(default_factory=lambda: Matcher([]))
+    # Called when a once_after window opens, so its timer knows of a new end.
+    window_opened: Callable[[], None] = lambda: None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _versions: set[str] = field(default_factory=set)  # runbook versions already kept
 
@@ -83,6 +95,8 @@ class Dispatcher:
 
         An event that a `skip` or `replace` runbook matches is dispatched alone, after what
         came before it was scheduled, since its decision depends on the runs before it.
+        Throttled runbooks need not be: the store applies their windows event by event in
+        the batch's transaction.
         """
         ids: list[str] = []
         pending: list[tuple[Event, int | None, list[Planned]]] = []
@@ -104,19 +118,27 @@ class Dispatcher:
                       ) -> list[str]:
         if not pending:
             return []
+        throttled: dict[str, Entry] = {}
         accepted = self.rc.store.record_runs(
             [self._row(p) for event, queue_id, planned in pending if queue_id is None
              for p in planned],
             [(queue_id, [self._row(p) for p in planned])
              for event, queue_id, planned in pending if queue_id is not None],
-            merge(event.checkpoint for event, _queue_id, _planned in pending))
+            merge(event.checkpoint for event, _queue_id, _planned in pending),
+            throttled=throttled)
         taken = [(event, planned) for event, queue_id, planned in pending
                  if queue_id is None or queue_id in accepted]
-        runs = [(p, event) for event, planned in taken for p in planned]
+        held = [(p, event, throttled[p.request.run_id]) for event, planned in taken
+                for p in planned if not self._runs(p, throttled)]
+        runs = [(p, event) for event, planned in taken for p in planned
+                if self._runs(p, throttled)]
         for p, _event in runs:
             self._save_version(p.request.runbook)
-        self.rc.audit.append_many([("run.queued", self._queued_record(p, event))
-                                   for p, event in runs])
+        self.rc.audit.append_many(
+            [("run.throttled", self._throttled_record(p, event, entry))
+             for p, event, entry in held]
+            + [("run.queued", self._queued_record(p, event)) for p, event in runs])
+        self._held(held)
         for p, event in runs:
             self._schedule(p, event)
         for event, planned in taken:
@@ -127,14 +149,23 @@ class Dispatcher:
     def dispatch(self, event: Event, queue_id: int | None = None) -> list[str]:
         """Record and schedule the runs an event starts; return their run ids."""
         planned = self.plan(event)
+        throttled: dict[str, Entry] = {}
         if queue_id is not None:
-            if not self.rc.store.accept_queued(queue_id, [self._row(p) for p in planned]):
+            if not self.rc.store.accept_queued(queue_id, [self._row(p) for p in planned],
+                                               throttled=throttled):
                 return []  # another process took this event first
         else:
             self.rc.store.record_runs([self._row(p) for p in planned],
-                                      checkpoint=event.checkpoint)
+                                      checkpoint=event.checkpoint, throttled=throttled)
         ids = []
+        held = [(p, event, throttled[p.request.run_id]) for p in planned
+                if not self._runs(p, throttled)]
+        for p, _event, entry in held:
+            self.rc.audit.append("run.throttled", **self._throttled_record(p, event, entry))
+        self._held(held)
         for p in planned:
+            if not self._runs(p, throttled):
+                continue
             self._submit(p, event)
             ids.append(p.request.run_id)
         if not planned and event.source == "json":
@@ -150,7 +181,8 @@ class Dispatcher:
             self._reject(rb, event, f"cannot start from an event: {e}")
             return None
         key = self._key(rb, run_event, typed)
-        decision = self.scheduler.decide(rb.name, key, rb.concurrency.policy)
+        spec = throttle.spec_for(rb, run_event.data, typed, self.log)
+        decision = self._decide(rb, key, spec)
         if not decision.accepted:
             self.rc.audit.append("run.skipped", runbook=runbook_ref(rb), event_id=event.id,
                                  trigger=m.trigger_key, concurrency_key=key,
@@ -158,7 +190,71 @@ class Dispatcher:
             self.log("run skipped", runbook=rb.name, event_id=event.id, reason=decision.reason)
             return None
         request = RunRequest(rb, new_id(), run_event, typed, self.starter, trigger=m.trigger_key)
-        return Planned(m, request, key, decision.replaced)
+        return Planned(m.trigger_key, request, key, decision.replaced, spec)
+
+    def _decide(self, rb: Runbook, key: str, spec: ThrottleSpec | None) -> Decision:
+        """The scheduler's decision, unless the throttle will hold the run back anyway."""
+        if spec is not None and (spec.mode == ONCE_AFTER or self.rc.store.open_throttle(
+                rb.name, spec.key, spec.mode) is not None):
+            return Decision(True)
+        return self.scheduler.decide(rb.name, key, rb.concurrency.policy)
+
+    @staticmethod
+    def _runs(p: Planned, throttled: Mapping[str, Entry]) -> bool:
+        entry = throttled.get(p.request.run_id)
+        return entry is None or entry.runs
+
+    def _throttled_record(self, p: Planned, event: Event, entry: Entry) -> dict[str, Any]:
+        return {"runbook": runbook_ref(p.request.runbook),
+                **throttle.throttled_fields(event.id, p.trigger_key, entry)}
+
+    def _held(self, held: Sequence[tuple[Planned, Event, Entry]]) -> None:
+        """Log the runs throttle windows held back; wake the timer for a new window's end."""
+        for p, event, entry in held:
+            self.log("run throttled", runbook=p.request.runbook.name, event_id=event.id,
+                     throttle_key=entry.window.key, suppressed=entry.window.suppressed())
+        if any(entry.opened and entry.window.mode == ONCE_AFTER for _p, _e, entry in held):
+            self.window_opened()
+
+    def fire_window(self, window: Window) -> str | None:
+        """Start the one run an ended once_after window owes, with its last event; return
+        its run id (None: another process fired it, or no run could start).
+
+        The window is closed in the transaction that records the run, so it fires once.
+        """
+        with self._lock:
+            rb = next((r for r in self.matcher.runbooks if r.name == window.runbook), None)
+        if rb is None:
+            return None  # not a runbook of this process: left for the one that has it
+        source, data = throttle.throttled_event(window)
+        run_event = Event(source, data)
+        planned = self._plan_fired(rb, window, run_event)
+        if not self.rc.store.fire_throttle(window, None if planned is None
+                                           else self._row(planned)):
+            return None
+        if planned is None:
+            return None
+        self._submit(planned, run_event)
+        return planned.request.run_id
+
+    def _plan_fired(self, rb: Runbook, window: Window, event: Event) -> Planned | None:
+        try:
+            typed = params_mod.resolve(rb.params, {})
+        except params_mod.ParamError as e:
+            self._reject(rb, event, f"cannot start from an event: {e}")
+            return None
+        key = self._key(rb, event, typed)
+        trigger = window.trigger or ""
+        decision = self.scheduler.decide(rb.name, key, rb.concurrency.policy)
+        if not decision.accepted:
+            self.rc.audit.append("run.skipped", runbook=runbook_ref(rb), event_id=event.id,
+                                 trigger=trigger, concurrency_key=key,
+                                 reason=decision.reason)
+            self.log("run skipped", runbook=rb.name, event_id=event.id, reason=decision.reason)
+            return None
+        request = RunRequest(rb, new_id(), event, typed, self.starter, trigger=trigger)
+        return Planned(trigger, request, key, decision.replaced,
+                       throttled=dict(event.data["throttled"]))
 
     def _key(self, rb: Runbook, event: Event, typed: Mapping[str, Any]) -> str:
         if not rb.concurrency.key:
@@ -181,8 +277,9 @@ class Dispatcher:
         return {"runbook": rb.name, "runbook_path": str(rb.path), "runbook_sha256": rb.sha256,
                 "event": dict(p.request.event.data), "params": p.request.params,
                 "started_by": self.starter.user, "started_uid": self.starter.uid,
-                "trigger": p.match.trigger_key, "state": rt.QUEUED,
-                "run_id": p.request.run_id}
+                "trigger": p.trigger_key, "state": rt.QUEUED,
+                "run_id": p.request.run_id, "throttle": p.throttle,
+                "event_source": p.request.event.source}
 
     def _submit(self, p: Planned, event: Event) -> None:
         self._save_version(p.request.runbook)
@@ -196,14 +293,18 @@ class Dispatcher:
 
     def _queued_record(self, p: Planned, event: Event) -> dict[str, Any]:
         rb = p.request.runbook
-        return {"run_id": p.request.run_id, "runbook": runbook_ref(rb), "event_id": event.id,
-                "trigger": p.match.trigger_key, "concurrency_key": p.key,
-                "policy": rb.concurrency.policy, "replaces": list(p.replaced) or None}
+        record: dict[str, Any] = {
+            "run_id": p.request.run_id, "runbook": runbook_ref(rb), "event_id": event.id,
+            "trigger": p.trigger_key, "concurrency_key": p.key,
+            "policy": rb.concurrency.policy, "replaces": list(p.replaced) or None}
+        if p.throttled is not None:
+            record["throttled"] = p.throttled  # the once_after window this run closes
+        return record
 
     def _schedule(self, p: Planned, event: Event) -> None:
         rb = p.request.runbook
         self.log("event matched", runbook=rb.name, run_id=p.request.run_id,
-                 event_id=event.id, trigger=p.match.trigger_key)
+                 event_id=event.id, trigger=p.trigger_key)
         request = p.request
         job = Job(request.run_id, rb.name, p.key, rb.concurrency.policy,
                   start=lambda j: self.start(j, request))

@@ -37,6 +37,7 @@ from opsrun.runs.context import RunContext
 from opsrun.runs.dispatch import Dispatcher
 from opsrun.runs.driver_lock import DriverLock, driver_pid
 from opsrun.runs.scheduler import Job, Scheduler
+from opsrun.runs.throttle import ThrottleTimer
 from opsrun.service.control import ControlHandler, ControlParts
 from opsrun.service.log import DaemonLog, LogListener
 from opsrun.service.sources import SourceParts, Sources
@@ -70,6 +71,9 @@ class Daemon:
         self.scheduler = Scheduler(opts.max_parallel, on_error=self._job_failed)
         self.engine = rc.engine([LogListener(log)], confirmer=rc.waiting_confirmer(park=True))
         self.dispatcher = Dispatcher(rc, self.scheduler, self._run_job, self.starter, log)
+        self.throttle_timer = ThrottleTimer(rc.store, lambda: self.dispatcher.matcher.runbooks,
+                                            self.dispatcher.fire_window, log)
+        self.dispatcher.window_opened = self.throttle_timer.wake
         self.waiter = Waiter(rc.store, rc.audit)
         self.runbooks: dict[Path, Runbook] = {}
         self.stop = threading.Event()
@@ -94,6 +98,8 @@ class Daemon:
         self._signals()
         self.reload(initial=True)
         self._recover()
+        # Once_after windows that ended while opsrun was down fire now, the others on time.
+        self.throttle_timer.start()
         server = self.control.start()
         try:
             self.sources.start_runbook_watch()
@@ -341,6 +347,8 @@ class Daemon:
     def _shutdown(self) -> None:
         self.notifier.notify("STOPPING=1", "STATUS=stopping: draining running runs")
         self.sources.stop_all()
+        # Before the scheduler refuses runs: a window fired then would lose its run.
+        self.throttle_timer.stop()
         self.scheduler.stop_accepting()
         running = len(self.scheduler.running())
         if running:
@@ -369,6 +377,7 @@ class Daemon:
             "runs_running": counts["running"], "runs_waiting": counts["parked"],
             "runs_queued": counts["queued"], "event_queue": self.rc.store.queue_length(),
             "max_parallel": self.opts.max_parallel,
+            "throttle_windows": self.rc.store.count_throttles(),
         }
 
     def status_line(self) -> str:
