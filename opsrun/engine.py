@@ -406,18 +406,24 @@ class _Run:
                                           "stdout": result.stdout, "stderr": result.stderr,
                                           "outputs": result.outputs, "hosts": result.hosts,
                                           "error": result.error, "warnings": x.warnings})
-            if result.outcome in (rt.SUCCESS, rt.STEP_CANCELLED) or \
-                    attempt == step.retry.attempts or \
-                    not step.retry.retries(result.outcome, x.exit_code) or self._run_timed_out():
-                break
-            wait = step.retry.wait_before(attempt + 1)
-            self.e.emit("step.retrying", {**base, "attempt": attempt + 1,
-                                          "attempts": step.retry.attempts,
-                                          "delay_s": round(wait, 3),
-                                          "at": round(time.time() + wait, 3)})
-            if self._sleep(wait):
+            if not self._try_again(step, base, result, x.exit_code, attempt):
                 break
         return result
+
+    def _try_again(self, step: Step, base: dict[str, Any], result: rt.StepResult,
+                   exit_code: int | None, attempt: int) -> bool:
+        """Whether to make another attempt: retries left for this outcome, the wait
+        recorded (`step.retrying`) and waited out without the run being cancelled."""
+        if result.outcome in (rt.SUCCESS, rt.STEP_CANCELLED) or \
+                attempt == step.retry.attempts or \
+                not step.retry.retries(result.outcome, exit_code) or self._run_timed_out():
+            return False
+        wait = step.retry.wait_before(attempt + 1)
+        self.e.emit("step.retrying", {**base, "attempt": attempt + 1,
+                                      "attempts": step.retry.attempts,
+                                      "delay_s": round(wait, 3),
+                                      "at": round(time.time() + wait, 3)})
+        return not self._sleep(wait)
 
     # ── emit, uses, parallel and for_each steps ─────────────────────────────
 
@@ -483,16 +489,7 @@ class _Run:
                                          "child_run": child_run, "inputs": shown_inputs})
             result = self._child_run(step, child, typed, child_run, attempt, t0)
             self._finished(base, result, attempt, t0, child_run=child_run)
-            if result.outcome in (rt.SUCCESS, rt.STEP_CANCELLED) or \
-                    attempt == step.retry.attempts or \
-                    not step.retry.retries(result.outcome, None) or self._run_timed_out():
-                break
-            wait = step.retry.wait_before(attempt + 1)
-            self.e.emit("step.retrying", {**base, "attempt": attempt + 1,
-                                          "attempts": step.retry.attempts,
-                                          "delay_s": round(wait, 3),
-                                          "at": round(time.time() + wait, 3)})
-            if self._sleep(wait):
+            if not self._try_again(step, base, result, None, attempt):
                 break
         return result
 

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.service import Service
 from tests.helpers.sshd import sshd  # noqa: F401 - one sshd per session for the SSH tests
 
 
@@ -38,3 +40,20 @@ def env(state: Path) -> dict[str, str]:
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def rbdir(tmp_path: Path) -> Path:
+    """An empty runbooks folder for a service under test."""
+    d = tmp_path / "runbooks"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def services() -> Iterator[list[Service]]:
+    """Services a test starts (append them); each is stopped at the end, whatever happened."""
+    made: list[Service] = []
+    yield made
+    for s in made:
+        s.close()

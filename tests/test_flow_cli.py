@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -141,13 +140,6 @@ def test_a_wrong_for_each_value_fails_the_run_with_a_message(tmp_path: Path,
     assert r.returncode == 1 and no_traceback(r)
     assert "for_each: `${{ event.units }}` gave a text, not a list" in r.stdout + r.stderr
 
-
-@pytest.fixture
-def services() -> Iterator[list[Service]]:
-    made: list[Service] = []
-    yield made
-    for s in made:
-        s.close()
 
 
 def test_emitted_events_start_other_runbooks_and_a_loop_is_cut(

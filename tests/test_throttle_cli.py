@@ -7,12 +7,10 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import pytest
 
 from tests.helpers.cli import command, opsrun
 from tests.helpers.files import audit, write
@@ -33,19 +31,6 @@ LATE = """\
     """
 
 
-@pytest.fixture
-def rbdir(tmp_path: Path) -> Path:
-    d = tmp_path / "runbooks"
-    d.mkdir()
-    return d
-
-
-@pytest.fixture
-def services() -> Iterator[list[Service]]:
-    made: list[Service] = []
-    yield made
-    for s in made:
-        s.close()
 
 
 def kinds(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

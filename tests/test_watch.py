@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,19 +16,6 @@ from tests.helpers.service import Service
 from tests.helpers.wait import wait_for
 
 
-@pytest.fixture
-def rbdir(tmp_path: Path) -> Path:
-    d = tmp_path / "runbooks"
-    d.mkdir()
-    return d
-
-
-@pytest.fixture
-def services(tmp_path: Path) -> Iterator[list[Service]]:
-    made: list[Service] = []
-    yield made
-    for s in made:
-        s.close()
 
 
 def lines(path: Path) -> list[str]:
