@@ -187,6 +187,8 @@ class RichReporter(PlainReporter):
         self.console = Console(highlight=False, soft_wrap=True)
         self.status: Any = None
         self.finished: list[tuple[str, str, str]] = []
+        self.running: dict[str, str] = {}  # branches and loop items run side by side
+        self.groups: dict[str, str] = {}  # the steps that hold them
 
     def _print(self, text: str) -> None:
         self.console.print(text, markup=False)
@@ -197,16 +199,21 @@ class RichReporter(PlainReporter):
             name = _esc(safe(data["runbook"].name, keep_newlines=False))
             self.console.print(f"[bold]{name}[/] [dim]run {data['run_id']}[/]")
         elif kind == "step.started":
-            self._stop_status()
             attempt = f" (attempt {data['attempt']}/{data['attempts']})" if data["attempt"] > 1 \
                 else ""
-            title = safe(data["step_name"], keep_newlines=False)
-            self.status = self.console.status(f"{_esc(title)}{attempt}", spinner="dots")
-            self.status.start()
+            step = data.get("step")
+            holds = step is not None and (step.kind in ("parallel", "uses")
+                                          or step.for_each is not None)
+            (self.groups if holds else self.running)[sid] = \
+                safe(data["step_name"], keep_newlines=False) + attempt
+            self._show_running()
         elif kind == "step.finished":
             self._flush(sid)
+            self.running.pop(sid, None)
+            self.groups.pop(sid, None)
             self._stop_status()
             self._done(sid, data["step_name"], data["outcome"], self._finished(data))
+            self._show_running()
         elif kind == "step.skipped":
             self._done(sid, data["step_name"], "skipped",
                        f"skipped (if: {safe(str(data['condition']), keep_newlines=False)})")
@@ -234,8 +241,19 @@ class RichReporter(PlainReporter):
                            f"[dim]{_esc(text)}[/]")
         self.finished.append((sid, outcome, text))
 
+    def _show_running(self) -> None:
+        """The spinner names the running step, or how many run at once and which."""
+        self._stop_status()
+        names = list(self.running.values()) or list(self.groups.values())[-1:]
+        if not names:
+            return
+        text = names[-1] if len(names) == 1 else f"{len(names)} at once: {', '.join(names)}"
+        self.status = self.console.status(_esc(text), spinner="dots")
+        self.status.start()
+
     def _line(self, step_id: str, stream: str, host: str | None, line: str) -> None:
-        who = f"{host} " if host else ""
+        # With several steps running (and around them), a line says whose it is.
+        who = f"{host} " if host else (f"{step_id} " if len(self.running) > 1 else "")
         style = "" if stream == "stdout" else "yellow"
         self.console.print(f"  [dim]{_esc(who)}│[/] [{style}]{_esc(safe(line, keep_newlines=False))}"
                            f"[/{style}]" if style else
