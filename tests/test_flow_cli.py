@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from opsrun.engine import MAX_CHAIN_DEPTH
-from tests.helpers.cli import command, no_traceback, opsrun
+from tests.helpers.cli import command, no_traceback, on_terminal, opsrun
 from tests.helpers.files import audit, write
 from tests.helpers.procs import alive
 from tests.helpers.service import Service
@@ -107,6 +108,25 @@ def test_dry_run_and_show_spell_out_the_nested_steps(flow: Path, env: dict[str, 
             "alertname": "ServiceDown", "unit": "nginx"}}]}), cwd=repo_root, env=env)
     assert example.returncode == 0, example.stderr
     assert "$ systemctl restart nginx" in example.stdout
+
+
+def test_on_a_terminal_lines_of_side_by_side_steps_say_whose_they_are(
+        tmp_path: Path, env: dict[str, str]) -> None:
+    # Each prints once both have started, and ends once both have printed.
+    l1, r1, l2, r2 = (tmp_path / n for n in ("l1", "r1", "l2", "r2"))
+    rb = write(tmp_path, "two.yaml", f"""\
+        steps:
+          - parallel:
+              a: [{{id: left, run: "{MEET.format(me=l1, other=r1)}; echo from-left; {MEET.format(me=l2, other=r2)}"}}]
+              b: [{{id: right, run: "{MEET.format(me=r1, other=l1)}; echo from-right; {MEET.format(me=r2, other=l2)}"}}]
+          - id: alone
+            run: echo by-itself
+        """)
+    code, out = on_terminal("run", str(rb), env=env)
+    assert code == 0, out
+    out = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out)
+    assert "left │ from-left" in out and "right │ from-right" in out
+    assert "alone │" not in out and "by-itself" in out
 
 
 def test_ctrl_c_stops_every_branch_process(tmp_path: Path, env: dict[str, str]) -> None:

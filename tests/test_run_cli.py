@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.cli import command, no_traceback, opsrun
+from tests.helpers.cli import command, no_traceback, on_terminal, opsrun
 from tests.helpers.files import audit, write
 from tests.helpers.procs import alive
 from tests.helpers.wait import wait_for
@@ -357,30 +357,8 @@ def test_state_cannot_grow_nothing_starts(tmp_path: Path, env: dict[str, str]) -
 
 def test_live_view_on_a_terminal(repo_root: Path, env: dict[str, str]) -> None:
     """On a terminal (and without NO_COLOR) the rich view: marks, output, a summary."""
-    import pty
-    import select
-
-    master, slave = pty.openpty()
-    full_env = {k: v for k, v in {**os.environ, **env}.items() if k != "NO_COLOR"}
-    full_env["TERM"] = "xterm-256color"
-    p = subprocess.Popen(command("run", "hello", "-p", "name=Tty"), cwd=repo_root,
-                         stdin=slave, stdout=slave, stderr=slave, env=full_env)
-    os.close(slave)
-    text = b""
-    while True:
-        ready, _, _ = select.select([master], [], [], 30)
-        if not ready:
-            break
-        try:
-            data = os.read(master, 65536)
-        except OSError:
-            break
-        if not data:
-            break
-        text += data
-    assert p.wait(timeout=30) == 0
-    os.close(master)
-    out = text.decode(errors="replace")
+    code, out = on_terminal("run", "hello", "-p", "name=Tty", cwd=repo_root, env=env)
+    assert code == 0
     assert "\x1b[" in out  # colour on a terminal
     assert "Hello, Tty!" in out
     assert "✓" in out and "Say hello" in out

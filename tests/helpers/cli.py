@@ -24,3 +24,32 @@ def no_traceback(result: subprocess.CompletedProcess[str]) -> bool:
 
 def command(*args: str) -> Sequence[str]:
     return [sys.executable, "-m", "opsrun", *args]
+
+
+def on_terminal(*args: str, cwd: Path | None = None, env: Mapping[str, str] | None = None,
+                timeout: float = 30.0) -> tuple[int, str]:
+    """`opsrun ARGS` on a pseudo-terminal (colour, no NO_COLOR): its exit code and output."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k != "NO_COLOR"}
+    full_env["TERM"] = "xterm-256color"
+    p = subprocess.Popen(command(*args), cwd=cwd, stdin=slave, stdout=slave, stderr=slave,
+                         env=full_env)
+    os.close(slave)
+    text = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], timeout)
+        if not ready:
+            break
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the terminal closed: the program ended
+            break
+        if not data:
+            break
+        text += data
+    code = p.wait(timeout=timeout)
+    os.close(master)
+    return code, text.decode(errors="replace")
