@@ -69,8 +69,8 @@ def check_path(path: Path) -> None:
     folder = path.parent
     if not folder.is_dir():
         raise UsageError(f"--metrics-file {path}: the folder {folder} does not exist; "
-                         "create it, or point node_exporter's --collector.textfile.directory "
-                         "at a folder that does")
+                         "create it first (it is the folder node_exporter's "
+                         "--collector.textfile.directory names)")
     if path.is_dir():
         raise UsageError(f"--metrics-file {path} is a folder; give a file name in it, "
                          f"e.g. {path / 'opsrun.prom'}")
