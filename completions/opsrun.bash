@@ -15,7 +15,7 @@ _opsrun() {
         w="${COMP_WORDS[i]}"
         if ((skip)); then skip=0; continue; fi
         case "$w" in
-            --audit-log|--before|--comment|--drain-limit|--event|--format|--head|--inventory|--keep|--kind|--limit|--lines|--log-format|--max-parallel|--parallel|--param|--run|--runbook|--runbooks|--secrets-file|--since|--state|--state-dir|--step|-m|-n|-p|-r) skip=1 ;;
+            --audit-log|--before|--comment|--drain-limit|--event|--format|--head|--inventory|--keep|--kind|--limit|--lines|--log-format|--max-parallel|--metrics-file|--metrics-interval|--parallel|--param|--run|--runbook|--runbooks|--secrets-file|--since|--state|--state-dir|--step|-m|-n|-p|-r) skip=1 ;;
             -*) ;;
             *) [[ -z $path ]] && path="$w" || { [[ $path != *" "* ]] && case "$path $w" in "audit head"|"audit prune"|"audit show"|"audit tail"|"audit verify") path="$path $w";; esac; } ;;
         esac
@@ -35,6 +35,8 @@ _opsrun() {
         --lines) return ;;
         --log-format) return ;;
         --max-parallel) return ;;
+        --metrics-file) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --metrics-interval) return ;;
         --parallel) return ;;
         --param) return ;;
         --run) return ;;
@@ -51,7 +53,7 @@ _opsrun() {
         -r) COMPREPLY=($(compgen -d -- "$cur")); return ;;
     esac
     case "$path" in
-        "") COMPREPLY=($(compgen -W 'approve audit cancel completion deny dispatch emit explain init list logs pending resume run runs schema show sources status systemd-unit validate watch --version --debug' -- "$cur")) ;;
+        "") COMPREPLY=($(compgen -W 'approve audit cancel completion deny dispatch emit explain init list logs metrics pending resume run runs schema show sources status systemd-unit validate watch --version --debug' -- "$cur")) ;;
         "approve") COMPREPLY=($(compgen -W '--comment -m --step --state-dir --audit-log' -- "$cur") $(compgen -f -- "$cur")) ;;
         "audit") COMPREPLY=($(compgen -W 'head prune show tail verify' -- "$cur")) ;;
         "audit head") COMPREPLY=($(compgen -W '--state-dir --audit-log --json' -- "$cur")) ;;
@@ -68,6 +70,7 @@ _opsrun() {
         "init") COMPREPLY=($(compgen -W '' -- "$cur") $(compgen -f -- "$cur")) ;;
         "list") COMPREPLY=($(compgen -W '--runbooks -r --json' -- "$cur")) ;;
         "logs") COMPREPLY=($(compgen -W '--json --state-dir' -- "$cur") $(compgen -f -- "$cur")) ;;
+        "metrics") COMPREPLY=($(compgen -W '--state-dir --audit-log' -- "$cur")) ;;
         "pending") COMPREPLY=($(compgen -W '--json --state-dir' -- "$cur")) ;;
         "resume") COMPREPLY=($(compgen -W '--yes -y --json --state-dir --audit-log --secrets-file --inventory --accept-new-hosts' -- "$cur") $(compgen -f -- "$cur")) ;;
         "run") COMPREPLY=($(compgen -W '--param -p --event --dry-run --yes -y --json --runbooks -r --state-dir --audit-log --secrets-file --inventory --accept-new-hosts' -- "$cur") $(compgen -W "$(_opsrun_runbooks)" -- "$cur") $(compgen -f -- "$cur")) ;;
@@ -78,7 +81,7 @@ _opsrun() {
         "status") COMPREPLY=($(compgen -W '--json --state-dir' -- "$cur")) ;;
         "systemd-unit") COMPREPLY=($(compgen -W '--user --runbooks -r --drain-limit' -- "$cur")) ;;
         "validate") COMPREPLY=($(compgen -W '--runbooks -r --json --format --inventory' -- "$cur") $(compgen -W "$(_opsrun_runbooks)" -- "$cur") $(compgen -f -- "$cur")) ;;
-        "watch") COMPREPLY=($(compgen -W '--runbooks -r --state-dir --audit-log --stdin --max-parallel --drain-limit --log-format --secrets-file --inventory --accept-new-hosts' -- "$cur")) ;;
+        "watch") COMPREPLY=($(compgen -W '--runbooks -r --state-dir --audit-log --stdin --max-parallel --drain-limit --log-format --secrets-file --inventory --accept-new-hosts --metrics-file --metrics-interval' -- "$cur")) ;;
     esac
 }
 complete -o filenames -F _opsrun opsrun

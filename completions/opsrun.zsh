@@ -23,6 +23,7 @@ _opsrun() {
     'init:Create a runbooks folder - a starter runbook, an inventory example, the schema.'
     'list:List the runbooks - name, triggers, number of steps, file.'
     'logs:Show a run'\''s steps and the output they printed (the newest run by default).'
+    'metrics:Print Prometheus metrics - runs, step durations, queue, approvals, sources.'
     'pending:List the runs waiting for an answer.'
     'resume:Pick up a waiting or interrupted run at the step where it stopped.'
     'run:Run a runbook now, step by step.'
@@ -55,6 +56,7 @@ _opsrun() {
         init) _opsrun_init ;;
         list) _opsrun_list ;;
         logs) _opsrun_logs ;;
+        metrics) _opsrun_metrics ;;
         pending) _opsrun_pending ;;
         resume) _opsrun_resume ;;
         run) _opsrun_run ;;
@@ -220,6 +222,12 @@ _opsrun_logs() {
     '*:file:_files'
 }
 
+_opsrun_metrics() {
+  _arguments \
+    '(--state-dir)'--state-dir'[State folder (default $STATE_DIRECTORY, else $XDG_STATE_HOME/opsrun - ~/.local/state/opsrun).]:value:_files -/' \
+    '(--audit-log)'--audit-log'[Audit log file (default - audit.jsonl in the state folder).]:value:_files'
+}
+
 _opsrun_pending() {
   _arguments \
     '(--json)'--json'[Machine-readable output.]' \
@@ -312,7 +320,9 @@ _opsrun_watch() {
     '(--log-format)'--log-format'[plain or json.]:value: ' \
     '(--secrets-file)'--secrets-file'[NAME=value file of secrets (mode 0600).]:value:_files' \
     '(--inventory)'--inventory'[Hosts of SSH steps (default - the inventory.yaml beside the runbooks).]:value:_files' \
-    '(--accept-new-hosts)'--accept-new-hosts'[Trust SSH host keys not seen before (never changed ones); they are kept in the state folder and audited.]'
+    '(--accept-new-hosts)'--accept-new-hosts'[Trust SSH host keys not seen before (never changed ones); they are kept in the state folder and audited.]' \
+    '(--metrics-file)'--metrics-file'[Write Prometheus metrics to FILE (e.g. opsrun.prom in node_exporters textfile folder), replaced atomically.]:value:_files' \
+    '(--metrics-interval)'--metrics-interval'[How often --metrics-file is written.]:value: '
 }
 
 _opsrun "$@"

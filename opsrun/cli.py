@@ -493,7 +493,7 @@ def _sources(
     _finish(ctx, lambda: sources.main(folder, as_json=as_json))
 
 
-# ── the service: watch, status, systemd-unit ───────────────────────────────
+# ── the service: watch, status, metrics, systemd-unit ───────────────────────
 
 @app.command("watch")
 def _watch(
@@ -513,6 +513,13 @@ def _watch(
     secrets_file: Optional[str] = _secrets_file_opt(),
     inventory: Optional[Path] = _inventory_opt(),
     accept_new_hosts: bool = _accept_new_hosts_opt(),
+    metrics_file: Optional[Path] = typer.Option(
+        None, "--metrics-file", metavar="FILE", envvar="OPSRUN_METRICS_FILE",
+        show_envvar=True, help="Write Prometheus metrics to FILE (e.g. opsrun.prom in "
+                               "node_exporter's textfile folder), replaced atomically."),
+    metrics_interval: str = typer.Option(
+        "15s", "--metrics-interval", envvar="OPSRUN_METRICS_INTERVAL", show_envvar=True,
+        help="How often --metrics-file is written."),
 ) -> None:
     """Watch every source of every runbook and run the runbooks whose triggers match."""
     from opsrun import paths as paths_mod
@@ -520,13 +527,23 @@ def _watch(
     from opsrun.durations import DurationError, parse_duration
     from opsrun.service.daemon import WatchOptions
 
+    from opsrun.service.metrics_file import MIN_INTERVAL_S
+
     try:
         drain_s = parse_duration(drain_limit)
     except DurationError as e:
         raise typer.BadParameter(str(e), param_hint="--drain-limit") from None
+    try:
+        metrics_s = parse_duration(metrics_interval)
+    except DurationError as e:
+        raise typer.BadParameter(str(e), param_hint="--metrics-interval") from None
+    if metrics_s < MIN_INTERVAL_S:
+        raise typer.BadParameter(f"{metrics_interval!r} is too short; use at least "
+                                 f"{MIN_INTERVAL_S * 1000:g}ms", param_hint="--metrics-interval")
     opts = WatchOptions(paths_mod.runbooks_dir_from_env(runbooks), stdin=stdin,
                         drain_limit_s=drain_s, inventory=inventory,
-                        accept_new_hosts=accept_new_hosts)
+                        accept_new_hosts=accept_new_hosts, metrics_file=metrics_file,
+                        metrics_interval_s=metrics_s)
     if max_parallel:
         opts.max_parallel = max_parallel
     _finish(ctx, lambda: watch_cmd.watch(opts, state_dir=state_dir, audit_log=audit_log,
@@ -543,6 +560,18 @@ def _status(
     from opsrun.commands import watch as watch_cmd
 
     _finish(ctx, lambda: watch_cmd.status(state_dir, as_json=as_json))
+
+
+@app.command("metrics")
+def _metrics(
+    ctx: typer.Context,
+    state_dir: Optional[str] = _state_dir_opt(),
+    audit_log: Optional[str] = _audit_log_opt(),
+) -> None:
+    """Print Prometheus metrics: runs, step durations, queue, approvals, sources."""
+    from opsrun.commands import metrics
+
+    _finish(ctx, lambda: metrics.main(state_dir, audit_log))
 
 
 @app.command("systemd-unit")
@@ -586,7 +615,8 @@ def _print(text: str) -> int:
 
 
 _PATH_OPTIONS = {"--runbooks": "dir", "--state-dir": "dir", "--audit-log": "file",
-                 "--inventory": "file", "--secrets-file": "file"}
+                 "--inventory": "file", "--secrets-file": "file",
+                 "--metrics-file": "file"}
 _RUNBOOK_ARGS = {"runbook", "paths"}
 
 

@@ -251,6 +251,15 @@ class AuditHead(NamedTuple):
     hash: str
 
 
+class StepDurations(NamedTuple):
+    """The recorded step attempts of one runbook: counts at or under each bound, sum, count."""
+
+    runbook: str
+    at_most: tuple[int, ...]  # one cumulative count per bound given to step_durations
+    sum_s: float
+    attempts: int
+
+
 class AuditCheckpoint(NamedTuple):
     """A segment that was verified whole: its size and digest, and verify's summary of it."""
 
@@ -790,6 +799,46 @@ class Store:
         """How many events are in the queue, leased or not."""
         with self._read("counting the event queue") as c:
             return int(c.execute("SELECT count(*) FROM event_queue").fetchone()[0])
+
+    # ── counts for metrics (opsrun metrics): one cheap aggregate query each ────
+
+    def run_counts(self) -> dict[tuple[str, str], int]:
+        """How many runs each runbook has in each state, by (runbook, state)."""
+        with self._read("counting runs") as c:
+            rows = c.execute("SELECT runbook, state, count(*) FROM runs "
+                             "GROUP BY runbook, state").fetchall()
+        return {(r[0], r[1]): int(r[2]) for r in rows}
+
+    def step_durations(self, bounds: Sequence[float]) -> list[StepDurations]:
+        """Per runbook, how many recorded step attempts took at most each of `bounds`
+        seconds (cumulative, as a Prometheus histogram counts), their total and count.
+
+        Only top-level steps (sub 0) with both times: a nested step's time is inside its
+        parent's already. Seconds come from the stored text to the microsecond; julianday()
+        would lose a fraction of a millisecond to floating point.
+        """
+        duration = ("(CAST(strftime('%s', s.finished_at) AS INTEGER) - "
+                    "CAST(strftime('%s', s.started_at) AS INTEGER)) + "
+                    "(CAST(substr(s.finished_at, 21, 6) AS INTEGER) - "
+                    "CAST(substr(s.started_at, 21, 6) AS INTEGER)) / 1e6")
+        le = "".join(", coalesce(sum(d <= ?), 0)" for _ in bounds)
+        sql = (f"SELECT runbook{le}, coalesce(sum(d), 0.0), count(*) FROM "
+               f"(SELECT r.runbook AS runbook, {duration} AS d FROM steps s "
+               "JOIN runs r ON r.id = s.run_id WHERE s.sub = 0 AND s.started_at IS NOT NULL "
+               "AND s.finished_at IS NOT NULL) GROUP BY runbook ORDER BY runbook")
+        with self._read("summing step durations") as c:
+            rows = c.execute(sql, [float(b) for b in bounds]).fetchall()
+        n = len(bounds)
+        return [StepDurations(r[0], tuple(int(x) for x in r[1:n + 1]), float(r[n + 1]),
+                              int(r[n + 2])) for r in rows]
+
+    def oldest_waiting_question(self) -> datetime | None:
+        """When the oldest unanswered question of a `waiting` run was asked, or None."""
+        with self._read("reading the oldest pending approval") as c:
+            row = c.execute("SELECT min(a.asked_at) FROM approvals a JOIN runs r "
+                            "ON r.id = a.run_id WHERE a.answer IS NULL "
+                            "AND r.state = 'waiting'").fetchone()
+        return _dt(row[0]) if row else None
 
     # ── audit log bookkeeping ───────────────────────────────────────────────
 

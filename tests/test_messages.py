@@ -90,6 +90,12 @@ CLI_CASES: dict[str, Cli] = {
     "runbooks/sources-invalid": cli("sources", "-r", "bad"),
     "runbooks/watch-folder-missing": cli("watch", "-r", "nowhere", *S),
     "runbooks/watch-none-valid": cli("watch", "-r", "bad", *S),
+    # the service's metrics file
+    "metrics/folder-missing": cli("watch", "-r", "rb", "--metrics-file", "nowhere/opsrun.prom",
+                                  *S),
+    "metrics/file-is-folder": cli("watch", "-r", "rb", "--metrics-file", "rb", *S),
+    "metrics/interval-too-short": cli("watch", "-r", "rb", "--metrics-interval", "5ms", *S),
+    "metrics/interval-bad": cli("watch", "-r", "rb", *S, OPSRUN_METRICS_INTERVAL="often"),
     "runbooks/dispatch-invalid": cli("dispatch", "-r", "bad", *S, stdin="{}\n"),
     "runbooks/init-exists": cli("init", "started"),
     "runbooks/init-file-in-the-way": cli("init", "a-file"),

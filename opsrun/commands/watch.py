@@ -23,6 +23,10 @@ def watch(opts: WatchOptions, *, state_dir: str | None, audit_log: str | None,
         raise UsageError(f"the runbooks folder {opts.runbooks_dir} does not exist; give "
                          f"another with --runbooks DIR, or create it with `opsrun init "
                          f"{opts.runbooks_dir}`")
+    if opts.metrics_file is not None:
+        from opsrun.service.metrics_file import check_path
+
+        check_path(opts.metrics_file)
     log = DaemonLog(log_format)
     logging.getLogger("opsrun").addHandler(log.handler())
     logging.getLogger("opsrun").setLevel(logging.INFO)

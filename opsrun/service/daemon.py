@@ -40,6 +40,7 @@ from opsrun.runs.scheduler import Job, Scheduler
 from opsrun.runs.throttle import ThrottleTimer
 from opsrun.service.control import ControlHandler, ControlParts
 from opsrun.service.log import DaemonLog, LogListener
+from opsrun.service.metrics_file import MetricsFileWriter
 from opsrun.service.sources import SourceParts, Sources
 from opsrun.service.systemd import Notifier
 
@@ -56,6 +57,8 @@ class WatchOptions:
     drain_limit_s: float = 60.0
     inventory: Path | None = None  # --inventory, else the one in the runbooks folder
     accept_new_hosts: bool = False
+    metrics_file: Path | None = None  # --metrics-file: a textfile for node_exporter
+    metrics_interval_s: float = 15.0
 
 
 class Daemon:
@@ -87,6 +90,7 @@ class Daemon:
         self.sources = Sources(SourceParts(
             rc, self.dispatcher, log, opts.runbooks_dir, opts.stdin, self.stop,
             self.reload_requested, self.wake_parked))
+        self.metrics_writer: MetricsFileWriter | None = None
         self.control = ControlHandler(ControlParts(
             rc, self.scheduler, self.status, self.status_line, self.sources.wake_queue,
             self.wake_parked, self.cancel_parked))
@@ -111,10 +115,12 @@ class Daemon:
                      sources=",".join(f"{k}:{v}" for k, v in self.sources.describe().items()))
             self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
             self.notifier.start_watchdog(self.sources.healthy)
+            self._start_metrics()
             self._loop()
         finally:
             self._shutdown()
             server.stop()
+            self._stop_metrics()
         return 0
 
     def _loop(self) -> None:
@@ -365,6 +371,36 @@ class Daemon:
         self.log("opsrun watch stopped")
         self.notifier.stop()
 
+    # ── metrics ─────────────────────────────────────────────────────────────
+
+    def metrics_text(self, *, up: bool = True) -> str:
+        """The exposition of `opsrun metrics`, as this service sees it now."""
+        from opsrun.metrics import exposition
+        from opsrun.service.metrics_file import collect
+
+        return exposition(collect(self.rc.store, self.rc.audit.path,
+                                  self.status() if up else None))
+
+    def _start_metrics(self) -> None:
+        if self.opts.metrics_file is None:
+            return
+        self.metrics_writer = MetricsFileWriter(self.opts.metrics_file,
+                                                self.opts.metrics_interval_s,
+                                                self.metrics_text, self.log).start()
+        self.log("writing metrics", file=str(self.opts.metrics_file),
+                 every=f"{self.opts.metrics_interval_s:g}s")
+
+    def _stop_metrics(self) -> None:
+        if self.metrics_writer is None:
+            return
+        # The last file says the service is down, rather than going stale saying it is up.
+        try:
+            final: str | None = self.metrics_text(up=False)
+        except Exception as e:  # noqa: BLE001 - stopping goes on without a last file
+            self.log("cannot gather the last metrics", level="error", error=str(e))
+            final = None
+        self.metrics_writer.stop(final)
+
     # ── status ──────────────────────────────────────────────────────────────
 
     def status(self) -> dict[str, Any]:
@@ -374,6 +410,7 @@ class Daemon:
             "uptime_s": round(time.monotonic() - self.started_at, 1),
             "runbooks": sorted(rb.name for rb in self.runbooks.values()),
             "sources": self.sources.describe(),
+            "source_health": self.sources.health(),
             "runs_running": counts["running"], "runs_waiting": counts["parked"],
             "runs_queued": counts["queued"], "event_queue": self.rc.store.queue_length(),
             "max_parallel": self.opts.max_parallel,

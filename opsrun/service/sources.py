@@ -57,6 +57,8 @@ class Sources:
         self._lifelong_started = False
         self._failed_at = 0.0
         self._lock = threading.Lock()
+        self._last_event: dict[str, float] = {}  # source name → Unix time, for metrics
+        self._last_event_lock = threading.Lock()
 
     # ── trigger sources ─────────────────────────────────────────────────────
 
@@ -86,7 +88,7 @@ class Sources:
                 made.append(LogSource(logs, store))
             self.counts = {"file": len(files), "schedule": len(schedules), "log": len(logs)}
             self.stop_current = stop
-            self.threads = [start_thread(s, stop, self.emit) for s in made]
+            self.threads = [start_thread(s, stop, self._emit_from(s.name)) for s in made]
             if not self._lifelong_started:
                 self._lifelong_started = True
                 self._start_lifelong()
@@ -104,6 +106,38 @@ class Sources:
         a source hand the same events over again does not grow with the batch.
         """
         self.p.dispatcher.dispatch_batch(events)
+
+    def _emit_from(self, name: str) -> Callable[[Sequence[Event]], None]:
+        def emit(events: Sequence[Event]) -> None:
+            self.emit(events)
+            if events:
+                self._saw(name)
+        return emit
+
+    def _saw(self, name: str) -> None:
+        """Note that a source handed over events now (after they were taken)."""
+        with self._last_event_lock:
+            self._last_event[name] = time.time()
+
+    def health(self) -> dict[str, dict[str, Any]]:
+        """Each source of describe(): whether its thread runs, and its last event's time.
+
+        A trigger source whose thread died shows `up: False` until restart_if_dead brings it
+        back; stdin is down once its input has ended.
+        """
+        alive: dict[str, bool] = {}
+        for t in self.threads:
+            name = t.name.removeprefix("opsrun-source-")
+            alive[name] = alive.get(name, True) and t.is_alive()
+        for t in self._lifelong:
+            if t.name == "opsrun-queue":
+                alive["queue"] = t.is_alive()
+            elif t.name == "opsrun-source-stdin":
+                alive["stdin"] = t.is_alive()
+        with self._last_event_lock:
+            last = dict(self._last_event)
+        return {name: {"up": alive.get(name, False), "last_event_time": last.get(name)}
+                for name in self.describe()}
 
     def _stop_current(self) -> None:
         self.stop_current.set()
@@ -152,7 +186,8 @@ class Sources:
             from opsrun.sources.stdin_json import StdinJsonSource
 
             stdin = StdinJsonSource(sys.stdin.buffer, self._rejected)
-            self._lifelong.append(start_thread(stdin, self.stop_forever, self.emit))
+            self._lifelong.append(start_thread(stdin, self.stop_forever,
+                                               self._emit_from("stdin")))
 
     def start_runbook_watch(self) -> None:
         """Reload when a runbook file is added, changed or removed."""
@@ -198,6 +233,7 @@ class Sources:
                         [item.id for item in items])
                 except Exception:  # noqa: BLE001 - one at a time, so one bad event stays alone
                     self._dispatch_each(items)
+                self._saw("queue")
             if not items:
                 self.wake_queue.wait(QUEUE_POLL_S)
                 self.wake_queue.clear()
