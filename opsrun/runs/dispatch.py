@@ -175,10 +175,8 @@ class Dispatcher:
     def _plan_one(self, m: Match, event: Event) -> Planned | None:
         rb = m.runbook
         run_event = m.event_for_run(event)
-        try:
-            typed = params_mod.resolve(rb.params, {})
-        except params_mod.ParamError as e:
-            self._reject(rb, event, f"cannot start from an event: {e}")
+        typed = self._defaults(rb, event)
+        if typed is None:
             return None
         key = self._key(rb, run_event, typed)
         spec = throttle.spec_for(rb, run_event.data, typed, self.log)
@@ -238,10 +236,8 @@ class Dispatcher:
         return planned.request.run_id
 
     def _plan_fired(self, rb: Runbook, window: Window, event: Event) -> Planned | None:
-        try:
-            typed = params_mod.resolve(rb.params, {})
-        except params_mod.ParamError as e:
-            self._reject(rb, event, f"cannot start from an event: {e}")
+        typed = self._defaults(rb, event)
+        if typed is None:
             return None
         key = self._key(rb, event, typed)
         trigger = window.trigger or ""
@@ -255,6 +251,14 @@ class Dispatcher:
         request = RunRequest(rb, new_id(), event, typed, self.starter, trigger=trigger)
         return Planned(trigger, request, key, decision.replaced,
                        throttled=dict(event.data["throttled"]))
+
+    def _defaults(self, rb: Runbook, event: Event) -> dict[str, Any] | None:
+        """The params of a run an event starts (their defaults), or None: rejected, audited."""
+        try:
+            return params_mod.resolve(rb.params, {})
+        except params_mod.ParamError as e:
+            self._reject(rb, event, f"cannot start from an event: {e}")
+            return None
 
     def _key(self, rb: Runbook, event: Event, typed: Mapping[str, Any]) -> str:
         if not rb.concurrency.key:
