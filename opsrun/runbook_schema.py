@@ -390,7 +390,6 @@ KIND_ONLY = {
     "confirm": ("approvers", "on_timeout"),
     "run": ("shell", "workdir", "host", "hosts"),
     "uses": ("with",),
-    "parallel": ("fail_fast",),
 }
 RETRIED_KINDS = ("run", "uses")
 LOOPED_KINDS = ("run", "emit", "uses")
@@ -431,6 +430,15 @@ def _step_rules(s: dict[str, Any], path: PathT, problems: Problems) -> None:
     if s["retry"] is not None and kind not in RETRIED_KINDS:
         problems.add((*path, "retry"), f"{where}: `retry` only applies to a `run:` or "
                      "`uses:` step", at_key=True)
+    if s["timeout"] is not None and kind in ("emit", "uses", "parallel"):
+        problems.add((*path, "timeout"), f"{where}: `timeout` applies to `run:` and "
+                     f"`confirm:` steps, not to a `{kind}:` step; give it to the steps "
+                     "inside, or bound the whole run with the runbook's `timeout:`",
+                     at_key=True)
+    if s["env"] and kind == "parallel":
+        problems.add((*path, "env"), f"{where}: `env` applies to the steps that run "
+                     "commands; give it to the steps in the branches, or to the runbook",
+                     at_key=True)
     if s["host"] is not None and s["hosts"]:
         problems.add((*path, "host"), f"{where}: use `host:` or `hosts:`, not both",
                      at_key=True)

@@ -207,6 +207,7 @@ def test_for_each_fail_fast_starts_no_more_items_and_keeps_each_result() -> None
         steps:
           - id: each
             for_each: [1, 2, 3, 4]
+            fail_fast: true
             run: echo ${{ item }}
         """)
     result, rec, executor = go(rb, lambda r, c: 4 if r.display == "echo 2" else 0)
