@@ -72,15 +72,22 @@ def test_watch_runs_once_within_a_window_and_records_the_rest(
     assert sum(ln["msg"] == "run throttled" for ln in logged) == 4
 
 
-def test_watch_runs_once_after_the_window_with_the_last_event(
-        tmp_path: Path, rbdir: Path, services: list[Service]) -> None:
-    out = tmp_path / "out"
-    write(rbdir, "late.yaml", LATE.replace("OUT", str(out)).replace("WINDOW", "1s"))
+def late_service(tmp_path: Path, rbdir: Path, services: list[Service], window: str,
+                 out: Path, *, events: int) -> Service:
+    """A service with the once_after runbook LATE, and `events` events emitted to it."""
+    write(rbdir, "late.yaml", LATE.replace("OUT", str(out)).replace("WINDOW", window))
     svc = Service(tmp_path, rbdir)
     services.append(svc)
     svc.start()
     svc.cli("emit", "-", input="".join(json.dumps({"type": "late", "n": n}) + "\n"
-                                       for n in range(3)))
+                                       for n in range(events)))
+    return svc
+
+
+def test_watch_runs_once_after_the_window_with_the_last_event(
+        tmp_path: Path, rbdir: Path, services: list[Service]) -> None:
+    out = tmp_path / "out"
+    svc = late_service(tmp_path, rbdir, services, "1s", out, events=3)
     wait_for(lambda: len(kinds(svc.audit(), "run.throttled")) == 3, timeout=20,
              message=svc.log)
     assert svc.runs() == []  # nothing runs inside the window
@@ -96,12 +103,7 @@ def test_watch_runs_once_after_the_window_with_the_last_event(
 def test_a_restart_inside_a_once_after_window_still_runs_it(
         tmp_path: Path, rbdir: Path, services: list[Service]) -> None:
     out = tmp_path / "out"
-    write(rbdir, "late.yaml", LATE.replace("OUT", str(out)).replace("WINDOW", "2s"))
-    svc = Service(tmp_path, rbdir)
-    services.append(svc)
-    svc.start()
-    svc.cli("emit", "-", input="".join(json.dumps({"type": "late", "n": n}) + "\n"
-                                       for n in range(2)))
+    svc = late_service(tmp_path, rbdir, services, "2s", out, events=2)
     wait_for(lambda: len(kinds(svc.audit(), "run.throttled")) == 2, timeout=20)
     until = kinds(svc.audit(), "run.throttled")[0]["until"]
     svc.kill()  # no goodbye: what the window owes is only in the state folder
