@@ -122,14 +122,14 @@ def details(rep: Mapping[str, Any]) -> list[str]:
     """One line per schedule and log file the report names, for the service's log."""
     lines = []
     for s in rep.get("schedules") or []:
-        lines.append(f"schedule {s['trigger']} ({s['cron']}): {s['missed']:,}"
+        lines.append(f"{s['runbook']}: schedule {s['cron']!r}: {s['missed']:,}"
                      f"{'+' if s['at_least'] else ''} fire(s) missed, the last at "
                      f"{s['last_missed']}; {s['action']}")
     for g in rep.get("logs") or []:
         how = ("rotated; the old file is gone, its lines after the position are lost, "
                if g["lost"] else "rotated, " if g["rotated"] else
                "truncated, read from the start, " if g["truncated"] else "")
-        lines.append(f"log {g['path']} ({g['trigger']}): {how}{g['bytes']:,} byte(s) to read")
+        lines.append(f"{g['runbook']}: log {g['path']}: {how}{g['bytes']:,} byte(s) to read")
     return lines
 
 
