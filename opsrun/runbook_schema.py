@@ -332,7 +332,7 @@ def _one_trigger_per_path(items: list[Any], path: PathT, problems: Problems) -> 
         where = item["webhook"]["path"]
         if where in seen:
             problems.add((*path, i, "webhook", "path"), f"{show_path((*path, i))}: the webhook "
-                         f"path {where} is already the path of trigger {seen[where] + 1}; a "
+                         f"path {where} is already the path of on[{seen[where]}]; a "
                          "runbook takes each path once (put the conditions of both in one "
                          "trigger's `where:` with `any: [...]`)")
         else:

@@ -103,11 +103,16 @@ class HttpListener:
         self._ready = threading.Event()
         self._failed: BaseException | None = None
         self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="opsrun-webhook")
+        self._server: Any = None
 
     @property
     def url(self) -> str:
         host = f"[{self.address[0]}]" if ":" in self.address[0] else self.address[0]
         return f"{self.opts.scheme}://{host}:{self.address[1]}"
+
+    def open_connections(self) -> int:
+        """How many HTTP connections are open now."""
+        return len(self._server.connections) if self._server is not None else 0
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -188,6 +193,7 @@ class HttpListener:
                             self.opts.header_timeout_s, max_line_size=MAX_LINE_BYTES,
                             max_field_size=MAX_LINE_BYTES, max_headers=MAX_HEADERS,
                             lingering_time=0)
+        self._server = server
 
         def protocol() -> asyncio.BaseProtocol:
             if len(server.connections) >= self.opts.max_connections:
