@@ -342,8 +342,8 @@ def _webhook_clash(rb: Runbook, paths: dict[str, tuple[Runbook, WebhookTrigger]]
             return Problem(str(rb.path), *_text_mark(rb.path, t.path), (
                 f"the webhook path {t.path} is already taken by {other[0].path} "
                 f"({o.scheme}: {o.secret}, shape: {o.shape}); runbooks share a path only "
-                f"when they give the same {'token' if o.scheme == 'token' else 'hmac'}, "
-                "secret and shape; use another path, or the same secret and shape"))
+                "when they check it the same way, with the same shape; use another path, "
+                f"or `{o.scheme}: {o.secret}` and `shape: {o.shape}`"))
     for t in mine:
         paths.setdefault(t.path, (rb, t))
     return None
