@@ -251,9 +251,10 @@ class HttpListener:
                     detail=f"over {self.opts.body_timeout_s:g}s"))
             return _response(reply, close=True)
         except Exception as e:  # noqa: BLE001 - a broken chunked body or the like
+            detail = str(e)
             reply = await loop.run_in_executor(
                 self._pool, lambda: self.receiver.refuse(400, "the body could not be read",
-                                                         path, remote, detail=str(e)))
+                                                         path, remote, detail=detail))
             return _response(reply, close=True)
         route: Route = first
         reply = await loop.run_in_executor(self._pool, self.receiver.receive, route, headers,
