@@ -171,3 +171,35 @@ def test_a_missing_secret_or_a_taken_path_is_refused_with_a_message(
     assert r.returncode == 2
     assert "zz-other.yaml:2:21: error: the webhook path /hooks/alertmanager is already " \
            "taken by" in r.stdout + r.stderr
+
+
+def test_hostile_requests_leave_the_service_up_and_its_log_short(
+        tmp_path: Path, rbdir: Path, services: list[Service]) -> None:
+    import socket
+
+    out = tmp_path / "out"
+    disk_full(rbdir, out)
+    svc = Service(tmp_path, rbdir, env=ENV)
+    services.append(svc)
+    svc.start()
+    base = url(svc)
+    port = int(base.rsplit(":", 1)[1])
+    for _ in range(20):
+        for raw in (b"\x00\xff\x16\x03 garbage\r\n\r\n",
+                    b"POST /hooks/alertmanager HTTP/1.1\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
+                    b"POST /hooks/alertmanager HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                try:
+                    sock.sendall(raw)
+                    sock.recv(4096)
+                except OSError:
+                    pass
+    status, _ = post(base, "/hooks/alertmanager", alertmanager(alert("h1", instance="i")))
+    assert status == 202
+    wait_for(lambda: lines(out) == ["disk-full i h1:firing"], timeout=30, message=svc.log)
+    assert svc.stop() == 0
+    log = svc.log()
+    assert "Traceback" not in log
+    assert log.count("webhook request refused") <= 4, log  # one per kind in the minute
+    refused = [r for r in svc.audit() if r["kind"] == "webhook.refused"]
+    assert sum(r["count"] for r in refused) == 60  # the rest are counted at the stop

@@ -189,7 +189,8 @@ class HttpListener:
         loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         server = web.Server(self._handle, access_log_class=self._access_class(),
-                            access_log=_access_logger(), keepalive_timeout=
+                            access_log=_quiet_logger("access"), logger=_quiet_logger("server"),
+                            keepalive_timeout=
                             self.opts.header_timeout_s, max_line_size=MAX_LINE_BYTES,
                             max_field_size=MAX_LINE_BYTES, max_headers=MAX_HEADERS,
                             lingering_time=0)
@@ -311,10 +312,17 @@ class HttpListener:
         return Access
 
 
-def _access_logger() -> Any:
+def _quiet_logger(name: str) -> Any:
+    """A logger that prints nothing: aiohttp logs a traceback for every request it cannot
+    parse, which a flood of hostile requests would turn into a flood of log lines. What
+    matters is recorded (rate-limited) by the access logger instead."""
     import logging
 
-    return logging.getLogger("opsrun.webhook.access")
+    logger = logging.getLogger(f"opsrun-webhook-{name}")  # not under "opsrun": not printed
+    logger.propagate = False
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
+    return logger
 
 
 async def _read_body(request: web.BaseRequest, limit: int) -> bytes:

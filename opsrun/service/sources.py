@@ -171,14 +171,17 @@ class Sources:
 
     def restart_if_dead(self) -> None:
         """A source that died on an error (a full disk, say) is started again, after a pause."""
-        dead = [t for t in self.threads if not t.is_alive()]
+        dead = [t.name for t in self.threads if not t.is_alive()]
+        hook = self.p.webhook
+        if hook is not None and hook.receiver.route_table and not hook.alive():
+            dead.append("opsrun-source-webhook")  # its listener could not start, or stopped
         if not dead or self.stop_current.is_set() or self.p.stop.is_set():
             return
         if time.monotonic() - self._failed_at < RESTART_BACKOFF_S:
             return
         self._failed_at = time.monotonic()
         self.p.log("a source stopped; starting the sources again", level="warning",
-                   sources=",".join(t.name for t in dead))
+                   sources=",".join(dead))
         self.start()
 
     def describe(self) -> dict[str, int]:
