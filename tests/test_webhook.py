@@ -545,3 +545,41 @@ def test_curl_posts_an_alertmanager_payload(hook: Hook) -> None:
          f"http://127.0.0.1:{hook.port}/hooks/am"],
         input=alertmanager(alert("c1"), alert("c2")), capture_output=True, timeout=60)
     assert json.loads(out.stdout)["queued"] == 2, out.stderr
+
+
+# ── matching ───────────────────────────────────────────────────────────────
+
+def test_webhook_events_match_the_triggers_of_their_path_only(tmp_path: Path) -> None:
+    from opsrun.event import from_object
+    from opsrun.matcher import Matcher
+    from opsrun.runbook import load_runbooks
+    from tests.helpers.files import write
+
+    for name, path, token, alertname in (("a", "/hooks/am", "AM_TOKEN", "DiskFull"),
+                                         ("b", "/hooks/am", "AM_TOKEN", "InodesFull"),
+                                         ("c", "/hooks/other", "OTHER", "DiskFull")):
+        write(tmp_path, f"{name}.yaml", f"""\
+            on:
+              - webhook: {{path: {path}, token: {token}, where: {{alertname: {alertname}}}}}
+            steps:
+              - run: echo {name}
+            """)
+    runbooks, problems = load_runbooks([tmp_path])
+    assert problems == [] and len(runbooks) == 3  # a and b share a path: same secret
+    matcher = Matcher(runbooks)
+    key_c = next(b.key for b in matcher.bound("webhook") if b.runbook.name == "c")
+
+    def names(data: dict[str, Any]) -> list[str]:
+        return [m.runbook.name for m in matcher.match(from_object(data, "webhook"))]
+
+    assert names({"alertname": "DiskFull", "webhook": {"path": "/hooks/am"}}) == ["a"]
+    assert names({"alertname": "InodesFull", "webhook": {"path": "/hooks/am"}}) == ["b"]
+    assert names({"alertname": "DiskFull", "webhook": {"path": "/hooks/other"}}) == ["c"]
+    # A body cannot pick another path's trigger (whose secret it did not prove).
+    assert names({"alertname": "DiskFull", "trigger": key_c,
+                  "webhook": {"path": "/hooks/am"}}) == ["a"]
+    assert names({"alertname": "DiskFull"}) == []
+    # A JSON event (opsrun emit) never starts a webhook trigger, nor a webhook event an
+    # event trigger.
+    assert [m.runbook.name for m in matcher.match(from_object(
+        {"alertname": "DiskFull", "webhook": {"path": "/hooks/am"}}, "json"))] == []
