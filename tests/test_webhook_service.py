@@ -203,3 +203,40 @@ def test_hostile_requests_leave_the_service_up_and_its_log_short(
     assert log.count("webhook request refused") <= 4, log  # one per kind in the minute
     refused = [r for r in svc.audit() if r["kind"] == "webhook.refused"]
     assert sum(r["count"] for r in refused) == 60  # the rest are counted at the stop
+
+
+def test_the_service_serves_https_with_the_tls_flags(tmp_path: Path, rbdir: Path,
+                                                      services: list[Service]) -> None:
+    import ssl
+
+    from tests.test_webhook import self_signed
+
+    out = tmp_path / "out"
+    disk_full(rbdir, out)
+    cert, key = self_signed(tmp_path)
+    svc = Service(tmp_path, rbdir, "--webhook-tls-cert", str(cert), "--webhook-tls-key",
+                  str(key), env=ENV)
+    services.append(svc)
+    svc.start()
+    base = url(svc)
+    assert base.startswith("https://127.0.0.1:")
+    context = ssl.create_default_context(cafile=str(cert))
+    req = urllib.request.Request(base + "/hooks/alertmanager", method="POST",
+                                 data=alertmanager(alert("t1", instance="tls")),
+                                 headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=30, context=context) as resp:
+        assert resp.status == 202
+    wait_for(lambda: lines(out) == ["disk-full tls t1:firing"], timeout=30, message=svc.log)
+    assert svc.stop() == 0
+    # Only one of the pair, or a key that is not one: refused at the start, with a message.
+    half = Service(tmp_path, rbdir, "--webhook-tls-cert", str(cert), env=ENV)
+    services.append(half)
+    half.start(wait_ready=False)
+    assert half.proc is not None and half.proc.wait(timeout=60) == 2
+    assert "give both --webhook-tls-cert and --webhook-tls-key" in half.log()
+    wrong = Service(tmp_path, rbdir, "--webhook-tls-cert", str(cert), "--webhook-tls-key",
+                    str(cert), env=ENV)
+    services.append(wrong)
+    wrong.start(wait_ready=False)
+    assert wrong.proc is not None and wrong.proc.wait(timeout=60) == 2
+    assert "cannot load them" in wrong.log() and "Traceback" not in wrong.log()
