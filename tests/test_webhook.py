@@ -24,7 +24,8 @@ from opsrun.audit.log import AuditLog
 from opsrun.criteria import parse_where
 from opsrun.event import MAX_EVENT_BYTES
 from opsrun.runbook import WebhookTrigger
-from opsrun.service.http_listener import HttpListener, ListenOptions, parse_listen
+from opsrun.service.http_listener import HttpListener, ListenOptions
+from opsrun.service.webhooks import parse_listen
 from opsrun.sources.webhook import WebhookReceiver, routes
 from opsrun.store import Store
 from opsrun.webhook import check_auth, secret_name, sign

@@ -43,7 +43,6 @@ if TYPE_CHECKING:
     from aiohttp import web
 
 Log = Callable[..., None]
-DEFAULT_LISTEN = "127.0.0.1:9410"
 HEADER_TIMEOUT_S = 10.0
 BODY_TIMEOUT_S = 10.0
 MAX_LINE_BYTES = 8190
@@ -78,16 +77,6 @@ class ListenOptions(NamedTuple):
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return False
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """`HOST:PORT` (`[::1]:9410` for IPv6, `:9410` for 127.0.0.1); UsageError otherwise."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise UsageError(f"--webhook-listen {text!r}: give HOST:PORT, like {DEFAULT_LISTEN} "
-                         "(or [::1]:9410; port 0 takes a free port)")
-    host = host.strip("[]") or "127.0.0.1"
-    return host, int(port)
 
 
 class HttpListener:
@@ -268,17 +257,23 @@ class HttpListener:
 
         loop = asyncio.get_running_loop()
         if request.method not in ("GET", "HEAD"):
-            return _response(Reply(405, {"error": "/metrics takes GET"}, {"Allow": "GET"}))
+            reply = await loop.run_in_executor(
+                self._pool, lambda: self.receiver.refuse(405, "/metrics takes GET", None,
+                                                         remote))
+            return _response(reply._replace(headers={"Allow": "GET"}))
         token = self.opts.metrics_token
         if token is not None:
             if check_auth("token", token, headers, None) is not None:
                 reply = await loop.run_in_executor(
-                    self._pool, lambda: self.receiver.refuse(401, "unauthenticated",
-                                                             "/metrics", remote))
+                    self._pool, lambda: self.receiver.refuse(401, "unauthenticated", None,
+                                                             remote, detail="/metrics"))
                 return _response(reply)
         elif not self.opts.loopback:
-            return _response(Reply(403, {"error": "/metrics on a listener that is not on "
-                                                  "loopback needs --webhook-metrics-token"}))
+            reply = await loop.run_in_executor(
+                self._pool, lambda: self.receiver.refuse(
+                    403, "/metrics on a listener that is not on loopback needs "
+                         "--webhook-metrics-token", None, remote))
+            return _response(reply)
         text = await loop.run_in_executor(self._pool, self._metrics_text)
         response = web.Response(body=text.encode(), headers={
             "Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

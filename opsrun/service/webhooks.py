@@ -15,13 +15,28 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from opsrun.errors import UsageError
 from opsrun.runbook import WebhookTrigger
 from opsrun.runs.context import RunContext
-from opsrun.service.http_listener import DEFAULT_LISTEN, HttpListener, ListenOptions, parse_listen
-from opsrun.sources.webhook import DEFAULT_MAX_QUEUE, WebhookReceiver, missing_secrets, routes
+
+if TYPE_CHECKING:  # imported when used: `opsrun status` needs neither asyncio nor ssl
+    from opsrun.service.http_listener import HttpListener, ListenOptions
 
 Log = Callable[..., None]
+DEFAULT_LISTEN = "127.0.0.1:9410"
+DEFAULT_MAX_QUEUE = 10_000
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """`HOST:PORT` (`[::1]:9410` for IPv6, `:9410` for 127.0.0.1); UsageError otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"--webhook-listen {text!r}: give HOST:PORT, like {DEFAULT_LISTEN} "
+                         "(or [::1]:9410; port 0 takes a free port)")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,8 @@ class WebhookService:
 
     def __init__(self, settings: WebhookSettings, rc: RunContext, log: Log,
                  wake: Callable[[], None], metrics: Callable[[], str]) -> None:
+        from opsrun.sources.webhook import WebhookReceiver
+
         self.settings, self.rc, self.log, self.metrics = settings, rc, log, metrics
         self.receiver = WebhookReceiver(rc.store, rc.audit, log, rc.secrets, wake,
                                         max_queue=settings.max_queue)
@@ -64,6 +81,9 @@ class WebhookService:
     def update(self, triggers: Sequence[tuple[str, WebhookTrigger]], *,
                initial: bool) -> None:
         """Serve these (runbook name, trigger) pairs; start or stop the listener to suit."""
+        from opsrun.service.http_listener import HttpListener
+        from opsrun.sources.webhook import missing_secrets, routes
+
         table = routes(triggers)
         missing = missing_secrets(table, self.rc.secrets)
         if missing and initial:
@@ -88,6 +108,8 @@ class WebhookService:
             self.listener = listener
 
     def _options(self) -> ListenOptions:
+        from opsrun.service.http_listener import ListenOptions
+
         host, port = parse_listen(self.settings.listen)
         token = self.settings.metrics_token
         return ListenOptions(host, port, self.settings.tls_cert, self.settings.tls_key,

@@ -38,7 +38,6 @@ from opsrun.webhook import SOURCE, BadPayload, check_auth, shape_events
 
 Log = Callable[..., None]  # log(message, level=…, **fields)
 DEDUPE_WINDOW_S = 24 * 3600.0
-DEFAULT_MAX_QUEUE = 10_000
 RECORD_EVERY_S = 60.0
 RETRY_AFTER_S = 10
 
@@ -138,7 +137,7 @@ class WebhookReceiver:
     """Decides each webhook request; thread-safe (the listener calls it from its workers)."""
 
     def __init__(self, store: Store, audit: AuditLog, log: Log, secrets: Mapping[str, str],
-                 wake: Callable[[], None], *, max_queue: int = DEFAULT_MAX_QUEUE,
+                 wake: Callable[[], None], *, max_queue: int,
                  dedupe_window_s: float = DEDUPE_WINDOW_S,
                  record_every_s: float = RECORD_EVERY_S) -> None:
         self.store, self.log, self.secrets, self.wake = store, log, secrets, wake
@@ -212,7 +211,7 @@ class WebhookReceiver:
         if done.ids:
             self.last_event = time.time()
             self.wake()
-        queued = {s.event.id for s in shaped}
+        queued = list(dict.fromkeys(s.event.id for s in shaped))
         if done.duplicates:
             with self._lock:
                 self.duplicates += done.duplicates
@@ -221,7 +220,7 @@ class WebhookReceiver:
                                {"remote": remote, "duplicates": done.duplicates})
         self._count(path, 202)
         return Reply(202, {"queued": len(done.ids), "duplicates": done.duplicates,
-                           "events": sorted(queued)})
+                           "events": queued})
 
     def refuse(self, status: int, reason: str, path: str | None, remote: str, *,
                detail: str = "", retry: bool = False) -> Reply:
