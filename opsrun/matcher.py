@@ -5,16 +5,18 @@ How an event is tied to its trigger
 Every trigger has a **key**, `trigger_key(runbook, index)`, of the form
 `<runbook name>/<kind>/<12 hex digits>`: a digest of what the trigger *follows* (file
 trigger: paths and ignore globs; schedule: cron and time zone; log: path; event: the
-`where:` conditions), with `~2`, `~3`… added when one runbook has identical triggers. It
+`where:` conditions; webhook: its path and conditions), with `~2`, `~3`… added when one runbook has identical triggers. It
 does not depend on the trigger's position, so reordering or adding triggers keeps it, and
 it survives edits that do not change what is followed (a log trigger's new `match:` keeps
 its read position; a new `debounce:` or `catch_up:` keeps its marks). Renaming the runbook
 or changing what is followed starts afresh. Sources key their state in the store by it
 (log positions, schedule marks) and put it in the events they make as the field `trigger`.
 
-An event with a `trigger` field is matched against that trigger only (the trigger's own
-conditions are still checked, so the answer does not depend on who made the event). An
-event without one is matched against every trigger of its source. A runbook starts at most
+A webhook event is matched against the webhook triggers of its path (`webhook.path`), never
+by a `trigger` field, which its sender could have written. Another event with a `trigger`
+field is matched against that trigger only (the trigger's own conditions are still
+checked, so the answer does not depend on who made the event). An event without one is
+matched against every trigger of its source. A runbook starts at most
 one run per event: the first of its triggers that matches (in file order) is the one used.
 """
 from __future__ import annotations
