@@ -463,6 +463,30 @@ def flow(tmp: Path, repeat: int) -> list[Row]:
     return rows
 
 
+def webhook(tmp: Path, repeat: int, quick: bool) -> list[Row]:
+    sys.path.insert(0, str(HERE))
+    import webhook as webhook_bench  # bench/webhook.py
+
+    requests = 1000 if quick else 4000
+    runs = [webhook_bench.measure(tmp / f"webhook-{n}", 8, requests, 30.0)
+            for n in range(repeat)]
+
+    def med(name: str, i: int) -> float:
+        return statistics.median(r[name][i] for r in runs)
+
+    failed = sum(r["opsrun"][3] for r in runs)
+    return [
+        Row("webhook: 202 answers/s, 8 clients on 127.0.0.1", med("opsrun", 0), "requests/s",
+            {"http.server answering 202, no queue": med("baseline", 0)}, "", None,
+            f"each 202 after the token check and the queue write; {failed} not 202"),
+        Row("webhook: p50 latency of a 202", med("opsrun", 1), "ms",
+            {"http.server answering 202, no queue": med("baseline", 1)}, "", None),
+        Row("webhook: p99 latency of a 202", med("opsrun", 2), "ms",
+            {"http.server answering 202, no queue": med("baseline", 2)}, "< 100 ms",
+            med("opsrun", 2) < 100),
+    ]
+
+
 def ssh_fanout(tmp: Path, repeat: int) -> list[Row]:
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
@@ -521,7 +545,7 @@ def machine() -> str:
 def fmt(value: float | None, unit: str) -> str:
     if value is None:
         return "—"
-    if unit in ("lines/s", "events/s", "records/s"):
+    if unit in ("lines/s", "events/s", "records/s", "requests/s"):
         return f"{value:,.0f} {unit}"
     return f"{value:,.1f} {unit}" if value < 100 else f"{value:,.0f} {unit}"
 
@@ -549,7 +573,7 @@ def main() -> int:
                     help="install ansible-core (temp venv) and inotify-tools, entr, jq")
     ap.add_argument("--repeat", type=int, help="repetitions of each figure (default 3)")
     ap.add_argument("--only", help="comma-separated: startup,latency,log,dispatch,audit,ssh,"
-                                     "flow,memory")
+                                     "flow,webhook,memory")
     args = ap.parse_args()
     repeat = args.repeat or (1 if args.quick else 3)
     tmp = Path(tempfile.mkdtemp(prefix="opsrun-bench-"))
@@ -565,6 +589,7 @@ def main() -> int:
             ("audit", lambda: audit(tmp, repeat, 100_000 if args.quick else 1_000_000)),
             ("ssh", lambda: ssh_fanout(tmp, repeat)),
             ("flow", lambda: flow(tmp, repeat)),
+            ("webhook", lambda: webhook(tmp, repeat, args.quick)),
             ("memory", lambda: memory(tmp, args.quick)),
         ]
         for name, fn in parts:

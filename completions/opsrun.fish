@@ -160,3 +160,8 @@ complete -c opsrun -n '__fish_seen_subcommand_from watch' -l inventory -r -F -d 
 complete -c opsrun -n '__fish_seen_subcommand_from watch' -l accept-new-hosts -d 'Trust SSH host keys not seen before (never changed ones); they are kept in the state folder and audited.'
 complete -c opsrun -n '__fish_seen_subcommand_from watch' -l metrics-file -r -F -d 'Write Prometheus metrics to FILE (e.g. opsrun.prom in node_exporter'\''s textfile folder), replaced atomically.'
 complete -c opsrun -n '__fish_seen_subcommand_from watch' -l metrics-interval -r -d 'How often --metrics-file is written.'
+complete -c opsrun -n '__fish_seen_subcommand_from watch' -l webhook-listen -r -d 'Where the webhook listener (and its /metrics) listens, when a runbook has a webhook trigger.'
+complete -c opsrun -n '__fish_seen_subcommand_from watch' -l webhook-tls-cert -r -F -d 'Serve webhooks over HTTPS with this PEM certificate chain.'
+complete -c opsrun -n '__fish_seen_subcommand_from watch' -l webhook-tls-key -r -F -d 'The private key of --webhook-tls-cert (PEM).'
+complete -c opsrun -n '__fish_seen_subcommand_from watch' -l webhook-max-queue -r -d 'Refuse webhook events (503) while this many events wait in the queue.'
+complete -c opsrun -n '__fish_seen_subcommand_from watch' -l webhook-metrics-token -r -d 'The name of a secret that GET /metrics must send as a bearer token (needed when not listening on loopback).'

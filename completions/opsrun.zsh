@@ -322,7 +322,12 @@ _opsrun_watch() {
     '(--inventory)'--inventory'[Hosts of SSH steps (default - the inventory.yaml beside the runbooks).]:value:_files' \
     '(--accept-new-hosts)'--accept-new-hosts'[Trust SSH host keys not seen before (never changed ones); they are kept in the state folder and audited.]' \
     '(--metrics-file)'--metrics-file'[Write Prometheus metrics to FILE (e.g. opsrun.prom in node_exporters textfile folder), replaced atomically.]:value:_files' \
-    '(--metrics-interval)'--metrics-interval'[How often --metrics-file is written.]:value: '
+    '(--metrics-interval)'--metrics-interval'[How often --metrics-file is written.]:value: ' \
+    '(--webhook-listen)'--webhook-listen'[Where the webhook listener (and its /metrics) listens, when a runbook has a webhook trigger.]:value: ' \
+    '(--webhook-tls-cert)'--webhook-tls-cert'[Serve webhooks over HTTPS with this PEM certificate chain.]:value:_files' \
+    '(--webhook-tls-key)'--webhook-tls-key'[The private key of --webhook-tls-cert (PEM).]:value:_files' \
+    '(--webhook-max-queue)'--webhook-max-queue'[Refuse webhook events (503) while this many events wait in the queue.]:value: ' \
+    '(--webhook-metrics-token)'--webhook-metrics-token'[The name of a secret that GET /metrics must send as a bearer token (needed when not listening on loopback).]:value: '
 }
 
 _opsrun "$@"

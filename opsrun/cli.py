@@ -520,12 +520,32 @@ def _watch(
     metrics_interval: str = typer.Option(
         "15s", "--metrics-interval", envvar="OPSRUN_METRICS_INTERVAL", show_envvar=True,
         help="How often --metrics-file is written."),
+    webhook_listen: str = typer.Option(
+        "127.0.0.1:9410", "--webhook-listen", metavar="HOST:PORT",
+        envvar="OPSRUN_WEBHOOK_LISTEN", show_envvar=True,
+        help="Where the webhook listener (and its /metrics) listens, when a runbook has a "
+             "webhook trigger."),
+    webhook_tls_cert: Optional[Path] = typer.Option(
+        None, "--webhook-tls-cert", metavar="FILE", envvar="OPSRUN_WEBHOOK_TLS_CERT",
+        show_envvar=True, help="Serve webhooks over HTTPS with this PEM certificate chain."),
+    webhook_tls_key: Optional[Path] = typer.Option(
+        None, "--webhook-tls-key", metavar="FILE", envvar="OPSRUN_WEBHOOK_TLS_KEY",
+        show_envvar=True, help="The private key of --webhook-tls-cert (PEM)."),
+    webhook_max_queue: int = typer.Option(
+        10_000, "--webhook-max-queue", min=1, envvar="OPSRUN_WEBHOOK_MAX_QUEUE",
+        show_envvar=True, help="Refuse webhook events (503) while this many events wait "
+                               "in the queue."),
+    webhook_metrics_token: Optional[str] = typer.Option(
+        None, "--webhook-metrics-token", metavar="SECRET", envvar="OPSRUN_WEBHOOK_METRICS_TOKEN",
+        show_envvar=True, help="The name of a secret that GET /metrics must send as a bearer "
+                               "token (needed when not listening on loopback)."),
 ) -> None:
     """Watch every source of every runbook and run the runbooks whose triggers match."""
     from opsrun import paths as paths_mod
     from opsrun.commands import watch as watch_cmd
     from opsrun.durations import DurationError, parse_duration
     from opsrun.service.daemon import WatchOptions
+    from opsrun.service.webhooks import WebhookSettings
 
     from opsrun.service.metrics_file import MIN_INTERVAL_S
 
@@ -543,7 +563,10 @@ def _watch(
     opts = WatchOptions(paths_mod.runbooks_dir_from_env(runbooks), stdin=stdin,
                         drain_limit_s=drain_s, inventory=inventory,
                         accept_new_hosts=accept_new_hosts, metrics_file=metrics_file,
-                        metrics_interval_s=metrics_s)
+                        metrics_interval_s=metrics_s,
+                        webhook=WebhookSettings(webhook_listen, webhook_tls_cert,
+                                                webhook_tls_key, webhook_max_queue,
+                                                webhook_metrics_token))
     if max_parallel:
         opts.max_parallel = max_parallel
     _finish(ctx, lambda: watch_cmd.watch(opts, state_dir=state_dir, audit_log=audit_log,
@@ -616,7 +639,8 @@ def _print(text: str) -> int:
 
 _PATH_OPTIONS = {"--runbooks": "dir", "--state-dir": "dir", "--audit-log": "file",
                  "--inventory": "file", "--secrets-file": "file",
-                 "--metrics-file": "file"}
+                 "--metrics-file": "file", "--webhook-tls-cert": "file",
+                 "--webhook-tls-key": "file"}
 _RUNBOOK_ARGS = {"runbook", "paths"}
 
 

@@ -14,6 +14,7 @@ from opsrun.runbook import (
     Step,
     Throttle,
     Trigger,
+    WebhookTrigger,
 )
 
 
@@ -25,6 +26,8 @@ def trigger_short(t: Trigger) -> str:
         return f"schedule:{t.cron}" + ("" if t.timezone == "UTC" else f" ({t.timezone})")
     if isinstance(t, LogTrigger):
         return f"log:{t.path}"
+    if isinstance(t, WebhookTrigger):
+        return f"webhook:{t.path}"
     conds = ",".join(f"{c.field}" + ("=" + _v(c.value) if c.op == "eq" else f" {c.op} {_v(c.value)}")
                      for c in t.where.conditions)
     return "event" + (f":{conds}" if conds else "")
@@ -53,10 +56,13 @@ def trigger_long(t: Trigger) -> str:
             if groups:
                 text += f"  (fields: {', '.join(groups)})"
         return text
+    if isinstance(t, WebhookTrigger):
+        text = f"webhook   {t.path}  {t.scheme} {t.secret}  shape {t.shape}"
+        return text + (f"  where {where_text(t)}" if t.where.conditions else "")
     return "event     " + (where_text(t) or "every event")
 
 
-def where_text(t: EventTrigger) -> str:
+def where_text(t: EventTrigger | WebhookTrigger) -> str:
     return _criteria_text(t.where)
 
 

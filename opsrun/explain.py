@@ -13,7 +13,15 @@ from opsrun.criteria import why_not
 from opsrun.event import Event
 from opsrun.globs import compile_glob, ignored
 from opsrun.matcher import SOURCE_KINDS, trigger_keys
-from opsrun.runbook import EventTrigger, FileTrigger, LogTrigger, Runbook, ScheduleTrigger, Trigger
+from opsrun.runbook import (
+    EventTrigger,
+    FileTrigger,
+    LogTrigger,
+    Runbook,
+    ScheduleTrigger,
+    Trigger,
+    WebhookTrigger,
+)
 
 
 class TriggerVerdict(NamedTuple):
@@ -29,7 +37,7 @@ class TriggerVerdict(NamedTuple):
 def explain(rb: Runbook, event: Event) -> list[TriggerVerdict]:
     """Each trigger of the runbook, and whether (or why not) it takes the event."""
     kind = SOURCE_KINDS.get(event.source)
-    named = event.data.get("trigger") if kind != "event" else None
+    named = event.data.get("trigger") if kind not in ("event", "webhook") else None
     out = []
     for index, (key, trigger) in enumerate(zip(trigger_keys(rb), rb.triggers)):
         if kind != trigger.kind:
@@ -45,6 +53,12 @@ def explain(rb: Runbook, event: Event) -> list[TriggerVerdict]:
 
 def _why_not(trigger: Trigger, data: Mapping[str, Any]) -> list[str]:
     if isinstance(trigger, EventTrigger):
+        return why_not(trigger.where, data)
+    if isinstance(trigger, WebhookTrigger):
+        info = data.get("webhook")
+        path = info.get("path") if isinstance(info, Mapping) else None
+        if path != trigger.path:
+            return [f"webhook.path: {path!r} is not {trigger.path}"]
         return why_not(trigger.where, data)
     if isinstance(trigger, FileTrigger):
         return _file(trigger, data)

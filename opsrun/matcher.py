@@ -5,16 +5,18 @@ How an event is tied to its trigger
 Every trigger has a **key**, `trigger_key(runbook, index)`, of the form
 `<runbook name>/<kind>/<12 hex digits>`: a digest of what the trigger *follows* (file
 trigger: paths and ignore globs; schedule: cron and time zone; log: path; event: the
-`where:` conditions), with `~2`, `~3`… added when one runbook has identical triggers. It
+`where:` conditions; webhook: its path and conditions), with `~2`, `~3`… added when one runbook has identical triggers. It
 does not depend on the trigger's position, so reordering or adding triggers keeps it, and
 it survives edits that do not change what is followed (a log trigger's new `match:` keeps
 its read position; a new `debounce:` or `catch_up:` keeps its marks). Renaming the runbook
 or changing what is followed starts afresh. Sources key their state in the store by it
 (log positions, schedule marks) and put it in the events they make as the field `trigger`.
 
-An event with a `trigger` field is matched against that trigger only (the trigger's own
-conditions are still checked, so the answer does not depend on who made the event). An
-event without one is matched against every trigger of its source. A runbook starts at most
+A webhook event is matched against the webhook triggers of its path (`webhook.path`), never
+by a `trigger` field, which its sender could have written. Another event with a `trigger`
+field is matched against that trigger only (the trigger's own conditions are still
+checked, so the answer does not depend on who made the event). An event without one is
+matched against every trigger of its source. A runbook starts at most
 one run per event: the first of its triggers that matches (in file order) is the one used.
 """
 from __future__ import annotations
@@ -29,10 +31,11 @@ from typing import Any
 from opsrun import criteria
 from opsrun.event import Event
 from opsrun.globs import compile_glob, ignored
-from opsrun.runbook import EventTrigger, FileTrigger, LogTrigger, Runbook, Trigger
+from opsrun.runbook import EventTrigger, FileTrigger, LogTrigger, Runbook, Trigger, WebhookTrigger
 
 # Which trigger kind each event source can start.
-SOURCE_KINDS = {"file": "file", "schedule": "schedule", "log": "log", "json": "event"}
+SOURCE_KINDS = {"file": "file", "schedule": "schedule", "log": "log", "json": "event",
+                "webhook": "webhook"}
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,8 @@ def _digest(trigger: Trigger) -> str:
         identity = trigger.path
     elif isinstance(trigger, EventTrigger):
         identity = [[c.field, c.op, c.value] for c in trigger.where.conditions]
+    elif isinstance(trigger, WebhookTrigger):
+        identity = [trigger.path, [[c.field, c.op, c.value] for c in trigger.where.conditions]]
     else:
         identity = [trigger.cron, trigger.timezone]
     text = json.dumps([trigger.kind, identity], sort_keys=True, default=repr)
@@ -115,6 +120,11 @@ class Matcher:
                 for place in _places(bound.trigger):
                     self._by_path[kind].setdefault(place, []).append(bound)
         self._index_events(self._by_kind["event"])
+        # webhook triggers by their path: a request is for the triggers of its path only
+        self._by_webhook_path: dict[str, list[Bound]] = {}
+        for bound in self._by_kind["webhook"]:
+            assert isinstance(bound.trigger, WebhookTrigger)
+            self._by_webhook_path.setdefault(bound.trigger.path, []).append(bound)
 
     def _index_events(self, bounds: list[Bound]) -> None:
         # Index each trigger under its most selective literal (the field = value that the
@@ -151,8 +161,12 @@ class Matcher:
         kind = SOURCE_KINDS.get(event.source)
         if kind is None:
             return []
-        key = event.data.get("trigger") if kind != "event" else None
-        if isinstance(key, str):
+        key = event.data.get("trigger") if kind not in ("event", "webhook") else None
+        if kind == "webhook":
+            # Never by a `trigger` field: the body is the sender's, and that trigger's
+            # secret may not be the one this request proved it knows.
+            candidates = list(self._by_webhook_path.get(_webhook_path(event.data) or "", ()))
+        elif isinstance(key, str):
             bound = self._by_key.get(key)
             candidates = [bound] if bound is not None and bound.trigger.kind == kind else []
         elif kind == "event":
@@ -193,6 +207,12 @@ class Matcher:
             folder = os.path.dirname(folder)
 
 
+def _webhook_path(data: Mapping[str, Any]) -> str | None:
+    info = data.get("webhook")
+    path = info.get("path") if isinstance(info, Mapping) else None
+    return path if isinstance(path, str) else None
+
+
 def _where(b: Bound) -> criteria.Criteria:
     assert isinstance(b.trigger, EventTrigger)
     return b.trigger.where
@@ -222,6 +242,10 @@ def _value_key(value: Any) -> tuple[str, Any]:
 def _check(trigger: Trigger, data: Mapping[str, Any]) -> dict[str, Any] | None:
     """The fields the trigger adds when it matches the event's data, else None."""
     if isinstance(trigger, EventTrigger):
+        return {} if criteria.matches(trigger.where, data) else None
+    if isinstance(trigger, WebhookTrigger):
+        if _webhook_path(data) != trigger.path:
+            return None
         return {} if criteria.matches(trigger.where, data) else None
     if isinstance(trigger, FileTrigger):
         path, change = data.get("path"), data.get("change")

@@ -74,7 +74,26 @@ class EventTrigger(NamedTuple):
     fields: tuple[str, ...] = ()
 
 
-Trigger = Union[FileTrigger, ScheduleTrigger, LogTrigger, EventTrigger]
+class WebhookTrigger(NamedTuple):
+    path: str  # the URL path the sender posts to
+    scheme: str  # "token" (Authorization: Bearer) | "hmac" (X-Hub-Signature-256)
+    secret: str  # the name of the secret, never its value
+    shape: str  # "json" | "alertmanager" (opsrun.webhook)
+    where: Criteria
+    kind: str = "webhook"
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        from opsrun.webhook import ALERTMANAGER_FIELDS
+
+        return ALERTMANAGER_FIELDS if self.shape == "alertmanager" else ()
+
+    def auth(self) -> tuple[str, str, str]:
+        """What must be the same for triggers that share a path: scheme, secret, shape."""
+        return (self.scheme, self.secret, self.shape)
+
+
+Trigger = Union[FileTrigger, ScheduleTrigger, LogTrigger, EventTrigger, WebhookTrigger]
 
 
 class Retry(NamedTuple):
@@ -228,7 +247,8 @@ def _compiled(pattern: str) -> re.Pattern[str]:
 
 def _event_fields(triggers: Iterable[Trigger]) -> set[str] | None:
     triggers = list(triggers)
-    if not triggers or any(t.kind == "event" for t in triggers):
+    if not triggers or any(t.kind == "event" or (isinstance(t, WebhookTrigger) and
+                                                  t.shape == "json") for t in triggers):
         return None
     known = set(COMMON_EVENT_FIELDS)
     for t in triggers:
@@ -287,6 +307,7 @@ def load_runbooks(paths: Iterable[Path], *, inventory: Path | None = None
             problems.append(Problem(str(p), 0, 0, "no such file or folder"))
     runbooks: list[Runbook] = []
     seen: dict[str, Runbook] = {}
+    webhook_paths: dict[str, tuple[Runbook, WebhookTrigger]] = {}
     reported: set[Path] = set()
     for f, inventories in files:
         inventories.reported = reported
@@ -299,9 +320,45 @@ def load_runbooks(paths: Iterable[Path], *, inventory: Path | None = None
                 f"the runbook name {rb.name!r} is already used by {seen[rb.name].path}; "
                 "names must be unique (set `name:` to tell them apart)")))
             continue
+        clash = _webhook_clash(rb, webhook_paths)
+        if clash is not None:
+            problems.append(clash)
+            continue
         seen[rb.name] = rb
         runbooks.append(rb)
     return runbooks, problems
+
+
+def _webhook_clash(rb: Runbook, paths: dict[str, tuple[Runbook, WebhookTrigger]]
+                   ) -> Problem | None:
+    """Runbooks may share a webhook path when they check it the same way (scheme, secret,
+    shape): one request then goes to each of them. Otherwise the later one is refused, as a
+    runbook whose name is taken is, since one request cannot be checked two ways."""
+    mine = [t for t in rb.triggers if isinstance(t, WebhookTrigger)]
+    for t in mine:
+        other = paths.get(t.path)
+        if other is not None and other[1].auth() != t.auth():
+            o = other[1]
+            return Problem(str(rb.path), *_text_mark(rb.path, t.path), (
+                f"the webhook path {t.path} is already taken by {other[0].path} "
+                f"({o.scheme}: {o.secret}, shape: {o.shape}); runbooks share a path only "
+                "when they check it the same way, with the same shape; use another path, "
+                f"or `{o.scheme}: {o.secret}` and `shape: {o.shape}`"))
+    for t in mine:
+        paths.setdefault(t.path, (rb, t))
+    return None
+
+
+def _text_mark(path: Path, text: str) -> tuple[int, int]:
+    """Where `text` is first written in a file, for messages about a loaded runbook."""
+    try:
+        lines = path.read_text("utf-8", "replace").splitlines()
+    except OSError:
+        return (1, 1)
+    for i, line in enumerate(lines, 1):
+        if text in line:
+            return (i, line.index(text) + 1)
+    return (1, 1)
 
 
 def _name_mark(path: Path) -> tuple[int, int]:
@@ -903,6 +960,10 @@ def _build_triggers(raw: list[dict[str, Any]]) -> tuple[Trigger, ...]:
             out.append(ScheduleTrigger(t["cron"], t["timezone"], t["catch_up"], t["jitter"]))
         elif kind == "log":
             out.append(LogTrigger(t["path"], t["match"], t["from"]))
+        elif kind == "webhook":
+            scheme = "token" if t["token"] is not None else "hmac"
+            out.append(WebhookTrigger(t["path"], scheme, t[scheme], t["shape"],
+                                      parse_where(t["where"] or {})))
         else:
             out.append(EventTrigger(parse_where(t["where"] or {})))
     return tuple(out)

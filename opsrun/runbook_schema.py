@@ -215,9 +215,68 @@ EVENT_TRIGGER = Object("an event trigger", {
     "where": Field(Criteria(), default={}),
 }, description="Fire on JSON events (opsrun emit, dispatch, watch --stdin).")
 
+WEBHOOK_SHAPES = ("json", "alertmanager")
+WEBHOOK_PATH_RE = r"/[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*"
+# What the listener itself serves; a trigger cannot take it.
+RESERVED_WEBHOOK_PATHS = ("/metrics",)
+
+
+def _check_webhook_path(text: str) -> str:
+    if not re.fullmatch(WEBHOOK_PATH_RE, text) or "/./" in f"{text}/" or "/../" in f"{text}/":
+        raise ValueError(f"{text!r} is not a webhook path; write one like /hooks/alertmanager "
+                         "(starting with /, letters, digits, . _ ~ - between the slashes, no "
+                         "query, no trailing slash)")
+    if text in RESERVED_WEBHOOK_PATHS:
+        raise ValueError(f"{text} is served by the listener itself (Prometheus metrics); "
+                         "choose another path, like /hooks/NAME")
+    return text
+
+
+def _check_secret_name(text: str) -> str:
+    from opsrun.webhook import secret_name
+
+    return secret_name(text)
+
+
+def _webhook_rules(t: dict[str, Any], path: PathT, problems: Problems) -> None:
+    given = [k for k in ("token", "hmac") if t[k] is not None]
+    if len(given) == 1:
+        return
+    if given:
+        problems.add((*path, given[1]), f"{show_path(path)}: give `token:` or `hmac:`, not "
+                     "both; a webhook is checked one way", at_key=True)
+    else:
+        problems.add(path, f"{show_path(path)}: a webhook needs a secret: `token: NAME` "
+                     "(the sender sends `Authorization: Bearer <secret>`) or `hmac: NAME` "
+                     "(GitHub's X-Hub-Signature-256), NAME being a secret of the service "
+                     "(OPSRUN_SECRET_NAME or --secrets-file)")
+
+
+SECRET_NAME = Custom(_check_secret_name, expects="the name of a secret",
+                     description="The name of a secret (OPSRUN_SECRET_<NAME> or the "
+                                 "--secrets-file), or ${{ secrets.NAME }}; never the secret "
+                                 "itself")
+
+WEBHOOK_TRIGGER = Object("a webhook trigger", {
+    "path": Field(Custom(_check_webhook_path, expects="a URL path",
+                         description="Where the sender posts, like /hooks/alertmanager"),
+                  required=True),
+    "token": Field(SECRET_NAME),
+    "hmac": Field(SECRET_NAME),
+    "shape": Field(Enum(*WEBHOOK_SHAPES, description="json: the body is one event; "
+                                                     "alertmanager: one event per alert"),
+                   default="json"),
+    "where": Field(Criteria(), default={}),
+}, rules=_webhook_rules,
+    description="Fire on HTTP POSTs to the service's webhook listener (opsrun watch "
+                "--webhook-listen).",
+    synonyms={"secret": "token", "bearer": "token", "signature": "hmac", "url": "path",
+              "route": "path", "format": "shape"},
+    json_extra={"oneOf": [{"required": ["token"]}, {"required": ["hmac"]}]})
+
 TRIGGER_KINDS: dict[str, Object] = {
     "file": FILE_TRIGGER, "schedule": SCHEDULE_TRIGGER, "log": LOG_TRIGGER,
-    "event": EVENT_TRIGGER,
+    "event": EVENT_TRIGGER, "webhook": WEBHOOK_TRIGGER,
 }
 
 
@@ -229,6 +288,9 @@ _TRIGGER_HINTS = {
     "where": " (JSON events are matched with `event: {where: {…}}`)",
     "workflow_dispatch": " (a runbook without triggers runs by hand: leave `on:` out)",
     "manual": " (a runbook without triggers runs by hand: leave `on:` out)",
+    "http": " (HTTP requests are taken with `webhook: {path: …, token: …}`)",
+    "alertmanager": " (Alertmanager is taken with `webhook: {path: …, token: …, "
+                    "shape: alertmanager}`)",
 }
 
 
@@ -262,10 +324,25 @@ class Trigger(Check):
                 "additionalProperties": False}
 
 
+def _one_trigger_per_path(items: list[Any], path: PathT, problems: Problems) -> None:
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        if item is INVALID or "webhook" not in item:
+            continue
+        where = item["webhook"]["path"]
+        if where in seen:
+            problems.add((*path, i, "webhook", "path"), f"{show_path((*path, i))}: the webhook "
+                         f"path {where} is already the path of on[{seen[where]}]; a "
+                         "runbook takes each path once (put the conditions of both in one "
+                         "trigger's `where:` with `any: [...]`)")
+        else:
+            seen[where] = i
+
+
 class Triggers(Check):
     """`on:` — a list of triggers, or a mapping of kind → trigger (one of each kind)."""
 
-    expects = "a list of triggers (file, schedule, log, event), like `- schedule: {cron: …}`"
+    expects = "a list of triggers (file, schedule, log, event, webhook), like `- schedule: {cron: …}`"
     description = "What starts this runbook; none means it only runs by hand"
 
     def check(self, value: Any, path: PathT, problems: Problems) -> Any:
@@ -276,6 +353,7 @@ class Triggers(Check):
             items = [Trigger().check(v, path, problems) for v in value]
         elif isinstance(value, list):
             items = [Trigger().check(v, (*path, i), problems) for i, v in enumerate(value)]
+            _one_trigger_per_path(items, path, problems)
         else:
             return self.wrong_type(value, path, problems)
         return INVALID if any(v is INVALID for v in items) else items

@@ -149,11 +149,20 @@ MIGRATIONS.append([
     "ALTER TABLE steps_new RENAME TO steps",
 ])
 MIGRATIONS.append([
-    # The service's last life (one row): when it started, when it was last seen alive, and
-    # when it stopped cleanly, so the next start can say how long it was down (daemon.gap).
+    # Migration 8: the service's last life (one row): when it started, when it was last
+    # seen alive, and when it stopped cleanly, so that the next start can say how long it
+    # was down (daemon.gap).
     """CREATE TABLE service_life (
         id INTEGER PRIMARY KEY CHECK (id = 1), pid INTEGER NOT NULL,
         started_at TEXT NOT NULL, seen_at TEXT NOT NULL, stopped_at TEXT)""",
+])
+MIGRATIONS.append([
+    # Migration 9 (webhook): the dedupe keys of the webhook events queued lately (an
+    # Alertmanager alert's fingerprint, status and startsAt), so that a notification
+    # repeated within the window is answered but not queued again.
+    """CREATE TABLE webhook_dedupe (
+        key TEXT PRIMARY KEY, seen_at REAL NOT NULL)""",
+    "CREATE INDEX webhook_dedupe_by_time ON webhook_dedupe (seen_at)",
 ])
 SCHEMA_VERSION = len(MIGRATIONS)
 RECEIPT_KEEP_S = 24 * 3600  # an emit looks for its receipt within seconds; keep a day
@@ -256,6 +265,16 @@ class QueuedEvent(NamedTuple):
     event: dict[str, Any]
     enqueued_at: datetime
     source: dict[str, Any]
+
+
+class WebhookQueued(NamedTuple):
+    """What enqueue_webhook did: the queue ids, the duplicates left out, whether the queue
+    was full (then nothing was queued), and the queue's depth afterwards."""
+
+    ids: list[int]
+    duplicates: int
+    full: bool
+    depth: int
 
 
 class AuditHead(NamedTuple):
@@ -609,6 +628,36 @@ class Store:
             return [int(c.execute("INSERT INTO event_queue (event, enqueued_at, source) "
                                   "VALUES (?, ?, ?)", (_json(e), now, src)).lastrowid or 0)
                     for e in events]
+
+    def enqueue_webhook(self, events: Sequence[tuple[Mapping[str, Any], str | None]], *,
+                        source: Mapping[str, Any], max_depth: int, dedupe_window_s: float,
+                        now: float | None = None) -> WebhookQueued:
+        """Queue a webhook request's events in one transaction, unless the queue is full.
+
+        Each event comes with its dedupe key (None: none): an event whose key was queued
+        within `dedupe_window_s` is a duplicate and is not queued again. When the queue
+        already holds `max_depth` events, nothing is queued or remembered (`full`).
+        """
+        at = time.time() if now is None else now
+        src = _json(source)
+        with self._write("queueing webhook events") as c:
+            depth = int(c.execute("SELECT count(*) FROM event_queue").fetchone()[0])
+            if depth >= max_depth:
+                return WebhookQueued([], 0, True, depth)
+            c.execute("DELETE FROM webhook_dedupe WHERE seen_at < ?", (at - dedupe_window_s,))
+            ids, duplicates, stamp = [], 0, _ts(_now())
+            for event, key in events:
+                if key is not None:
+                    row = c.execute("SELECT seen_at FROM webhook_dedupe WHERE key = ?",
+                                    (key,)).fetchone()
+                    if row is not None and row[0] >= at - dedupe_window_s:
+                        duplicates += 1
+                        continue
+                    c.execute("INSERT OR REPLACE INTO webhook_dedupe VALUES (?, ?)", (key, at))
+                ids.append(int(c.execute(
+                    "INSERT INTO event_queue (event, enqueued_at, source) VALUES (?, ?, ?)",
+                    (_json(event), stamp, src)).lastrowid or 0))
+            return WebhookQueued(ids, duplicates, False, depth + len(ids))
 
     def has_receipt(self, token: str) -> bool:
         """Whether a batch of events sent with this receipt token was queued."""

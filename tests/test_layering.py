@@ -15,7 +15,7 @@ for layer, names in enumerate([
     # L1: the runbook and plain data
     "yaml_load schema_checks runbook_schema expressions shell_words runbook secrets run_types "
     "event criteria params describe cron globs step_outputs identity completion_scripts "
-    "throttle_window inventory metrics",
+    "throttle_window inventory metrics webhook",
     # L2
     "matcher explain",
     # L3: the world: processes, files, sockets, the store and the audit log
@@ -35,6 +35,7 @@ ONLY_IMPORTER = {
     "typer": {"cli"}, "click": {"cli"}, "rich": {"output"}, "yaml": {"yaml_load"},
     "paramiko": {"executors.ssh"}, "watchfiles": {"sources.files"}, "croniter": {"cron"},
     "subprocess": {"proc"}, "sqlite3": {"store"}, "jinja2": {"expressions"},
+    "aiohttp": {"service.http_listener"},
 }
 
 

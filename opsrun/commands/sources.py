@@ -12,6 +12,7 @@ from opsrun.runbook import (
     FileTrigger,
     LogTrigger,
     ScheduleTrigger,
+    WebhookTrigger,
     load_runbooks,
 )
 
@@ -39,6 +40,9 @@ def main(folder: Path, *, as_json: bool, now: datetime | None = None) -> int:
             row["path"], row["match"] = t.path, t.match
         elif isinstance(t, EventTrigger):
             row["where"] = describe.where_text(t) or "every event"
+        elif isinstance(t, WebhookTrigger):
+            row["path"], row["shape"] = t.path, t.shape
+            row["where"] = describe.where_text(t) or "every event"
         rows.append(row)
     if as_json:
         output.print_json({"version": 1, "triggers": rows,
@@ -47,7 +51,7 @@ def main(folder: Path, *, as_json: bool, now: datetime | None = None) -> int:
     if not rows:
         print(f"no triggers in {folder}: every runbook there runs only by hand")
     for kind, title in (("file", "Files"), ("schedule", "Schedules"), ("log", "Log files"),
-                        ("event", "JSON events")):
+                        ("event", "JSON events"), ("webhook", "Webhooks")):
         mine = [r for r in rows if r["source"] == kind]
         if not mine:
             continue

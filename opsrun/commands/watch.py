@@ -32,6 +32,7 @@ def watch(opts: WatchOptions, *, state_dir: str | None, audit_log: str | None,
     logging.getLogger("opsrun").setLevel(logging.INFO)
     logging.getLogger("opsrun").propagate = False
     secret_values = secrets.load(Path(secrets_file) if secrets_file else None)
+    opts.webhook.check(secret_values)
     # The service's bookkeeping is not synced transaction by transaction: see store.py.
     with open_run_context(state_dir, audit_log, secret_values, durable_store=False,
                           accept_new_hosts=opts.accept_new_hosts) as rc:
@@ -61,6 +62,8 @@ def status(state_dir: str | None, *, as_json: bool) -> int:
     print(f"  runs:        {s.get('runs_running')} running (max {s.get('max_parallel')}), "
           f"{s.get('runs_waiting')} waiting for an answer, {s.get('runs_queued')} queued")
     print(f"  event queue: {s.get('event_queue')}")
+    if s.get("webhook_url"):
+        print(f"  webhooks:    {s['webhook_url']}")
     if s.get("throttle_windows"):
         print(f"  throttles:   {s['throttle_windows']} window(s) open (`throttle:`)")
     if s.get("gap"):

@@ -142,7 +142,7 @@ class Dispatcher:
         for p, event in runs:
             self._schedule(p, event)
         for event, planned in taken:
-            if not planned and event.source == "json":
+            if not planned and event.source in ("json", "webhook"):
                 self.log("event matched no runbook", event_id=event.id)
         return [p.request.run_id for p, _event in runs]
 
@@ -168,7 +168,7 @@ class Dispatcher:
                 continue
             self._submit(p, event)
             ids.append(p.request.run_id)
-        if not planned and event.source == "json":
+        if not planned and event.source in ("json", "webhook"):
             self.log("event matched no runbook", event_id=event.id)
         return ids
 

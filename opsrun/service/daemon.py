@@ -43,6 +43,7 @@ from opsrun.service.log import DaemonLog, LogListener
 from opsrun.service.metrics_file import MetricsFileWriter
 from opsrun.service.sources import SourceParts, Sources
 from opsrun.service.systemd import Notifier
+from opsrun.service.webhooks import WebhookService, WebhookSettings
 
 PARKED_CHECK_S = 0.25
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.EDQUOT, errno.ENOMEM})
@@ -59,6 +60,7 @@ class WatchOptions:
     accept_new_hosts: bool = False
     metrics_file: Path | None = None  # --metrics-file: a textfile for node_exporter
     metrics_interval_s: float = 15.0
+    webhook: WebhookSettings = field(default_factory=WebhookSettings)  # --webhook-*
 
 
 class Daemon:
@@ -87,9 +89,11 @@ class Daemon:
         self.locks: dict[str, DriverLock] = {}
         self._locks_mutex = threading.Lock()
         self.started_at = time.monotonic()
+        self.webhook = WebhookService(opts.webhook, rc, log, self._wake_queue,
+                                      self.metrics_text)
         self.sources = Sources(SourceParts(
             rc, self.dispatcher, log, opts.runbooks_dir, opts.stdin, self.stop,
-            self.reload_requested, self.wake_parked))
+            self.reload_requested, self.wake_parked, self.webhook))
         self.metrics_writer: MetricsFileWriter | None = None
         self.gap: dict[str, Any] | None = None  # the start-up report, when there was one
         self.control = ControlHandler(ControlParts(
@@ -444,7 +448,11 @@ class Daemon:
             "max_parallel": self.opts.max_parallel,
             "throttle_windows": self.rc.store.count_throttles(),
             "gap": self.gap,
+            "webhook_url": self.webhook.url,
         }
+
+    def _wake_queue(self) -> None:
+        self.sources.wake_queue.set()
 
     def status_line(self) -> str:
         s = self.status()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from opsrun.event import Event, from_object
-from opsrun.runbook import FileTrigger, LogTrigger, ScheduleTrigger
+from opsrun.runbook import FileTrigger, LogTrigger, ScheduleTrigger, WebhookTrigger
 from opsrun.runs.context import RunContext
 from opsrun.runs.dispatch import Dispatcher
 from opsrun.sources.base import start_thread
@@ -41,6 +41,7 @@ class SourceParts:
     stop: threading.Event  # the service is stopping
     reload_requested: threading.Event
     wake: threading.Event  # the service's loop looks at its state again
+    webhook: Any = None  # a service.webhooks.WebhookService: its listener follows the triggers
 
 
 class Sources:
@@ -86,7 +87,12 @@ class Sources:
                 made.append(ScheduleSource(schedules, store))
             if logs:
                 made.append(LogSource(logs, store))
-            self.counts = {"file": len(files), "schedule": len(schedules), "log": len(logs)}
+            hooks = [(b.runbook.name, t) for b in matcher.bound("webhook")
+                     if isinstance(t := b.trigger, WebhookTrigger)]
+            if self.p.webhook is not None:
+                self.p.webhook.update(hooks, initial=not self._lifelong_started)
+            self.counts = {"file": len(files), "schedule": len(schedules), "log": len(logs),
+                           "webhook": len(hooks)}
             self.stop_current = stop
             self.threads = [start_thread(s, stop, self._emit_from(s.name)) for s in made]
             if not self._lifelong_started:
@@ -134,8 +140,12 @@ class Sources:
                 alive["queue"] = t.is_alive()
             elif t.name == "opsrun-source-stdin":
                 alive["stdin"] = t.is_alive()
+        if self.p.webhook is not None:
+            alive["webhook"] = self.p.webhook.alive()
         with self._last_event_lock:
             last = dict(self._last_event)
+        if self.p.webhook is not None and self.p.webhook.receiver.last_event is not None:
+            last["webhook"] = self.p.webhook.receiver.last_event
         return {name: {"up": alive.get(name, False), "last_event_time": last.get(name)}
                 for name in self.describe()}
 
@@ -148,6 +158,8 @@ class Sources:
     def stop_all(self) -> None:
         with self._lock:
             self._stop_current()
+            if self.p.webhook is not None:
+                self.p.webhook.stop()
         self.stop_forever.set()
         self.wake_queue.set()
         for t in self._lifelong:
@@ -159,14 +171,17 @@ class Sources:
 
     def restart_if_dead(self) -> None:
         """A source that died on an error (a full disk, say) is started again, after a pause."""
-        dead = [t for t in self.threads if not t.is_alive()]
+        dead = [t.name for t in self.threads if not t.is_alive()]
+        hook = self.p.webhook
+        if hook is not None and hook.receiver.route_table and not hook.alive():
+            dead.append("opsrun-source-webhook")  # its listener could not start, or stopped
         if not dead or self.stop_current.is_set() or self.p.stop.is_set():
             return
         if time.monotonic() - self._failed_at < RESTART_BACKOFF_S:
             return
         self._failed_at = time.monotonic()
         self.p.log("a source stopped; starting the sources again", level="warning",
-                   sources=",".join(t.name for t in dead))
+                   sources=",".join(dead))
         self.start()
 
     def describe(self) -> dict[str, int]:
@@ -229,7 +244,7 @@ class Sources:
             if items and not self.stop_forever.is_set():
                 try:
                     self.p.dispatcher.dispatch_batch(
-                        [from_object(item.event, "json") for item in items],
+                        [from_object(item.event, _source_of(item)) for item in items],
                         [item.id for item in items])
                 except Exception:  # noqa: BLE001 - one at a time, so one bad event stays alone
                     self._dispatch_each(items)
@@ -243,7 +258,8 @@ class Sources:
             if self.stop_forever.is_set():
                 return
             try:
-                self.p.dispatcher.dispatch(from_object(item.event, "json"), queue_id=item.id)
+                self.p.dispatcher.dispatch(from_object(item.event, _source_of(item)),
+                                           queue_id=item.id)
             except Exception as e:  # noqa: BLE001 - the event stays queued; retried later
                 self.p.log("event could not be handled; it stays queued", level="error",
                            queue_id=item.id, error=str(e))
@@ -253,3 +269,8 @@ class Sources:
                                reason=rejection.reason, excerpt=rejection.excerpt)
         self.p.log("event rejected", level="warning", source="stdin",
                    line=rejection.lineno, reason=rejection.reason)
+
+
+def _source_of(item: Any) -> str:
+    """The source of a queued event: `webhook` for the listener's, else `json` (emit)."""
+    return "webhook" if item.source.get("via") == "webhook" else "json"
