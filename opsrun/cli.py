@@ -520,6 +520,10 @@ def _watch(
     metrics_interval: str = typer.Option(
         "15s", "--metrics-interval", envvar="OPSRUN_METRICS_INTERVAL", show_envvar=True,
         help="How often --metrics-file is written."),
+    notify: Optional[Path] = typer.Option(
+        None, "--notify", metavar="FILE",
+        help="Notification targets for every runbook (default: the notify.yaml beside the "
+             "runbooks, if there is one)."),
 ) -> None:
     """Watch every source of every runbook and run the runbooks whose triggers match."""
     from opsrun import paths as paths_mod
@@ -543,7 +547,7 @@ def _watch(
     opts = WatchOptions(paths_mod.runbooks_dir_from_env(runbooks), stdin=stdin,
                         drain_limit_s=drain_s, inventory=inventory,
                         accept_new_hosts=accept_new_hosts, metrics_file=metrics_file,
-                        metrics_interval_s=metrics_s)
+                        metrics_interval_s=metrics_s, notify_file=notify)
     if max_parallel:
         opts.max_parallel = max_parallel
     _finish(ctx, lambda: watch_cmd.watch(opts, state_dir=state_dir, audit_log=audit_log,
@@ -615,7 +619,7 @@ def _print(text: str) -> int:
 
 
 _PATH_OPTIONS = {"--runbooks": "dir", "--state-dir": "dir", "--audit-log": "file",
-                 "--inventory": "file", "--secrets-file": "file",
+                 "--inventory": "file", "--secrets-file": "file", "--notify": "file",
                  "--metrics-file": "file"}
 _RUNBOOK_ARGS = {"runbook", "paths"}
 

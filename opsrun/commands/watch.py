@@ -61,6 +61,11 @@ def status(state_dir: str | None, *, as_json: bool) -> int:
     print(f"  runs:        {s.get('runs_running')} running (max {s.get('max_parallel')}), "
           f"{s.get('runs_waiting')} waiting for an answer, {s.get('runs_queued')} queued")
     print(f"  event queue: {s.get('event_queue')}")
+    notes = s.get("notifications") or {}
+    if notes:
+        print("  notify:      " + ", ".join(f"{notes[k]} {k}" for k in
+                                           ("pending", "sent", "gave_up", "dropped")
+                                           if notes.get(k)))
     if s.get("throttle_windows"):
         print(f"  throttles:   {s['throttle_windows']} window(s) open (`throttle:`)")
     return 0
