@@ -160,3 +160,4 @@ complete -c opsrun -n '__fish_seen_subcommand_from watch' -l inventory -r -F -d 
 complete -c opsrun -n '__fish_seen_subcommand_from watch' -l accept-new-hosts -d 'Trust SSH host keys not seen before (never changed ones); they are kept in the state folder and audited.'
 complete -c opsrun -n '__fish_seen_subcommand_from watch' -l metrics-file -r -F -d 'Write Prometheus metrics to FILE (e.g. opsrun.prom in node_exporter'\''s textfile folder), replaced atomically.'
 complete -c opsrun -n '__fish_seen_subcommand_from watch' -l metrics-interval -r -d 'How often --metrics-file is written.'
+complete -c opsrun -n '__fish_seen_subcommand_from watch' -l notify -r -F -d 'Notification targets for every runbook (default: the notify.yaml beside the runbooks, if there is one).'

@@ -322,7 +322,8 @@ _opsrun_watch() {
     '(--inventory)'--inventory'[Hosts of SSH steps (default - the inventory.yaml beside the runbooks).]:value:_files' \
     '(--accept-new-hosts)'--accept-new-hosts'[Trust SSH host keys not seen before (never changed ones); they are kept in the state folder and audited.]' \
     '(--metrics-file)'--metrics-file'[Write Prometheus metrics to FILE (e.g. opsrun.prom in node_exporters textfile folder), replaced atomically.]:value:_files' \
-    '(--metrics-interval)'--metrics-interval'[How often --metrics-file is written.]:value: '
+    '(--metrics-interval)'--metrics-interval'[How often --metrics-file is written.]:value: ' \
+    '(--notify)'--notify'[Notification targets for every runbook (default - the notify.yaml beside the runbooks, if there is one).]:value:_files'
 }
 
 _opsrun "$@"
