@@ -445,4 +445,56 @@ def test_sigterm_is_not_held_up_by_a_slow_webhook(tmp_path: Path) -> None:
         wait_for(lambda: rx.held, timeout=30, message=svc.log)
         svc.signal(signal.SIGTERM)
         assert svc.stop() == 0
-    assert os.path.exists(tmp_path / "state" / "state.db")
+    from opsrun.store import Store
+
+    with Store.open(tmp_path / "state") as store:
+        (n,) = [n for n in store.notifications() if n.event == "waiting"]
+    # The attempt ended at its timeout; the notification waits for the next start.
+    assert n.state == "pending" and n.attempts == 1
+    assert n.last_error == "no answer within 1s"
+
+
+def test_a_confirmation_nobody_answers_in_time_is_sent_as_timed_out(
+        rc: RunContext, tmp_path: Path) -> None:
+    with Receiver() as rx, ExitStack() as stack:
+        start_outbox(rc, stack)
+        rb = rb_of(f"""\
+            steps:
+              - id: ask
+                confirm: Go?
+                timeout: 100ms
+              - run: "true"
+            notify:
+              - webhook: {rx.url}
+                on: [timed_out]
+            """, tmp_path)
+        result = run(rc, rb, park=False)  # waits in this process, as `opsrun run` does
+        assert result.state == rt.TIMED_OUT
+        (body,) = wait_for(lambda: rx.bodies(), timeout=20)
+    assert body["event"] == "timed_out" and body["step"] == "ask"
+    assert body["error"] == "nobody answered step 'ask' in time"
+
+
+def test_opsrun_run_without_a_terminal_tells_the_approver_while_it_waits(
+        tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OPSRUN_STATE_DIR": str(tmp_path / "state")}
+    with Receiver() as rx:
+        book = tmp_path / "ask.yaml"
+        book.write_text(f"steps:\n  - id: ask\n    confirm: Go on?\n  - run: echo went\n"
+                        f"notify:\n  - webhook: {rx.url}\n    on: [waiting]\n")
+        p = subprocess.Popen([sys.executable, "-m", "opsrun", "run", str(book)], env=env,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        try:
+            (body,) = wait_for(lambda: rx.bodies(), timeout=30)
+            answered = opsrun(*body["approve"].split()[1:], env=env)
+            assert answered.returncode == 0, answered.stderr
+            out, err = p.communicate(timeout=30)
+        finally:
+            if p.poll() is None:
+                p.kill()
+    assert p.returncode == 0, err
+    assert "went" in out
