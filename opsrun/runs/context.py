@@ -46,7 +46,7 @@ class RunContext:
         # other commands deliver what their runs queue themselves (finish_notifications).
         self.outbox: Outbox | None = None
         self.service_targets: Sequence[Target] = ()
-        self.log: Callable[..., None] = lambda *a, **k: None
+        self.log: Callable[..., None] = _say_problems
         self._queued_here: list[int] = []
         self._own_outbox: Outbox | None = None
 
@@ -97,7 +97,8 @@ class RunContext:
 
         self._queued_here += ids
         if self._own_outbox is None:
-            self._own_outbox = Outbox(self.store, self.audit, self.secrets).start()
+            self._own_outbox = Outbox(self.store, self.audit, self.secrets,
+                                      log=self.log).start()
         self._own_outbox.wake()
 
     def finish_notifications(self, budget_s: float = NOTIFY_EXIT_BUDGET_S) -> list[int]:
@@ -155,6 +156,14 @@ class RunContext:
                               step_id=request.step_id, answerer=who.as_record(), reason=why,
                               how=how)
         return record
+
+
+def _say_problems(message: str, level: str = "info", **fields: Any) -> None:
+    """A command's notification problems on stderr (the service has its own log)."""
+    if level in ("error", "warning"):
+        details = ", ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+        print(f"opsrun: {message}" + (f" ({details})" if details else ""), file=sys.stderr,
+              flush=True)
 
 
 class _LazySsh:
