@@ -498,3 +498,14 @@ def test_opsrun_run_without_a_terminal_tells_the_approver_while_it_waits(
                 p.kill()
     assert p.returncode == 0, err
     assert "went" in out
+
+
+def test_a_question_answered_at_once_by_yes_notifies_nobody(tmp_path: Path) -> None:
+    with Receiver() as rx:
+        book = tmp_path / "ask.yaml"
+        book.write_text(f"steps:\n  - id: ask\n    confirm: Go on?\n  - run: exit 5\n"
+                        f"notify:\n  - webhook: {rx.url}\n")
+        done = opsrun("run", "--yes", str(book), env={"OPSRUN_STATE_DIR": str(tmp_path / "s")})
+        assert done.returncode == 1, done.stderr
+        # Only the failure: the question was answered by the flag, nobody waited.
+        assert [b["event"] for b in rx.bodies()] == ["failed"]

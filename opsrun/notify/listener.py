@@ -1,9 +1,12 @@
 """The engine listener that puts notifications in the outbox; it never delivers them itself.
 
-On `confirm.asked` it queues a `waiting` notification for each target that wants one, and a
-`stale` one due when the wait is `stale_after` old (dropped if the question is answered
-first: so a wait is notified stale at most once); on `run.finished` in state `failed` or
-`timed_out` it queues one with the failed step, its exit code and the tail of its output.
+When a run starts to wait for an answer given elsewhere (`confirm.asked`, then the
+waiting confirmer's word that the question is recorded) it queues a `waiting`
+notification for each target that wants one, and a `stale` one due when the wait is
+`stale_after` old (dropped if the question is answered first: so a wait is notified stale
+at most once); a question answered at once, at the prompt or by `--yes`, notifies nobody.
+On `run.finished` in state `failed` or `timed_out` it queues one with the failed step, its
+exit code and the tail of its output.
 Queueing is one short write to the state store. Whatever goes wrong here is logged and
 swallowed: a notification never fails, or holds up, the run it reports on.
 """
@@ -37,6 +40,7 @@ class NotifyListener:
         self.on_queued = on_queued
         self.log = log
         self._failed: dict[str, dict[str, Mapping[str, Any]]] = {}  # run → step → result
+        self._asked_now: dict[tuple[str, str], dict[str, Any]] = {}  # not yet waiting
 
     def transition(self, kind: str, data: dict[str, Any]) -> None:
         try:
@@ -60,20 +64,36 @@ class NotifyListener:
             self._failed.setdefault(run_id, {})[str(data.get("step_id"))] = {
                 k: data.get(k) for k in ("exit_code", "stdout", "stderr", "error")}
         elif kind == "confirm.asked":
-            self._asked(run_id, data)
+            # Queued once the confirmer says the run waits (waits()); answered at once
+            # (a prompt, --yes), the question needs nobody told.
+            self._asked_now[(run_id, _step_id(data))] = data
+        elif kind in ("confirm.answered", "confirm.closed"):
+            self._asked_now.pop((run_id, _step_id(data)), None)
         elif kind == "run.finished":
+            for key in [k for k in self._asked_now if k[0] == run_id]:
+                del self._asked_now[key]
             failures = self._failed.pop(run_id, {})
             state = data.get("state")
             if state in (rt.FAILED, rt.TIMED_OUT):
                 self._ended(run_id, data, str(state), failures)
+
+    def waits(self, run_id: str, step_id: str) -> None:
+        """The question this engine just asked is recorded and waits for an answer."""
+        data = self._asked_now.pop((run_id, step_id), None)
+        if data is None:
+            return  # asked before (a resumed run), or by another engine
+        try:
+            self._asked(run_id, data)
+        except Exception as e:  # noqa: BLE001 - see the module's docstring
+            self.log("cannot queue a notification", level="error", run_id=run_id,
+                     error=str(e))
 
     def _asked(self, run_id: str, data: dict[str, Any]) -> None:
         rb = data.get("runbook")
         waiting, stale = self._targets(rb, "waiting"), self._targets(rb, "stale")
         if not waiting and not stale:
             return
-        step = data.get("step")
-        wait_step = getattr(step, "id", None) or str(data.get("step_id"))
+        wait_step = _step_id(data)
         approvers = describe_approvers(data.get("approvers") or {})
         args = (run_id, getattr(rb, "name", "?"), str(data.get("step_id")),
                 str(data.get("question", "")), list(data.get("guarded") or []), approvers,
@@ -112,6 +132,11 @@ class NotifyListener:
     def _queue(self, rows: list[dict[str, Any]]) -> None:
         ids = self.store.queue_notifications(rows)
         self.on_queued(ids)
+
+
+def _step_id(data: Mapping[str, Any]) -> str:
+    """The id its confirmer records a question under (a nested step's own, unprefixed)."""
+    return str(getattr(data.get("step"), "id", None) or data.get("step_id"))
 
 
 def _masked(value: Any, masker: Masker) -> Any:

@@ -26,6 +26,7 @@ from opsrun.store import Store
 
 if TYPE_CHECKING:
     from opsrun.executors.confirm import WaitingConfirmer
+    from opsrun.notify.listener import NotifyListener
     from opsrun.notify.outbox import Outbox
     from opsrun.notify.targets import Target
 
@@ -48,6 +49,7 @@ class RunContext:
         self.service_targets: Sequence[Target] = ()
         self.log: Callable[..., None] = _say_problems
         self._queued_here: list[int] = []
+        self._notify_listeners: list[NotifyListener] = []
         self._own_outbox: Outbox | None = None
 
     def executors(self) -> dict[str, Any]:
@@ -84,10 +86,17 @@ class RunContext:
         notify = NotifyListener(self.store, Masker(self.secrets),
                                 service_targets=lambda: self.service_targets,
                                 on_queued=self._notifications_queued, log=self.log)
+        self._notify_listeners.append(notify)
         return Engine(self.executors(),
                       [AuditListener(self.audit), StoreListener(self.store), *listeners,
                        notify],
                       secrets=self.secrets, confirmer=confirmer, emitter=self.queue_event)
+
+    def _run_waits(self, run_id: str, step_id: str) -> None:
+        """A question is recorded and waits for an answer given elsewhere: notify it (a
+        question answered at once, at the prompt or by --yes, is not)."""
+        for listener in self._notify_listeners:
+            listener.waits(run_id, step_id)
 
     def _notifications_queued(self, ids: list[int]) -> None:
         if self.outbox is not None:
@@ -127,7 +136,8 @@ class RunContext:
         waiter = Waiter(self.store, self.audit,
                         notify or (lambda text: print(text, file=sys.stderr, flush=True)))
         return WaitingConfirmer(waiter, park=park, runbook_ref=self.runbook_ref,
-                                socket_dir=None if park else runs_dir(self.state_dir))
+                                socket_dir=None if park else runs_dir(self.state_dir),
+                                on_waiting=self._run_waits)
 
     def confirmer(self, *, yes: bool, who: Identity) -> rt.Confirmer:
         """--yes answers; a terminal is asked; anything else waits for `opsrun approve`.
