@@ -377,6 +377,9 @@ def test_watch_tells_the_approver_and_the_approve_line_works(tmp_path: Path) -> 
             assert body["commands"] == ["echo cleaning /srv/tmp"]
             approve_line = f"opsrun approve {body['run_id']}"
             assert approve_line in body["text"] and body["approve"] == approve_line
+            status = wait_for(lambda: (json.loads(opsrun("status", "--json", env=env).stdout)
+                                       .get("notifications", {}).get("sent") == 1), timeout=30)
+            assert status
             answered = opsrun(*approve_line.split()[1:], env=env)
             assert answered.returncode == 0, answered.stderr
             shown = wait_for(lambda: _run_state(env, body["run_id"]) == "succeeded" or None,
@@ -428,6 +431,10 @@ def test_watch_refuses_an_invalid_notify_file(tmp_path: Path) -> None:
     assert f"{books / 'notify.yaml'}:2:14: error: notify[0].webhook: 'nope' is not an " \
            "http:// or https:// URL" in done.stderr
     assert "Traceback" not in done.stderr
+    missing = opsrun("watch", "--runbooks", str(books), "--notify", str(tmp_path / "nope.yaml"),
+                     env={"OPSRUN_STATE_DIR": str(tmp_path / "state")}, timeout=30)
+    assert missing.returncode == 2
+    assert f"--notify {tmp_path / 'nope.yaml'}: the file does not exist" in missing.stderr
     checked = opsrun("validate", str(books))
     assert checked.returncode == 2 and "notify.yaml:2:14" in checked.stdout + checked.stderr
 
