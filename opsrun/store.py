@@ -149,9 +149,17 @@ MIGRATIONS.append([
     "ALTER TABLE steps_new RENAME TO steps",
 ])
 MIGRATIONS.append([
-    # notify (migration 10): notifications waiting to be delivered, so that a restart loses
-    # none. `target` is the target as written (secrets unrendered), `message` the masked
-    # message; `due_at` (Unix time) is the next attempt, `leased_until` a deliverer's claim.
+    # The service's last life (one row): when it started, when it was last seen alive, and
+    # when it stopped cleanly, so the next start can say how long it was down (daemon.gap).
+    """CREATE TABLE service_life (
+        id INTEGER PRIMARY KEY CHECK (id = 1), pid INTEGER NOT NULL,
+        started_at TEXT NOT NULL, seen_at TEXT NOT NULL, stopped_at TEXT)""",
+])
+MIGRATIONS.append([
+    # notify (migration 10, after webhook's and journal's): notifications waiting to be
+    # delivered, so that a restart loses none. `target` is the target as written (secrets
+    # unrendered), `message` the masked message; `due_at` (Unix time) is the next attempt,
+    # `leased_until` a deliverer's claim.
     """CREATE TABLE notify_outbox (
         id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT, event TEXT NOT NULL,
         target TEXT NOT NULL, message TEXT NOT NULL, wait_step TEXT,
@@ -233,6 +241,15 @@ class ApprovalRecord(NamedTuple):
     comment: str | None
     how: str | None
     answered_at: datetime | None
+
+
+class ServiceLife(NamedTuple):
+    """The last `opsrun watch` process, as it recorded itself."""
+
+    pid: int
+    started_at: datetime
+    seen_at: datetime  # its last sign of life
+    stopped_at: datetime | None  # None: it did not stop cleanly (or still runs)
 
 
 class LogPosition(NamedTuple):
@@ -822,6 +839,47 @@ class Store:
             (r["run_id"], r["runbook"], r.get("runbook_path"), r.get("runbook_sha256"),
              r.get("state", "queued"), _json(r.get("event")), _json(r.get("params") or {}),
              r.get("started_by"), r.get("started_uid"), r.get("trigger"), now))
+
+    def oldest_queued_at(self) -> datetime | None:
+        """When the oldest event still in the queue was queued, or None."""
+        with self._read("reading the event queue") as c:
+            row = c.execute("SELECT min(enqueued_at) FROM event_queue").fetchone()
+        return _dt(row[0]) if row else None
+
+    def log_positions(self, trigger_key: str) -> list[LogPosition]:
+        """Every stored position of a log trigger (one per followed file)."""
+        prefix = f"{trigger_key}:"
+        with self._read("reading log positions") as c:
+            rows = c.execute("SELECT key, device, inode, offset FROM log_positions "
+                             "WHERE substr(key, 1, ?) = ? ORDER BY key",
+                             (len(prefix), prefix)).fetchall()
+        return [LogPosition(*r) for r in rows]
+
+    # ── the service's life (for the report of what happened while it was down) ──
+
+    def service_life(self) -> ServiceLife | None:
+        """The last service's row: its pid, start, last sign of life and clean stop."""
+        with self._read("reading the service's last life") as c:
+            row = c.execute("SELECT pid, started_at, seen_at, stopped_at FROM service_life "
+                            "WHERE id = 1").fetchone()
+        if row is None:
+            return None
+        return ServiceLife(int(row[0]), _dt(row[1]) or _now(), _dt(row[2]) or _now(),
+                           _dt(row[3]))
+
+    def service_started(self, pid: int) -> None:
+        """A service starts: it replaces the last one's row."""
+        now = _ts(_now())
+        with self._write("recording the service's start") as c:
+            c.execute("INSERT OR REPLACE INTO service_life VALUES (1, ?, ?, ?, NULL)",
+                      (pid, now, now))
+
+    def service_seen(self, *, stopped: bool = False) -> None:
+        """The service is alive now (or, with `stopped`, stops cleanly now)."""
+        now = _ts(_now())
+        with self._write("recording that the service is alive") as c:
+            c.execute("UPDATE service_life SET seen_at = ?, stopped_at = ? WHERE id = 1",
+                      (now, now if stopped else None))
 
     def queue_length(self) -> int:
         """How many events are in the queue, leased or not."""

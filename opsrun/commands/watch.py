@@ -68,6 +68,12 @@ def status(state_dir: str | None, *, as_json: bool) -> int:
                                            if notes.get(k)))
     if s.get("throttle_windows"):
         print(f"  throttles:   {s['throttle_windows']} window(s) open (`throttle:`)")
+    if s.get("gap"):
+        from opsrun.service.gap import details, summary
+
+        print(f"  at start:    {summary(s['gap'])}")
+        for line in details(s["gap"]):
+            print(f"               {line}")
     return 0
 
 

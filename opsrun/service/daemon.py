@@ -94,6 +94,7 @@ class Daemon:
             self.reload_requested, self.wake_parked))
         self.metrics_writer: MetricsFileWriter | None = None
         self.notifications = ServiceNotifications(rc, opts.runbooks_dir, opts.notify_file, log)
+        self.gap: dict[str, Any] | None = None  # the start-up report, when there was one
         self.control = ControlHandler(ControlParts(
             rc, self.scheduler, self.status, self.status_line, self.sources.wake_queue,
             self.wake_parked, self.cancel_parked))
@@ -111,6 +112,7 @@ class Daemon:
         self.throttle_timer.start()
         server = self.control.start()
         try:
+            self._report_gap()
             self.sources.start_runbook_watch()
             self.sources.start()
             self.rc.audit.append("daemon.started",
@@ -139,6 +141,7 @@ class Daemon:
             self.sources.restart_if_dead()
             if time.monotonic() - last_status >= STATUS_EVERY_S:
                 self.notifier.notify(f"STATUS={self.status_line()}")
+                self._seen()
                 last_status = time.monotonic()
             self.wake_parked.wait(PARKED_CHECK_S)
             self.wake_parked.clear()
@@ -374,9 +377,34 @@ class Daemon:
         for run_id in list(self.locks):
             self._unlock_run(run_id)
         self.notifications.stop()
+        self._seen(stopped=True)
         self.rc.audit.append("daemon.stopped")
         self.log("opsrun watch stopped")
         self.notifier.stop()
+
+    # ── while it was down ───────────────────────────────────────────────────
+
+    def _report_gap(self) -> None:
+        """Say what happened while no service ran, before the sources act on it."""
+        from opsrun.service import gap
+
+        rep = gap.report(gap.GapParts(self.rc.store, self.dispatcher.matcher,
+                                      datetime.now(timezone.utc)))
+        self.rc.store.service_started(os.getpid())
+        if not gap.worth_recording(rep):
+            return
+        self.gap = rep
+        self.rc.audit.append("daemon.gap", **rep)
+        self.log("while opsrun watch was down: " + gap.summary(rep))
+        for line in gap.details(rep):
+            self.log(line)
+
+    def _seen(self, *, stopped: bool = False) -> None:
+        """Note that the service is alive (its last sign before a crash says when it died)."""
+        try:
+            self.rc.store.service_seen(stopped=stopped)
+        except OpsrunError as e:
+            self.log("cannot note that the service is alive", level="warning", error=str(e))
 
     # ── metrics ─────────────────────────────────────────────────────────────
 
@@ -423,6 +451,7 @@ class Daemon:
             "max_parallel": self.opts.max_parallel,
             "throttle_windows": self.rc.store.count_throttles(),
             "notifications": self.notifications.counts(),
+            "gap": self.gap,
         }
 
     def status_line(self) -> str:

@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
 
 from opsrun.checkpoints import Checkpoint
 from opsrun.event import Event, now_rfc3339
@@ -44,6 +45,9 @@ from opsrun.ids import new_id
 from opsrun.runbook import LogTrigger
 from opsrun.sources.base import Emit, PositionStore, log
 from opsrun.sources.loglines import CHUNK, Hit, LineMatcher, Reader
+
+if TYPE_CHECKING:
+    from opsrun.store import LogPosition
 
 ROUND_BYTES = 4 * CHUNK  # read per file per round, so that one busy file does not starve
 COMMIT_EVERY_S = 1.0
@@ -315,6 +319,35 @@ class LogSource:
             self._positions.set_log_position(f.key, *pos)
             f.stored = pos
         f.stored_at = now
+
+
+class Backlog(NamedTuple):
+    """What a followed file holds beyond its stored position (see `backlog`)."""
+
+    bytes: int  # bytes the source reads when it starts
+    rotated: bool  # another file carries the name now
+    lost: bool  # rotated, and the old file is gone or compressed: its rest is not read
+    truncated: bool  # the same file, shorter than the position: read from its start
+
+
+def backlog(path: str, pos: LogPosition) -> Backlog:
+    """How much of `path` the source will read at start from `pos`, the way `_resume` does."""
+    try:
+        st: os.stat_result | None = os.stat(path)
+    except OSError:
+        st = None
+    if st is not None and (st.st_dev, st.st_ino) == (pos.device, pos.inode):
+        if st.st_size >= pos.offset:
+            return Backlog(st.st_size - pos.offset, False, False, False)
+        return Backlog(st.st_size, False, False, True)
+    old = _find_sibling(path, lambda s: (s.st_dev, s.st_ino) == (pos.device, pos.inode))
+    rest = 0
+    if old is not None:
+        try:
+            rest = max(0, os.stat(old).st_size - pos.offset)
+        except OSError:
+            old = None
+    return Backlog(rest + (st.st_size if st is not None else 0), True, old is None, False)
 
 
 def _find_sibling(path: str, accept: Callable[[os.stat_result], bool], tail: bytes = b"",

@@ -30,6 +30,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import NamedTuple
 from zoneinfo import ZoneInfo
 
 from opsrun import cron
@@ -42,6 +43,8 @@ _SECOND = timedelta(seconds=1)
 _DAY = timedelta(days=1)
 _MAX_WAIT_S = 30.0  # look at the wall clock again at least this often (it may be set)
 _MAX_PIECES = 1000  # offset pieces crossed looking for a fire: ~500 years of DST
+GRACE_S = 60.0  # a fire later than this (plus its jitter) is missed, not just late
+MISSED_COUNT_LIMIT = 1000  # missed_fires counts this far, then says "at least"
 
 
 def utc_now() -> datetime:
@@ -107,6 +110,35 @@ def last_fire(trigger: ScheduleTrigger, at: datetime, since: datetime) -> dateti
         if latest is not None or start == since:
             return latest
         window *= 8  # widen until a fire is found: cheap for every-second and yearly jobs
+
+
+class Missed(NamedTuple):
+    """The fires a schedule missed between its mark and now (see `missed_fires`)."""
+
+    fires: int  # how many were missed (at least this many when `more`)
+    more: bool  # counting stopped at MISSED_COUNT_LIMIT
+    last: datetime | None  # the latest missed fire
+    due_now: bool  # the latest fire is less than the grace late: it runs on time
+
+
+def missed_fires(trigger: ScheduleTrigger, mark: datetime, now: datetime,
+                 grace_s: float = GRACE_S) -> Missed:
+    """The fires in (mark, now] that ScheduleSource treats as missed when it starts now."""
+    latest = last_fire(trigger, now, mark)
+    if latest is None:
+        return Missed(0, False, None, False)
+    due_now = now - latest <= timedelta(seconds=grace_s + trigger.jitter_s)
+    count, fire, last = 0, next_fire(trigger, mark), None
+    while fire <= now and count < MISSED_COUNT_LIMIT:
+        if not (due_now and fire == latest):
+            count, last = count + 1, fire
+        fire = next_fire(trigger, fire)
+    more = count >= MISSED_COUNT_LIMIT and fire <= now
+    if more and not due_now:
+        last = latest
+    elif more:
+        last = last_fire(trigger, latest - _SECOND, mark)
+    return Missed(count, more, last, due_now)
 
 
 def rfc3339(moment: datetime, tz_name: str) -> str:
@@ -183,7 +215,7 @@ class ScheduleSource:
 
     def __init__(self, schedules: Sequence[tuple[str, ScheduleTrigger]], marks: MarkStore,
                  *, clock: Callable[[], datetime] = utc_now,
-                 rng: random.Random | None = None, grace_s: float = 60.0) -> None:
+                 rng: random.Random | None = None, grace_s: float = GRACE_S) -> None:
         self._pairs = list(schedules)
         self._marks = marks
         self._clock = clock
