@@ -15,7 +15,7 @@ _opsrun() {
         w="${COMP_WORDS[i]}"
         if ((skip)); then skip=0; continue; fi
         case "$w" in
-            --audit-log|--before|--comment|--drain-limit|--event|--format|--head|--inventory|--keep|--kind|--limit|--lines|--log-format|--max-parallel|--metrics-file|--metrics-interval|--parallel|--param|--run|--runbook|--runbooks|--secrets-file|--since|--state|--state-dir|--step|--webhook-listen|--webhook-max-queue|--webhook-metrics-token|--webhook-tls-cert|--webhook-tls-key|-m|-n|-p|-r) skip=1 ;;
+            --audit-log|--before|--comment|--drain-limit|--event|--format|--head|--inventory|--keep|--kind|--limit|--lines|--log-format|--max-parallel|--metrics-file|--metrics-interval|--notify|--parallel|--param|--run|--runbook|--runbooks|--secrets-file|--since|--state|--state-dir|--step|--webhook-listen|--webhook-max-queue|--webhook-metrics-token|--webhook-tls-cert|--webhook-tls-key|-m|-n|-p|-r) skip=1 ;;
             -*) ;;
             *) [[ -z $path ]] && path="$w" || { [[ $path != *" "* ]] && case "$path $w" in "audit head"|"audit prune"|"audit show"|"audit tail"|"audit verify") path="$path $w";; esac; } ;;
         esac
@@ -37,6 +37,7 @@ _opsrun() {
         --max-parallel) return ;;
         --metrics-file) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --metrics-interval) return ;;
+        --notify) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --parallel) return ;;
         --param) return ;;
         --run) return ;;
@@ -86,7 +87,7 @@ _opsrun() {
         "status") COMPREPLY=($(compgen -W '--json --state-dir' -- "$cur")) ;;
         "systemd-unit") COMPREPLY=($(compgen -W '--user --runbooks -r --drain-limit' -- "$cur")) ;;
         "validate") COMPREPLY=($(compgen -W '--runbooks -r --json --format --inventory' -- "$cur") $(compgen -W "$(_opsrun_runbooks)" -- "$cur") $(compgen -f -- "$cur")) ;;
-        "watch") COMPREPLY=($(compgen -W '--runbooks -r --state-dir --audit-log --stdin --max-parallel --drain-limit --log-format --secrets-file --inventory --accept-new-hosts --metrics-file --metrics-interval --webhook-listen --webhook-tls-cert --webhook-tls-key --webhook-max-queue --webhook-metrics-token' -- "$cur")) ;;
+        "watch") COMPREPLY=($(compgen -W '--runbooks -r --state-dir --audit-log --stdin --max-parallel --drain-limit --log-format --secrets-file --inventory --accept-new-hosts --metrics-file --metrics-interval --webhook-listen --webhook-tls-cert --webhook-tls-key --webhook-max-queue --webhook-metrics-token --notify' -- "$cur")) ;;
     esac
 }
 complete -o filenames -F _opsrun opsrun

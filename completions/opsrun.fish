@@ -165,3 +165,4 @@ complete -c opsrun -n '__fish_seen_subcommand_from watch' -l webhook-tls-cert -r
 complete -c opsrun -n '__fish_seen_subcommand_from watch' -l webhook-tls-key -r -F -d 'The private key of --webhook-tls-cert (PEM).'
 complete -c opsrun -n '__fish_seen_subcommand_from watch' -l webhook-max-queue -r -d 'Refuse webhook events (503) while this many events wait in the queue.'
 complete -c opsrun -n '__fish_seen_subcommand_from watch' -l webhook-metrics-token -r -d 'The name of a secret that GET /metrics must send as a bearer token (needed when not listening on loopback).'
+complete -c opsrun -n '__fish_seen_subcommand_from watch' -l notify -r -F -d 'Notification targets for every runbook (default: the notify.yaml beside the runbooks, if there is one).'

@@ -327,7 +327,8 @@ _opsrun_watch() {
     '(--webhook-tls-cert)'--webhook-tls-cert'[Serve webhooks over HTTPS with this PEM certificate chain.]:value:_files' \
     '(--webhook-tls-key)'--webhook-tls-key'[The private key of --webhook-tls-cert (PEM).]:value:_files' \
     '(--webhook-max-queue)'--webhook-max-queue'[Refuse webhook events (503) while this many events wait in the queue.]:value: ' \
-    '(--webhook-metrics-token)'--webhook-metrics-token'[The name of a secret that GET /metrics must send as a bearer token (needed when not listening on loopback).]:value: '
+    '(--webhook-metrics-token)'--webhook-metrics-token'[The name of a secret that GET /metrics must send as a bearer token (needed when not listening on loopback).]:value: ' \
+    '(--notify)'--notify'[Notification targets for every runbook (default - the notify.yaml beside the runbooks, if there is one).]:value:_files'
 }
 
 _opsrun "$@"

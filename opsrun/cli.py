@@ -539,6 +539,10 @@ def _watch(
         None, "--webhook-metrics-token", metavar="SECRET", envvar="OPSRUN_WEBHOOK_METRICS_TOKEN",
         show_envvar=True, help="The name of a secret that GET /metrics must send as a bearer "
                                "token (needed when not listening on loopback)."),
+    notify: Optional[Path] = typer.Option(
+        None, "--notify", metavar="FILE",
+        help="Notification targets for every runbook (default: the notify.yaml beside the "
+             "runbooks, if there is one)."),
 ) -> None:
     """Watch every source of every runbook and run the runbooks whose triggers match."""
     from opsrun import paths as paths_mod
@@ -563,7 +567,7 @@ def _watch(
     opts = WatchOptions(paths_mod.runbooks_dir_from_env(runbooks), stdin=stdin,
                         drain_limit_s=drain_s, inventory=inventory,
                         accept_new_hosts=accept_new_hosts, metrics_file=metrics_file,
-                        metrics_interval_s=metrics_s,
+                        metrics_interval_s=metrics_s, notify_file=notify,
                         webhook=WebhookSettings(webhook_listen, webhook_tls_cert,
                                                 webhook_tls_key, webhook_max_queue,
                                                 webhook_metrics_token))
@@ -638,7 +642,7 @@ def _print(text: str) -> int:
 
 
 _PATH_OPTIONS = {"--runbooks": "dir", "--state-dir": "dir", "--audit-log": "file",
-                 "--inventory": "file", "--secrets-file": "file",
+                 "--inventory": "file", "--secrets-file": "file", "--notify": "file",
                  "--metrics-file": "file", "--webhook-tls-cert": "file",
                  "--webhook-tls-key": "file"}
 _RUNBOOK_ARGS = {"runbook", "paths"}

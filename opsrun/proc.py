@@ -212,3 +212,28 @@ def _group_has_others(pgid: int, leader: int) -> bool:
         if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
             return True
     return False
+
+
+def run_with_input(argv: Sequence[str], stdin: bytes, *, env: Mapping[str, str],
+                   timeout_s: float) -> tuple[int, str]:
+    """Run a helper (a notification command) with `stdin` as its input, in its own process
+    group; return (returncode, the tail of its stderr).
+
+    Like `capture`, nothing raises: 127 when it cannot start, 124 when it did not finish in
+    time (its whole group is killed then).
+    """
+    try:
+        p = subprocess.Popen(list(argv), env=dict(env), stdin=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             start_new_session=True, close_fds=True)
+    except OSError as e:
+        hint = _LIMIT_HINTS.get(e.errno or 0, "")
+        return 127, f"cannot start {argv[0]!r}: {e.strerror or e}{hint}"
+    try:
+        _, err = p.communicate(stdin, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _signal_group(p.pid, signal.SIGKILL)
+        p.communicate()
+        return 124, f"{argv[0]} did not finish within {timeout_s:g}s"
+    _signal_group(p.pid, signal.SIGKILL)  # what it left behind in its group
+    return p.returncode, err.decode("utf-8", "replace")[-2000:]

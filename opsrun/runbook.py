@@ -24,6 +24,11 @@ from opsrun.inventory import (
     Inventory,
     InventoryInvalid,
 )
+from opsrun.notify.targets import NOTIFY_NAMES, NotifyFileInvalid
+from opsrun.notify.targets import find_service_file as find_notify_file
+from opsrun.notify.targets import load_service_file as load_notify_file
+from opsrun.notify.targets import Target as NotifyTarget
+from opsrun.notify.targets import build as build_notify_targets
 from opsrun.params import Param
 from opsrun.paths import DEFAULT_RUNBOOKS
 from opsrun.schema_checks import INVALID, PathT, Problems, show_path
@@ -221,6 +226,7 @@ class Runbook(NamedTuple):
     on_denied: tuple[Step, ...] = ()
     on_success: tuple[Step, ...] = ()
     outputs: Mapping[str, str] = _EMPTY_MAP  # what a caller's `uses:` step gets
+    notify: tuple[NotifyTarget, ...] = ()  # who is told when a run waits, fails, …
     source: bytes = b""  # the file's bytes
     # What is right but looks wrong on this machine (an approvers group it lacks).
     warnings: tuple[Problem, ...] = ()
@@ -278,7 +284,8 @@ def runbook_files(folder: Path) -> list[Path]:
         rel = p.relative_to(folder)
         if any(part.startswith(".") for part in rel.parts):
             continue
-        if p.suffix in (".yaml", ".yml") and p.is_file() and p.name not in INVENTORY_NAMES:
+        if p.suffix in (".yaml", ".yml") and p.is_file() and p.name not in INVENTORY_NAMES \
+                and p.name not in NOTIFY_NAMES:
             found.append(p)
     return found
 
@@ -297,6 +304,9 @@ def load_runbooks(paths: Iterable[Path], *, inventory: Path | None = None
         if p.is_dir():
             found = Inventories(inventory, root=p)
             files.extend((f, found) for f in runbook_files(p))
+            problems.extend(_notify_file_problems(find_notify_file(p)))
+        elif p.is_file() and p.name in NOTIFY_NAMES:
+            problems.extend(_notify_file_problems(p))
         elif p.is_file() and p.name in INVENTORY_NAMES:
             checked = Inventories(p).for_runbook(p)
             if isinstance(checked, InventoryInvalid):
@@ -359,6 +369,17 @@ def _text_mark(path: Path, text: str) -> tuple[int, int]:
         if text in line:
             return (i, line.index(text) + 1)
     return (1, 1)
+
+
+def _notify_file_problems(path: Path | None) -> list[Problem]:
+    """The problems of a service-level notify file (none when there is no file)."""
+    if path is None:
+        return []
+    try:
+        load_notify_file(path)
+    except NotifyFileInvalid as e:
+        return e.problems
+    return []
 
 
 def _name_mark(path: Path) -> tuple[int, int]:
@@ -939,6 +960,7 @@ def _build(data: dict[str, Any], path: Path, raw: bytes, inventory: Inventory,
         on_denied=_build_steps(data["on_denied"], "on_denied", inventory, used),
         on_success=_build_steps(data["on_success"], "on_success", inventory, used),
         outputs=dict(data["outputs"]),
+        notify=build_notify_targets(data["notify"]),
     )
 
 

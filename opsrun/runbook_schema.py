@@ -8,6 +8,7 @@ from typing import Any
 from opsrun import criteria as criteria_mod
 from opsrun import expressions
 from opsrun.inventory import PASSWORD_KEYS
+from opsrun.notify.targets import TARGETS as NOTIFY_TARGETS
 from opsrun.schema_checks import (
     INVALID,
     Alternatives,
@@ -701,6 +702,7 @@ RUNBOOK = Object("the runbook", {
                                     "a letter",
                            description="What a caller's `uses:` step gets as "
                                        "steps.<id>.outputs: name → text"), default={}),
+    "notify": Field(NOTIFY_TARGETS, default=[]),
 }, description="An opsrun runbook")
 
 

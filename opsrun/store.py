@@ -164,6 +164,18 @@ MIGRATIONS.append([
         key TEXT PRIMARY KEY, seen_at REAL NOT NULL)""",
     "CREATE INDEX webhook_dedupe_by_time ON webhook_dedupe (seen_at)",
 ])
+MIGRATIONS.append([
+    # Migration 10 (notify): notifications waiting to be
+    # delivered, so that a restart loses none. `target` is the target as written (secrets
+    # unrendered), `message` the masked message; `due_at` (Unix time) is the next attempt,
+    # `leased_until` a deliverer's claim.
+    """CREATE TABLE notify_outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT, event TEXT NOT NULL,
+        target TEXT NOT NULL, message TEXT NOT NULL, wait_step TEXT,
+        created_at TEXT NOT NULL, due_at REAL NOT NULL, attempts INTEGER NOT NULL,
+        state TEXT NOT NULL, leased_until REAL, last_error TEXT, done_at TEXT)""",
+    "CREATE INDEX notify_outbox_due ON notify_outbox (state, due_at)",
+])
 SCHEMA_VERSION = len(MIGRATIONS)
 RECEIPT_KEEP_S = 24 * 3600  # an emit looks for its receipt within seconds; keep a day
 
@@ -275,6 +287,23 @@ class WebhookQueued(NamedTuple):
     duplicates: int
     full: bool
     depth: int
+
+
+class Notification(NamedTuple):
+    """A notification in the outbox: pending, sent, gave_up, or dropped (a stale wait that
+    was answered before it was due)."""
+
+    id: int
+    run_id: str | None
+    event: str
+    target: dict[str, Any]
+    message: dict[str, Any]
+    wait_step: str | None
+    created_at: datetime
+    due_at: float
+    attempts: int
+    state: str
+    last_error: str | None
 
 
 class AuditHead(NamedTuple):
@@ -1030,6 +1059,70 @@ class Store:
                       "answered_uid = NULL, comment = NULL, how = NULL, answered_at = NULL "
                       "WHERE id = ?", (approval_id,))
 
+    # ── the notification outbox ─────────────────────────────────────────────
+
+    def queue_notifications(self, items: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Add notifications (run_id, event, target, message, due_at, wait_step); their ids."""
+        now = _ts(_now())
+        with self._write("queueing notifications") as c:
+            return [int(c.execute(
+                "INSERT INTO notify_outbox (run_id, event, target, message, wait_step, "
+                "created_at, due_at, attempts, state) VALUES (?, ?, ?, ?, ?, ?, ?, 0, "
+                "'pending')", (n.get("run_id"), n["event"], _json(n["target"]),
+                               _json(n["message"]), n.get("wait_step"), now,
+                               float(n["due_at"]))).lastrowid or 0) for n in items]
+
+    def take_notifications(self, *, now: float, lease_s: float, limit: int = 20,
+                           ids: Iterable[int] | None = None) -> list[Notification]:
+        """Claim pending notifications that are due and that no deliverer holds.
+
+        A claim lasts `lease_s` plus the target's timeout: a deliverer that died meanwhile
+        leaves it to another.
+        """
+        only = "" if ids is None else \
+            f" AND id IN ({', '.join(str(int(i)) for i in ids) or 'NULL'})"
+        with self._write("taking notifications") as c:
+            rows = c.execute(f"SELECT {_NOTIFY_COLUMNS} FROM notify_outbox WHERE state = "
+                             "'pending' AND due_at <= ? AND (leased_until IS NULL OR "
+                             f"leased_until < ?){only} ORDER BY due_at, id LIMIT ?",
+                             (now, now, limit)).fetchall()
+            # Held for the target's own timeout on top: a slow attempt keeps its claim.
+            c.executemany("UPDATE notify_outbox SET leased_until = ? WHERE id = ?",
+                          [(now + lease_s + float(json.loads(r[3]).get("timeout_s") or 0),
+                            r[0]) for r in rows])
+        return [_notification(r) for r in rows]
+
+    def notification_tried(self, notify_id: int, *, state: str, attempts: int,
+                           due_at: float | None = None, error: str | None = None) -> None:
+        """Record an attempt's outcome and let go of the claim."""
+        done = None if state == "pending" else _ts(_now())
+        with self._write("recording a notification attempt") as c:
+            c.execute("UPDATE notify_outbox SET state = ?, attempts = ?, due_at = "
+                      "COALESCE(?, due_at), last_error = ?, leased_until = NULL, done_at = ? "
+                      "WHERE id = ?", (state, attempts, due_at, error, done, notify_id))
+
+    def notifications(self, *, state: str | None = None, limit: int = 100,
+                      ids: Iterable[int] | None = None) -> list[Notification]:
+        """Notifications, newest first (all, or in one state, or these ids)."""
+        where, args = [], []
+        if state is not None:
+            where.append("state = ?")
+            args.append(state)
+        if ids is not None:
+            where.append(f"id IN ({', '.join(str(int(i)) for i in ids) or 'NULL'})")
+        sql = (f"SELECT {_NOTIFY_COLUMNS} FROM notify_outbox"
+               + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY id DESC "
+               "LIMIT ?")
+        with self._read("reading notifications") as c:
+            rows = c.execute(sql, (*args, limit)).fetchall()
+        return [_notification(r) for r in rows]
+
+    def notification_counts(self) -> dict[str, int]:
+        """How many notifications are in each state."""
+        with self._read("counting notifications") as c:
+            return {r[0]: int(r[1]) for r in c.execute(
+                "SELECT state, COUNT(*) FROM notify_outbox GROUP BY state")}
+
     def find_run_ids(self, prefix: str, limit: int = 5) -> list[str]:
         """Run ids starting with a prefix (people type the first few characters)."""
         with self._read("looking up a run id") as c:
@@ -1208,6 +1301,17 @@ def _approval(r: Sequence[Any]) -> ApprovalRecord:
     assert asked is not None
     return ApprovalRecord(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], asked, _dt(r[7]),
                           r[8], r[9], r[10], r[11], r[12], _dt(r[13]))
+
+
+_NOTIFY_COLUMNS = ("id, run_id, event, target, message, wait_step, created_at, due_at, "
+                   "attempts, state, last_error")
+
+
+def _notification(r: Sequence[Any]) -> Notification:
+    created = _dt(r[6])
+    assert created is not None
+    return Notification(r[0], r[1], r[2], json.loads(r[3]), json.loads(r[4]), r[5], created,
+                        float(r[7]), int(r[8]), r[9], r[10])
 
 
 def _queued(r: Sequence[Any]) -> QueuedEvent:

@@ -15,14 +15,14 @@ for layer, names in enumerate([
     # L1: the runbook and plain data
     "yaml_load schema_checks runbook_schema expressions shell_words runbook secrets run_types "
     "event criteria params describe cron globs step_outputs identity completion_scripts "
-    "throttle_window inventory metrics webhook",
+    "throttle_window inventory metrics webhook notify.targets notify.message",
     # L2
     "matcher explain",
     # L3: the world: processes, files, sockets, the store and the audit log
     "proc file_lock store audit control_socket approvals sources executors "
-    "runs.step_processes runs.driver_lock",
+    "runs.step_processes runs.driver_lock notify.deliver notify.outbox",
     # L4: orchestration
-    "engine flow runs.scheduler runs.recording runs.resume runs.throttle",
+    "engine flow runs.scheduler runs.recording runs.resume runs.throttle notify.listener",
     # L5: the program around it: a run's context, the service
     "runs.context runs.recovery runs.cancel runs.dispatch service output",
     # L6: the command line

@@ -150,7 +150,8 @@ def print_plan(rb: Runbook, planned: list[engine_mod.PlannedStep], *, as_json: b
             {"section": p.section, "id": p.step.id, "kind": p.step.kind, "within": p.within,
              "verdict": p.verdict, "note": p.note,
              "command": p.command, "hosts": [h.name for h in p.step.targets],
-             "parallel": p.step.parallel if p.step.targets else None} for p in planned]})
+             "parallel": p.step.parallel if p.step.targets else None} for p in planned],
+            "notify": [t.as_record() for t in rb.notify]})
         return 2 if any(p.verdict == "error" for p in planned) else 0
     print(f"dry run of {rb.name}: nothing will be run")
     titles = {"steps": "Steps", "on_failure": "On failure", "on_denied": "On denied",
@@ -175,6 +176,12 @@ def print_plan(rb: Runbook, planned: list[engine_mod.PlannedStep], *, as_json: b
         command = p.command.removeprefix("emit ").removeprefix("uses ")
         for i, line in enumerate(output.safe(command).splitlines() or [""]):
             print(f"{pad}    {label if i == 0 else ' ' * len(label)} {line}")
+    if rb.notify:
+        from opsrun.commands.show import notify_line
+
+        print("\nNotify (nothing is sent in a dry run)")
+        for t in rb.notify:
+            print(f"  {output.safe(notify_line(t))}")
     return 2 if any(p.verdict == "error" for p in planned) else 0
 
 

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 from opsrun import describe, output
 from opsrun.durations import format_duration
+from opsrun.notify.targets import Target as NotifyTarget
 from opsrun.runbook import Runbook, Step, find_runbook
 
 
@@ -75,6 +77,8 @@ def _plan_lines(rb: Runbook) -> list[str]:
             lines += ["", _HEADING + title]
             for step in steps:
                 lines += _step_lines(step)
+    if rb.notify:
+        lines += ["", _HEADING + "Notify"] + [f"  {notify_line(t)}" for t in rb.notify]
     if rb.outputs:
         lines += ["", _HEADING + "Outputs (for a caller's uses: step)"]
         lines += [f"  {name}: {value}" for name, value in rb.outputs.items()]
@@ -114,6 +118,15 @@ def _body(step: Step) -> tuple[str, list[str]]:
     return ("run:" if step.kind == "run" else "confirm:"), text
 
 
+def notify_line(t: NotifyTarget) -> str:
+    """A target as written: its secrets stay `${{ secrets.NAME }}`, never their values."""
+    where = (f"webhook {t.url}" + (" (slack)" if t.format == "slack" else "")
+             if t.kind == "webhook" else "command " + shlex.join(t.argv))
+    stale = f"; stale after {format_duration(t.stale_after_s)}" if "stale" in t.events else ""
+    return (f"{where} on {', '.join(t.events)}{stale}; {t.attempts} attempts, "
+            f"{format_duration(t.timeout_s)} each")
+
+
 def as_dict(rb: Runbook) -> dict[str, object]:
     """The runbook as JSON-ready data."""
     def step(s: Step) -> dict[str, object]:
@@ -143,4 +156,5 @@ def as_dict(rb: Runbook) -> dict[str, object]:
             "steps": [step(s) for s in rb.steps],
             "on_failure": [step(s) for s in rb.on_failure],
             "on_denied": [step(s) for s in rb.on_denied],
-            "on_success": [step(s) for s in rb.on_success], "outputs": dict(rb.outputs)}
+            "on_success": [step(s) for s in rb.on_success], "outputs": dict(rb.outputs),
+            "notify": [t.as_record() for t in rb.notify]}

@@ -11,6 +11,7 @@ from opsrun.inventory import (
     check_option,
     load_inventory,
 )
+from opsrun.notify.targets import NOTIFY_NAMES
 from opsrun.runbook import load_runbooks
 
 
@@ -29,6 +30,7 @@ def main(paths: list[Path], *, as_json: bool = False, fmt: str = "text",
         except InventoryInvalid as e:
             problems = [*problems, *(p for p in e.problems if p not in problems)]
     inventories = [p for p in paths if p.name in INVENTORY_NAMES and p.is_file()]
+    notify_files = [p for p in paths if p.name in NOTIFY_NAMES and p.is_file()]
     warnings = [w for rb in runbooks for w in rb.warnings]
     if as_json:
         output.print_json({
@@ -54,6 +56,8 @@ def main(paths: list[Path], *, as_json: bool = False, fmt: str = "text",
                   f"{'s' * (len(runbooks) != 1)} valid")
         elif not runbooks and inventories:
             print(f"{', '.join(str(p) for p in inventories)}: valid inventory")
+        elif not runbooks and notify_files:
+            print(f"{', '.join(str(p) for p in notify_files)}: valid notify file")
         elif not runbooks:
             print("no runbooks found in " + ", ".join(str(p) for p in paths))
         else:

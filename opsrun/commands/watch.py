@@ -64,6 +64,11 @@ def status(state_dir: str | None, *, as_json: bool) -> int:
     print(f"  event queue: {s.get('event_queue')}")
     if s.get("webhook_url"):
         print(f"  webhooks:    {s['webhook_url']}")
+    notes = s.get("notifications") or {}
+    if notes:
+        print("  notify:      " + ", ".join(f"{notes[k]} {k}" for k in
+                                           ("pending", "sent", "gave_up", "dropped")
+                                           if notes.get(k)))
     if s.get("throttle_windows"):
         print(f"  throttles:   {s['throttle_windows']} window(s) open (`throttle:`)")
     if s.get("gap"):

@@ -55,11 +55,15 @@ class WaitingConfirmer:
 
     def __init__(self, waiter: Waiter, *, park: bool = False,
                  runbook_ref: Callable[[str], RunbookRef | None] = lambda rid: None,
-                 socket_dir: Path | None = None) -> None:
+                 socket_dir: Path | None = None,
+                 on_waiting: Callable[[str, str], None] = lambda run_id, step_id: None
+                 ) -> None:
         self.waiter = waiter
         self.park = park
         self.runbook_ref = runbook_ref
         self.socket_dir = socket_dir  # where to serve answers from other users
+        # Told (run id, step id) when a run starts to wait here: for its notifications.
+        self.on_waiting = on_waiting
 
     def already_asked(self, run_id: str, step_id: str) -> bool:
         """Whether this step of this run has its question recorded (a resumed run)."""
@@ -71,6 +75,7 @@ class WaitingConfirmer:
                             request.approvers, request.starter.user, request.timeout_s)
         if q.answer is None:
             store.update_run(request.run_id, state=rt.WAITING)
+            self.on_waiting(request.run_id, request.step_id)
             if self.park:
                 raise rt.RunParked(request.step_id)
             self.waiter.notify(waiting_message(request, q.deadline is not None))

@@ -26,6 +26,11 @@ from opsrun.store import Store
 
 if TYPE_CHECKING:
     from opsrun.executors.confirm import WaitingConfirmer
+    from opsrun.notify.listener import NotifyListener
+    from opsrun.notify.outbox import Outbox
+    from opsrun.notify.targets import Target
+
+NOTIFY_EXIT_BUDGET_S = 10.0  # how long a command that ends tries to deliver notifications
 
 
 class RunContext:
@@ -38,6 +43,14 @@ class RunContext:
         self.audit = audit
         self.secrets = secrets
         self.accept_new_hosts = accept_new_hosts  # learn unknown SSH host keys
+        # Notifications: the service gives its outbox worker and its notify file's targets;
+        # other commands deliver what their runs queue themselves (finish_notifications).
+        self.outbox: Outbox | None = None
+        self.service_targets: Sequence[Target] = ()
+        self.log: Callable[..., None] = _say_problems
+        self._queued_here: list[int] = []
+        self._notify_listeners: list[NotifyListener] = []
+        self._own_outbox: Outbox | None = None
 
     def executors(self) -> dict[str, Any]:
         return {"run": LocalExecutor(extra_env=self.step_env(), on_start=self._step_started),
@@ -68,9 +81,47 @@ class RunContext:
     def engine(self, listeners: Sequence[rt.Listener], *,
                confirmer: rt.Confirmer | None) -> Engine:
         """An engine whose first listeners are the audit log and the store."""
+        from opsrun.notify.listener import NotifyListener
+
+        notify = NotifyListener(self.store, Masker(self.secrets),
+                                service_targets=lambda: self.service_targets,
+                                on_queued=self._notifications_queued, log=self.log)
+        self._notify_listeners.append(notify)
         return Engine(self.executors(),
-                      [AuditListener(self.audit), StoreListener(self.store), *listeners],
+                      [AuditListener(self.audit), StoreListener(self.store), *listeners,
+                       notify],
                       secrets=self.secrets, confirmer=confirmer, emitter=self.queue_event)
+
+    def _run_waits(self, run_id: str, step_id: str) -> None:
+        """A question is recorded and waits for an answer given elsewhere: notify it (a
+        question answered at once, at the prompt or by --yes, is not)."""
+        for listener in self._notify_listeners:
+            listener.waits(run_id, step_id)
+
+    def _notifications_queued(self, ids: list[int]) -> None:
+        if self.outbox is not None:
+            self.outbox.wake()
+            return
+        from opsrun.notify.outbox import Outbox
+
+        self._queued_here += ids
+        if self._own_outbox is None:
+            self._own_outbox = Outbox(self.store, self.audit, self.secrets,
+                                      log=self.log).start()
+        self._own_outbox.wake()
+
+    def finish_notifications(self, budget_s: float = NOTIFY_EXIT_BUDGET_S) -> list[int]:
+        """Before a command ends: deliver what its runs queued, for up to `budget_s`; the
+        ids left pending (for `opsrun watch` on this state folder to deliver)."""
+        if self._own_outbox is None:
+            return []
+        left = self._own_outbox.drain(self._queued_here, budget_s)
+        self._own_outbox = None
+        if left:
+            print(f"opsrun: {len(left)} notification{'s' * (len(left) != 1)} not delivered "
+                  "yet; they stay in the outbox of the state folder, and `opsrun watch` on it "
+                  "delivers them", file=sys.stderr, flush=True)
+        return left
 
     def queue_event(self, data: dict[str, Any], via: dict[str, Any]) -> None:
         """An `emit:` step's event onto the durable queue that `opsrun watch` drains."""
@@ -85,7 +136,8 @@ class RunContext:
         waiter = Waiter(self.store, self.audit,
                         notify or (lambda text: print(text, file=sys.stderr, flush=True)))
         return WaitingConfirmer(waiter, park=park, runbook_ref=self.runbook_ref,
-                                socket_dir=None if park else runs_dir(self.state_dir))
+                                socket_dir=None if park else runs_dir(self.state_dir),
+                                on_waiting=self._run_waits)
 
     def confirmer(self, *, yes: bool, who: Identity) -> rt.Confirmer:
         """--yes answers; a terminal is asked; anything else waits for `opsrun approve`.
@@ -114,6 +166,14 @@ class RunContext:
                               step_id=request.step_id, answerer=who.as_record(), reason=why,
                               how=how)
         return record
+
+
+def _say_problems(message: str, level: str = "info", **fields: Any) -> None:
+    """A command's notification problems on stderr (the service has its own log)."""
+    if level in ("error", "warning"):
+        details = ", ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+        print(f"opsrun: {message}" + (f" ({details})" if details else ""), file=sys.stderr,
+              flush=True)
 
 
 class _LazySsh:
@@ -146,8 +206,16 @@ def open_run_context(state_dir: str | None, audit_log: str | None,
     audit_path = Path(audit_log) if audit_log else folder / paths.AUDIT_LOG
     audit = AuditLog(audit_path, store=store, masker=Masker(dict(secret_values)),
                      max_segment_bytes=segment_size_from_env())
+    rc = RunContext(folder, store, audit, dict(secret_values), accept_new_hosts)
+    interrupted = False
     try:
-        yield RunContext(folder, store, audit, dict(secret_values), accept_new_hosts)
+        yield rc
+    except KeyboardInterrupt:
+        interrupted = True  # the person wants out: what is queued stays for the service
+        raise
     finally:
-        audit.close()
+        try:
+            rc.finish_notifications(0.0 if interrupted else NOTIFY_EXIT_BUDGET_S)
+        finally:
+            audit.close()
         store.close()

@@ -41,6 +41,7 @@ from opsrun.runs.throttle import ThrottleTimer
 from opsrun.service.control import ControlHandler, ControlParts
 from opsrun.service.log import DaemonLog, LogListener
 from opsrun.service.metrics_file import MetricsFileWriter
+from opsrun.service.notifications import ServiceNotifications
 from opsrun.service.sources import SourceParts, Sources
 from opsrun.service.systemd import Notifier
 from opsrun.service.webhooks import WebhookService, WebhookSettings
@@ -61,6 +62,7 @@ class WatchOptions:
     metrics_file: Path | None = None  # --metrics-file: a textfile for node_exporter
     metrics_interval_s: float = 15.0
     webhook: WebhookSettings = field(default_factory=WebhookSettings)  # --webhook-*
+    notify_file: Path | None = None  # --notify, else the notify.yaml beside the runbooks
 
 
 class Daemon:
@@ -95,6 +97,7 @@ class Daemon:
             rc, self.dispatcher, log, opts.runbooks_dir, opts.stdin, self.stop,
             self.reload_requested, self.wake_parked, self.webhook))
         self.metrics_writer: MetricsFileWriter | None = None
+        self.notifications = ServiceNotifications(rc, opts.runbooks_dir, opts.notify_file, log)
         self.gap: dict[str, Any] | None = None  # the start-up report, when there was one
         self.control = ControlHandler(ControlParts(
             rc, self.scheduler, self.status, self.status_line, self.sources.wake_queue,
@@ -105,7 +108,9 @@ class Daemon:
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; return the exit code."""
         self._signals()
+        self.notifications.load(initial=True)
         self.reload(initial=True)
+        self.notifications.start()
         self._recover()
         # Once_after windows that ended while opsrun was down fire now, the others on time.
         self.throttle_timer.start()
@@ -134,6 +139,7 @@ class Daemon:
         while not self.stop.is_set():
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
+                self.notifications.load()
                 self.reload()
             self._check_parked()
             self.sources.restart_if_dead()
@@ -374,6 +380,7 @@ class Daemon:
             self.scheduler.wait_idle(30)
         for run_id in list(self.locks):
             self._unlock_run(run_id)
+        self.notifications.stop()
         self._seen(stopped=True)
         self.rc.audit.append("daemon.stopped")
         self.log("opsrun watch stopped")
@@ -447,6 +454,7 @@ class Daemon:
             "runs_queued": counts["queued"], "event_queue": self.rc.store.queue_length(),
             "max_parallel": self.opts.max_parallel,
             "throttle_windows": self.rc.store.count_throttles(),
+            "notifications": self.notifications.counts(),
             "gap": self.gap,
             "webhook_url": self.webhook.url,
         }
