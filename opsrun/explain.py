@@ -13,7 +13,15 @@ from opsrun.criteria import why_not
 from opsrun.event import Event
 from opsrun.globs import compile_glob, ignored
 from opsrun.matcher import SOURCE_KINDS, trigger_keys
-from opsrun.runbook import EventTrigger, FileTrigger, LogTrigger, Runbook, ScheduleTrigger, Trigger
+from opsrun.runbook import (
+    EventTrigger,
+    FileTrigger,
+    JournalTrigger,
+    LogTrigger,
+    Runbook,
+    ScheduleTrigger,
+    Trigger,
+)
 
 
 class TriggerVerdict(NamedTuple):
@@ -50,6 +58,8 @@ def _why_not(trigger: Trigger, data: Mapping[str, Any]) -> list[str]:
         return _file(trigger, data)
     if isinstance(trigger, LogTrigger):
         return _log(trigger, data)
+    if isinstance(trigger, JournalTrigger):
+        return trigger.why_not(data)
     assert isinstance(trigger, ScheduleTrigger)
     return []  # a schedule event names its trigger (checked above)
 

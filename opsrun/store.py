@@ -148,6 +148,12 @@ MIGRATIONS.append([
     "DROP TABLE steps",
     "ALTER TABLE steps_new RENAME TO steps",
 ])
+MIGRATIONS.append([
+    # journal (migration 9): the cursor of the last journald entry each journal trigger
+    # has taken, written with the runs of the entries it reports.
+    """CREATE TABLE journal_cursors (
+        trigger_key TEXT PRIMARY KEY, cursor TEXT NOT NULL, updated_at TEXT NOT NULL)""",
+])
 SCHEMA_VERSION = len(MIGRATIONS)
 RECEIPT_KEEP_S = 24 * 3600  # an emit looks for its receipt within seconds; keep a day
 
@@ -528,6 +534,22 @@ class Store:
             c.execute("INSERT OR REPLACE INTO schedule_marks VALUES (?, ?, ?)",
                       (trigger_key, _ts(fired_at), _ts(_now())))
 
+    def get_journal_cursor(self, trigger_key: str) -> str | None:
+        """The cursor of the last journal entry the trigger took, or None."""
+        with self._read("reading a journal cursor") as c:
+            row = c.execute("SELECT cursor FROM journal_cursors WHERE trigger_key = ?",
+                            (trigger_key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_journal_cursor(self, trigger_key: str, cursor: str | None) -> None:
+        """Remember the cursor of the last journal entry the trigger took (None: forget)."""
+        with self._write("saving a journal cursor") as c:
+            if cursor is None:
+                c.execute("DELETE FROM journal_cursors WHERE trigger_key = ?", (trigger_key,))
+            else:
+                c.execute("INSERT OR REPLACE INTO journal_cursors VALUES (?, ?, ?)",
+                          (trigger_key, cursor, _ts(_now())))
+
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Store where sources are up to, when no run goes with it."""
         if checkpoint:
@@ -542,6 +564,8 @@ class Store:
                       [(key, path, *st) for key, path, st in cp.file_states if st is not None])
         c.executemany("DELETE FROM file_states WHERE trigger_key = ? AND path = ?",
                       [(key, path) for key, path, st in cp.file_states if st is None])
+        c.executemany("INSERT OR REPLACE INTO journal_cursors VALUES (?, ?, ?)",
+                      [(*jc, now) for jc in cp.journal_cursors])
 
     def file_baseline(self, trigger_key: str) -> dict[str, FileStat] | None:
         """What the file source last reported of each path of a trigger; None if it never

@@ -10,6 +10,7 @@ from opsrun.matcher import Matcher
 from opsrun.runbook import (
     EventTrigger,
     FileTrigger,
+    JournalTrigger,
     LogTrigger,
     ScheduleTrigger,
     load_runbooks,
@@ -39,6 +40,10 @@ def main(folder: Path, *, as_json: bool, now: datetime | None = None) -> int:
             row["path"], row["match"] = t.path, t.match
         elif isinstance(t, EventTrigger):
             row["where"] = describe.where_text(t) or "every event"
+        elif isinstance(t, JournalTrigger):
+            row.update(units=list(t.units), priority=t.priority, match=t.match,
+                       fields={k: list(v) for k, v in t.field_matches},
+                       directory=t.directory)
         rows.append(row)
     if as_json:
         output.print_json({"version": 1, "triggers": rows,
@@ -47,7 +52,7 @@ def main(folder: Path, *, as_json: bool, now: datetime | None = None) -> int:
     if not rows:
         print(f"no triggers in {folder}: every runbook there runs only by hand")
     for kind, title in (("file", "Files"), ("schedule", "Schedules"), ("log", "Log files"),
-                        ("event", "JSON events")):
+                        ("journal", "Journal"), ("event", "JSON events")):
         mine = [r for r in rows if r["source"] == kind]
         if not mine:
             continue
