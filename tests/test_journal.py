@@ -255,6 +255,20 @@ def test_a_vanished_cursor_goes_on_from_the_oldest_entry_left(
 
 
 @needs_journal
+def test_a_cursor_journalctl_refuses_is_forgotten(tmp_path: Path, jdir: Path, store: Store,
+                                                  running: list[Running],
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    store.set_journal_cursor(KEY, "not a cursor")
+    with caplog.at_level(logging.WARNING, logger="opsrun.sources"):
+        r = start(running, trig(jdir), store)
+        wait_for(lambda: store.get_journal_cursor(KEY) not in (None, "not a cursor"),
+                 timeout=20)
+    assert any("journalctl refused the kept cursor" in m for m in caplog.messages)
+    write_entries(jdir, [entry("after")])
+    wait_messages(r, ["after"])  # from the end: the entry written before is not taken
+
+
+@needs_journal
 def test_journalctl_that_exits_is_started_again(tmp_path: Path, jdir: Path, store: Store,
                                                 running: list[Running],
                                                 caplog: pytest.LogCaptureFixture) -> None:
@@ -381,3 +395,21 @@ def test_the_matcher_takes_journal_events_for_their_trigger_only(tmp_path: Path)
     assert match.fields == {"n": "4"}
     assert m.match(Event("journal", {**data, "trigger": "other"})) == []
     assert m.match(Event("journal", {**data, "trigger": key, "unit": "db.service"})) == []
+
+
+def test_watch_without_journalctl_says_so_and_stays_up(tmp_path: Path, rbdir: Path,
+                                                       services: list[Service]) -> None:
+    write(rbdir, "j.yaml", f"""\
+        on:
+          - journal: {{unit: web, directory: {tmp_path}}}
+        steps: [{{run: "true"}}]
+        """)
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    svc = Service(tmp_path, rbdir, env={"PATH": str(bare)})
+    services.append(svc)
+    svc.start()
+    wait_for(lambda: "is journalctl installed?" in svc.log(), timeout=20, message=svc.log)
+    assert "journalctl is not installed on this machine" in svc.log()  # the runbook warning
+    assert "Traceback" not in svc.log()
+    assert svc.stop() == 0
