@@ -413,3 +413,20 @@ def test_watch_without_journalctl_says_so_and_stays_up(tmp_path: Path, rbdir: Pa
     assert "journalctl is not installed on this machine" in svc.log()  # the runbook warning
     assert "Traceback" not in svc.log()
     assert svc.stop() == 0
+
+
+def test_sources_lists_journal_triggers(tmp_path: Path) -> None:
+    write(tmp_path, "j.yaml", """\
+        on:
+          - journal: {unit: [web, "api-*"], priority: warning, fields: {_PID: 1},
+                      directory: /srv/journal}
+        steps: [{run: "true"}]
+        """)
+    text = opsrun("sources", "-r", str(tmp_path))
+    assert text.returncode == 0, text.stderr
+    assert "Journal\n  j: journal   unit web.service or api-*  priority warning or more " \
+           "severe  _PID = 1  from end  in /srv/journal" in text.stdout
+    (row,) = json.loads(opsrun("sources", "-r", str(tmp_path), "--json").stdout)["triggers"]
+    assert {k: row[k] for k in ("source", "units", "priority", "fields", "directory")} == {
+        "source": "journal", "units": ["web.service", "api-*"], "priority": 4,
+        "fields": {"_PID": ["1"]}, "directory": "/srv/journal"}

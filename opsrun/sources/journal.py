@@ -213,8 +213,9 @@ class JournalSource:
 
     def _base_args(self) -> list[str]:
         t = self.trigger
-        args = [self._journalctl, "--output", "json", "--all", "--merge", "--quiet",
-                "--no-pager"]
+        # Not --quiet: its hints (no access to the system journal for this user) go to
+        # the log, where an operator looks for why nothing fires.
+        args = [self._journalctl, "--output", "json", "--all", "--merge", "--no-pager"]
         if t.directory is not None:
             args += ["--directory", t.directory]
         if t.priority is not None:
