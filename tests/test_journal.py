@@ -224,6 +224,20 @@ def test_the_cursor_is_kept_across_a_stop(tmp_path: Path, jdir: Path, store: Sto
 
 
 @needs_journal
+def test_a_journal_empty_at_the_first_start_loses_nothing_while_down(
+        tmp_path: Path, store: Store, running: list[Running]) -> None:
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    first = start(running, trig(folder), store)
+    assert store.get_journal_cursor(KEY) == ""  # armed: everything in it will be new
+    first.close()
+    write_entries(folder, [entry("while down")])
+    second = start(running, trig(folder), store)
+    write_entries(folder, [entry("after")])
+    wait_messages(second, ["while down", "after"])
+
+
+@needs_journal
 def test_from_start_reads_everything_once(tmp_path: Path, jdir: Path, store: Store,
                                           running: list[Running]) -> None:
     t = trig(jdir, start="start")

@@ -21,7 +21,8 @@ seen exactly once; when the kept entry is gone, that is logged and reading goes 
 the first entry after its place (the oldest one left, after a vacuum), never repeating
 what was taken. Without a kept cursor, `from: end` (default) takes the cursor of the last
 entry there is at the start (`journalctl -n 1`) and stores it, so nothing written after
-the start is missed even if journalctl takes a moment; `from: start` reads it all.
+the start is missed even if journalctl takes a moment (for an empty journal it keeps ""
+to mean "from its start"); `from: start` reads it all.
 
 Trouble. journalctl that cannot be started (not installed) or that exits is logged with
 its exit code and last error lines, and started again after a pause that doubles from
@@ -52,6 +53,7 @@ from opsrun.runbook import JournalTrigger
 from opsrun.sources.base import Emit, log
 
 COMMIT_EVERY_S = 1.0
+EMPTY = ""  # the cursor kept for a journal that was empty: read it from its start
 MAX_LINE_BYTES = 16 * 1024 * 1024  # a longer line is not an entry journald writes
 RESERVED = frozenset({"source", "id", "time", "trigger", *je.EVENT_FIELDS})
 _STDERR_KEEP = 4096
@@ -132,15 +134,14 @@ class JournalSource:
 
     def _follow(self, stop: threading.Event, emit: Emit) -> int:
         """One journalctl from start to end; return how many entries it gave."""
-        start = self._start_cursor()
-        if start is _FAILED:
+        known, cursor = self._start_cursor()
+        if not known:
             self.ready.set()
             return 0
-        cursor = start if isinstance(start, str) else None
         argv = [*self._base_args(), "--follow",
                 *(["--cursor", cursor] if cursor else ["--no-tail"])]
         halt = _Either(stop)
-        state = _Stream(cursor)
+        state = _Stream(cursor or None)
         failure: list[BaseException] = []
 
         def on_output(stream: str, chunk: bytes) -> None:
@@ -185,19 +186,20 @@ class JournalSource:
                     result.exit_code, f": {errors}" if errors else "")
         return state.entries
 
-    def _start_cursor(self) -> str | None | object:
-        """Where to start: the kept cursor, the last entry's (`from: end`), or None (all)."""
+    def _start_cursor(self) -> tuple[bool, str | None]:
+        """Where to start: the kept cursor, the last entry's (`from: end`), or None (all);
+        (False, None) when the end of the journal cannot be read."""
         if not self._loaded:
             self._cursor = self._stored = self._cursors.get_journal_cursor(self.key)
             self._loaded = True
         if self._cursor is not None or self.trigger.start_at == "start":
-            return self._cursor
+            return True, self._cursor
         code, out, err = proc.capture([*self._base_args(), "--lines", "1"], timeout_s=30.0)
         if code != 0:
             log.error("journal trigger %s: cannot read the end of the journal with %s: %s%s",
                       self.key, self._journalctl, (err.strip() or f"exit code {code}")[-500:],
                       _MISSING if code == 127 else "")
-            return _FAILED
+            return False, None
         last = None
         for line in out.splitlines():
             try:
@@ -206,10 +208,12 @@ class JournalSource:
                 continue
             if isinstance(obj, dict) and isinstance(obj.get("__CURSOR"), str):
                 last = obj["__CURSOR"]
-        if last is not None:  # armed: what comes after it is new, even across a restart
-            self._cursor = last
-            self._commit(force=True)
-        return last
+        # Armed: what comes after it is new, also across a restart before the first entry.
+        # An empty journal is kept as "" (every entry is new), not as no cursor at all,
+        # which would take the end again at the next start and skip what came meanwhile.
+        self._cursor = last if last is not None else EMPTY
+        self._commit(force=True)
+        return True, self._cursor
 
     def _base_args(self) -> list[str]:
         t = self.trigger
@@ -274,7 +278,6 @@ class JournalSource:
             self._stored, self._stored_at = self._cursor, now
 
 
-_FAILED = object()
 _MISSING = (" (is journalctl installed? it is part of systemd; the trigger waits and tries "
             "again)")
 
