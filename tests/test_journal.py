@@ -21,6 +21,7 @@ from opsrun.store import Store
 from tests.helpers.cli import opsrun
 from tests.helpers.files import write
 from tests.helpers.journal import entry, needs_journal, write_entries
+from tests.helpers.procs import alive
 from tests.helpers.service import Service
 from tests.helpers.wait import wait_for
 
@@ -409,6 +410,38 @@ def test_the_matcher_takes_journal_events_for_their_trigger_only(tmp_path: Path)
     assert match.fields == {"n": "4"}
     assert m.match(Event("journal", {**data, "trigger": "other"})) == []
     assert m.match(Event("journal", {**data, "trigger": key, "unit": "db.service"})) == []
+
+
+def _journalctl_of(folder: Path) -> list[int]:
+    """Live journalctl processes reading `folder`."""
+    found = []
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[0].endswith(b"journalctl") and str(folder).encode() in argv and alive(pid):
+            found.append(pid)
+    return found
+
+
+@needs_journal
+def test_a_killed_service_leaves_no_journalctl_behind(tmp_path: Path, rbdir: Path,
+                                                      services: list[Service]) -> None:
+    jdir = tmp_path / "journal"
+    write_entries(jdir, [entry("x")])
+    write(rbdir, "j.yaml", f"""\
+        on:
+          - journal: {{directory: {jdir}}}
+        steps: [{{run: "true"}}]
+        """)
+    svc = Service(tmp_path, rbdir)
+    services.append(svc)
+    svc.start()
+    (child,) = wait_for(lambda: _journalctl_of(jdir), timeout=20)
+    svc.kill()
+    # journalctl -f ends when the reading end of its output closes (it polls for POLLHUP).
+    wait_for(lambda: not alive(child), timeout=20)
 
 
 def test_watch_without_journalctl_says_so_and_stays_up(tmp_path: Path, rbdir: Path,
