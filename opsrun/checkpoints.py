@@ -21,15 +21,18 @@ class Checkpoint(NamedTuple):
     log_positions: tuple[tuple[str, int, int, int], ...] = ()
     # (trigger key, path, its state as reported; None: gone)
     file_states: tuple[tuple[str, str, FileStat | None], ...] = ()
+    # (trigger key, journal cursor of the event's entry)
+    journal_cursors: tuple[tuple[str, str], ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.log_positions or self.file_states)
+        return bool(self.log_positions or self.file_states or self.journal_cursors)
 
 
 def merge(checkpoints: Iterable[Checkpoint | None]) -> Checkpoint:
     """One checkpoint for many, in order: the last word on each position or path wins."""
     positions: dict[str, tuple[str, int, int, int]] = {}
     states: dict[tuple[str, str], tuple[str, str, FileStat | None]] = {}
+    cursors: dict[str, tuple[str, str]] = {}
     for cp in checkpoints:
         if not cp:
             continue
@@ -37,4 +40,7 @@ def merge(checkpoints: Iterable[Checkpoint | None]) -> Checkpoint:
             positions[p[0]] = p
         for s in cp.file_states:
             states[(s[0], s[1])] = s
-    return Checkpoint(tuple(positions.values()), tuple(states.values()))
+        for c in cp.journal_cursors:
+            cursors[c[0]] = c
+    return Checkpoint(tuple(positions.values()), tuple(states.values()),
+                      tuple(cursors.values()))

@@ -8,6 +8,7 @@ from opsrun.durations import format_duration
 from opsrun.runbook import (
     EventTrigger,
     FileTrigger,
+    JournalTrigger,
     LogTrigger,
     Runbook,
     ScheduleTrigger,
@@ -28,6 +29,8 @@ def trigger_short(t: Trigger) -> str:
         return f"log:{t.path}"
     if isinstance(t, WebhookTrigger):
         return f"webhook:{t.path}"
+    if isinstance(t, JournalTrigger):
+        return "journal:" + (",".join(t.units) or "*")
     conds = ",".join(f"{c.field}" + ("=" + _v(c.value) if c.op == "eq" else f" {c.op} {_v(c.value)}")
                      for c in t.where.conditions)
     return "event" + (f":{conds}" if conds else "")
@@ -56,10 +59,31 @@ def trigger_long(t: Trigger) -> str:
             if groups:
                 text += f"  (fields: {', '.join(groups)})"
         return text
+    if isinstance(t, JournalTrigger):
+        return "journal   " + journal_text(t)
     if isinstance(t, WebhookTrigger):
         text = f"webhook   {t.path}  {t.scheme} {t.secret}  shape {t.shape}"
         return text + (f"  where {where_text(t)}" if t.where.conditions else "")
     return "event     " + (where_text(t) or "every event")
+
+
+def journal_text(t: JournalTrigger) -> str:
+    """`unit web.service  priority err or more severe  match …` for a journal trigger."""
+    from opsrun.journal_entries import PRIORITIES
+
+    parts = [f"unit {' or '.join(t.units)}" if t.units else "every unit"]
+    if t.priority is not None:
+        parts.append(f"priority {PRIORITIES[t.priority]} or more severe")
+    parts += [f"{name} = {' or '.join(values)}" for name, values in t.field_matches]
+    if t.match is not None:
+        parts.append(f"match {t.match}")
+        groups = list(t.pattern.groupindex) if t.pattern else []
+        if groups:
+            parts.append(f"(fields: {', '.join(groups)})")
+    parts.append(f"from {t.start_at}")
+    if t.directory is not None:
+        parts.append(f"in {t.directory}")
+    return "  ".join(parts)
 
 
 def where_text(t: EventTrigger | WebhookTrigger) -> str:

@@ -16,6 +16,7 @@ from opsrun.matcher import SOURCE_KINDS, trigger_keys
 from opsrun.runbook import (
     EventTrigger,
     FileTrigger,
+    JournalTrigger,
     LogTrigger,
     Runbook,
     ScheduleTrigger,
@@ -64,6 +65,8 @@ def _why_not(trigger: Trigger, data: Mapping[str, Any]) -> list[str]:
         return _file(trigger, data)
     if isinstance(trigger, LogTrigger):
         return _log(trigger, data)
+    if isinstance(trigger, JournalTrigger):
+        return trigger.why_not(data)
     assert isinstance(trigger, ScheduleTrigger)
     return []  # a schedule event names its trigger (checked above)
 

@@ -5,11 +5,12 @@ How an event is tied to its trigger
 Every trigger has a **key**, `trigger_key(runbook, index)`, of the form
 `<runbook name>/<kind>/<12 hex digits>`: a digest of what the trigger *follows* (file
 trigger: paths and ignore globs; schedule: cron and time zone; log: path; event: the
-`where:` conditions; webhook: its path and conditions), with `~2`, `~3`… added when one runbook has identical triggers. It
-does not depend on the trigger's position, so reordering or adding triggers keeps it, and
-it survives edits that do not change what is followed (a log trigger's new `match:` keeps
-its read position; a new `debounce:` or `catch_up:` keeps its marks). Renaming the runbook
-or changing what is followed starts afresh. Sources key their state in the store by it
+`where:` conditions; webhook: its path and conditions; journal: directory, units, priority
+and fields), with `~2`, `~3`… added when one runbook has identical triggers. It does not
+depend on the trigger's position, so reordering or adding triggers keeps it, and it
+survives edits that do not change what is followed (a log trigger's new `match:` keeps its
+read position, a journal trigger's its cursor; a new `debounce:` or `catch_up:` keeps its
+marks). Renaming the runbook or changing what is followed starts afresh. Sources key their state in the store by it
 (log positions, schedule marks) and put it in the events they make as the field `trigger`.
 
 A webhook event is matched against the webhook triggers of its path (`webhook.path`), never
@@ -31,11 +32,19 @@ from typing import Any
 from opsrun import criteria
 from opsrun.event import Event
 from opsrun.globs import compile_glob, ignored
-from opsrun.runbook import EventTrigger, FileTrigger, LogTrigger, Runbook, Trigger, WebhookTrigger
+from opsrun.runbook import (
+    EventTrigger,
+    FileTrigger,
+    JournalTrigger,
+    LogTrigger,
+    Runbook,
+    Trigger,
+    WebhookTrigger,
+)
 
 # Which trigger kind each event source can start.
 SOURCE_KINDS = {"file": "file", "schedule": "schedule", "log": "log", "json": "event",
-                "webhook": "webhook"}
+                "journal": "journal", "webhook": "webhook"}
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,10 @@ def _digest(trigger: Trigger) -> str:
         identity = [[c.field, c.op, c.value] for c in trigger.where.conditions]
     elif isinstance(trigger, WebhookTrigger):
         identity = [trigger.path, [[c.field, c.op, c.value] for c in trigger.where.conditions]]
+    elif isinstance(trigger, JournalTrigger):
+        # What journalctl is asked for: its cursor is only valid for the same question.
+        identity = [trigger.directory, sorted(trigger.units), trigger.priority,
+                    trigger.field_matches]
     else:
         identity = [trigger.cron, trigger.timezone]
     text = json.dumps([trigger.kind, identity], sort_keys=True, default=repr)
@@ -174,7 +187,7 @@ class Matcher:
         elif kind in ("file", "log"):
             candidates = self._path_candidates(kind, event.data.get("path"))
         else:
-            candidates = []  # a schedule event names its trigger or belongs to none
+            candidates = []  # a schedule or journal event names its trigger, or none
         out: list[Match] = []
         started: set[int] = set()
         for b in sorted(candidates, key=lambda b: (b.order, b.index)):
@@ -266,4 +279,6 @@ def _check(trigger: Trigger, data: Mapping[str, Any]) -> dict[str, Any] | None:
             return {}
         found = pattern.search(line)
         return None if found is None else dict(found.groupdict())
+    if isinstance(trigger, JournalTrigger):
+        return trigger.check(data)
     return {}  # a schedule trigger: the key already named it

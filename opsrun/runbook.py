@@ -6,13 +6,14 @@ expressions read, shell quoting contexts) is checked here.
 """
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple, Union
 
-from opsrun import expressions, shell_words
+from opsrun import expressions, journal_entries, shell_words
 from opsrun import runbook_schema as schema
 from opsrun.criteria import Criteria, parse_where
 from opsrun.digest import sha256_hex
@@ -98,7 +99,34 @@ class WebhookTrigger(NamedTuple):
         return (self.scheme, self.secret, self.shape)
 
 
-Trigger = Union[FileTrigger, ScheduleTrigger, LogTrigger, EventTrigger, WebhookTrigger]
+
+class JournalTrigger(NamedTuple):
+    units: tuple[str, ...]  # names or globs of _SYSTEMD_UNIT; none: any
+    priority: int | None  # this or more severe (0 emerg … 7 debug)
+    match: str | None  # regex on MESSAGE
+    field_matches: tuple[tuple[str, tuple[str, ...]], ...]  # field → any of these values
+    start_at: str  # "end" | "start": where to begin without a kept cursor
+    directory: str | None  # journalctl --directory; None: the system journal
+    kind: str = "journal"
+    fields: tuple[str, ...] = journal_entries.EVENT_FIELDS
+
+    @property
+    def pattern(self) -> re.Pattern[str] | None:
+        return _compiled(self.match) if self.match is not None else None
+
+    def check(self, data: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The fields a matching journal event adds (the named groups), else None."""
+        return journal_entries.matches(self.units, self.priority, dict(self.field_matches),
+                                       self.pattern, data)
+
+    def why_not(self, data: Mapping[str, Any]) -> list[str]:
+        """Why a journal event does not match; [] when it does."""
+        return journal_entries.why_not(self.units, self.priority, dict(self.field_matches),
+                                       self.pattern, data)
+
+
+Trigger = Union[FileTrigger, ScheduleTrigger, LogTrigger, EventTrigger, JournalTrigger,
+                WebhookTrigger]
 
 
 class Retry(NamedTuple):
@@ -259,7 +287,7 @@ def _event_fields(triggers: Iterable[Trigger]) -> set[str] | None:
     known = set(COMMON_EVENT_FIELDS)
     for t in triggers:
         known.update(t.fields)
-        if isinstance(t, LogTrigger) and t.pattern is not None:
+        if isinstance(t, (LogTrigger, JournalTrigger)) and t.pattern is not None:
             known.update(t.pattern.groupindex)
     return known
 
@@ -462,7 +490,8 @@ def _load(path: Path, raw: bytes | None = None, *, inventories: Inventories,
     if problems or inventory_problems or used_problems:
         return None, inventory_problems + used_problems + _to_problems(problems, doc, path)
     warnings = tuple(Problem(str(path), *doc.mark(where), message, "warning")
-                     for where, message in _approver_warnings(doc.data))
+                     for where, message in [*_approver_warnings(doc.data),
+                                            *_journal_warnings(doc.data)])
     return _build(data, path, raw, inventory, used)._replace(warnings=warnings), []
 
 
@@ -486,6 +515,34 @@ def _approver_warnings(raw: Mapping[str, Any]) -> list[tuple[PathT, str]]:
                     found.append((where, f"{show_path(where)}: there is no group {group!r} "
                                   "on this machine (`getent group` does not know it), so "
                                   "nobody can answer as one of its members; check the name"))
+    return found
+
+
+def _journal_warnings(raw: Mapping[str, Any]) -> list[tuple[PathT, str]]:
+    """Journal triggers on a machine without journalctl, or reading a folder that is not
+    there: the runbook is valid (it may be meant for another machine) but will not fire."""
+    import shutil
+
+    found: list[tuple[PathT, str]] = []
+    on = raw.get("on")
+    items = [(("on", i), t) for i, t in enumerate(on)] if isinstance(on, list) else \
+        [(("on",), {k: v}) for k, v in on.items()] if isinstance(on, Mapping) else []
+    journalctl = None
+    for at, trigger in items:
+        spec = trigger.get("journal") if isinstance(trigger, Mapping) else None
+        if not isinstance(spec, Mapping):
+            continue
+        where: PathT = (*at, "journal")
+        journalctl = journalctl or shutil.which("journalctl") or "missing"
+        if journalctl == "missing":
+            found.append((where, f"{show_path(where)}: journalctl is not installed on this "
+                          "machine (it is part of systemd), so this trigger cannot follow "
+                          "the journal here; `opsrun watch` keeps trying until it can"))
+        folder = spec.get("directory")
+        if isinstance(folder, str) and not os.path.isdir(os.path.expanduser(folder)):
+            found.append(((*where, "directory"), f"{show_path((*where, 'directory'))}: there "
+                          f"is no folder {folder!r} on this machine; the trigger fires once "
+                          "journal files appear there"))
     return found
 
 
@@ -986,6 +1043,11 @@ def _build_triggers(raw: list[dict[str, Any]]) -> tuple[Trigger, ...]:
             scheme = "token" if t["token"] is not None else "hmac"
             out.append(WebhookTrigger(t["path"], scheme, t[scheme], t["shape"],
                                       parse_where(t["where"] or {})))
+        elif kind == "journal":
+            out.append(JournalTrigger(
+                tuple(t["unit"]), t["priority"], t["match"],
+                tuple((k, tuple(v)) for k, v in sorted(t["fields"].items())), t["from"],
+                os.path.expanduser(t["directory"]) if t["directory"] is not None else None))
         else:
             out.append(EventTrigger(parse_where(t["where"] or {})))
     return tuple(out)

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from opsrun import criteria as criteria_mod
-from opsrun import expressions
+from opsrun import expressions, journal_entries
 from opsrun.inventory import PASSWORD_KEYS
 from opsrun.notify.targets import TARGETS as NOTIFY_TARGETS
 from opsrun.schema_checks import (
@@ -212,6 +212,101 @@ LOG_TRIGGER = Object("a log trigger", {
                   default="end"),
 }, description="Fire on each new log line that matches.")
 
+class Priority(Check):
+    """`priority:` of a journal trigger: a level name or 0–7, this level or more severe."""
+
+    expects = "a priority like err or 3"
+    description = ("This level or more severe: emerg (0), alert, crit, err, warning, notice, "
+                   "info, debug (7)")
+
+    def check(self, value: Any, path: PathT, problems: Problems) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            return self.wrong_type(value, path, problems)
+        try:
+            return journal_entries.parse_priority(value)
+        except ValueError as e:
+            problems.add(path, f"{show_path(path)}: {e}")
+            return INVALID
+
+    def schema(self) -> dict[str, Any]:
+        return self._with_description({"anyOf": [
+            {"type": "integer", "minimum": 0, "maximum": 7},
+            {"type": "string", "enum": [*journal_entries.PRIORITIES,
+                                        *journal_entries.PRIORITY_SYNONYMS]}]})
+
+
+class JournalFields(Check):
+    """`fields:` of a journal trigger: journal field → exact value (or a list: any of them)."""
+
+    expects = "a mapping of journal fields to values, like {SYSLOG_IDENTIFIER: sshd}"
+    description = ("Journal field → exact value, or a list of values any of which will do; "
+                   "every field named must match")
+    _values = ListOf(Text(scalars=True, nonempty=False), min_items=1, single_ok=True)
+
+    def check(self, value: Any, path: PathT, problems: Problems) -> Any:
+        if not isinstance(value, Mapping):
+            return self.wrong_type(value, path, problems)
+        out: dict[str, Any] = {}
+        ok = True
+        for k, v in value.items():
+            try:
+                journal_entries.check_field_name(str(k))
+            except ValueError as e:
+                problems.add((*path, k), f"{show_path((*path, k))}: {e}", at_key=True)
+                ok = False
+                continue
+            out[k] = self._values.check(v, (*path, k), problems)
+            ok = ok and out[k] is not INVALID
+        return out if ok else INVALID
+
+    def schema(self) -> dict[str, Any]:
+        return self._with_description({
+            "type": "object",
+            "propertyNames": {"pattern": f"^(?!__)(?:{journal_entries.FIELD_NAME_RE})$"},
+            "additionalProperties": self._values.schema(),
+        })
+
+
+def _check_unit(text: str) -> str:
+    if not text.strip() or any(c.isspace() for c in text) or "=" in text:
+        raise ValueError(f"{text!r} is not a unit name; write it like nginx.service, "
+                         "nginx (meaning nginx.service) or a glob like 'app-*.service'")
+    return journal_entries.unit_name(text)
+
+
+def _check_folder(text: str) -> str:
+    if "\x00" in text or not text.strip():
+        raise ValueError("expected the path of a folder of journal files")
+    return text
+
+
+JOURNAL_TRIGGER = Object("a journal trigger", {
+    "unit": Field(ListOf(Custom(_check_unit, expects="a unit name"), min_items=1,
+                         single_ok=True,
+                         description="The systemd unit(s) whose lines fire (_SYSTEMD_UNIT); "
+                                     "globs allowed; `nginx` means nginx.service"),
+                  default=[]),
+    "priority": Field(Priority(), default=None),
+    "match": Field(Custom(_check_regex, expects="a regular expression",
+                          description="A Python regular expression searched for in MESSAGE; "
+                                      "named groups (?P<name>…) become event fields"),
+                   default=None),
+    "fields": Field(JournalFields(), default={}),
+    "from": Field(Enum("end", "start", description="Without a kept cursor: start at the end "
+                                                   "(new entries only) or the oldest entry",
+                       synonyms={"beginning": "start", "begin": "start", "head": "start",
+                                 "oldest": "start", "tail": "end", "now": "end"}),
+                  default="end"),
+    "directory": Field(Custom(_check_folder, expects="a folder",
+                              description="Read the journal files in this folder "
+                                          "(journalctl --directory) instead of the system "
+                                          "journal"),
+                       default=None),
+}, description="Fire on each new journald entry that matches (through journalctl -f).",
+    synonyms={"units": "unit", "_SYSTEMD_UNIT": "unit", "regex": "match", "message": "match",
+              "MESSAGE": "match", "level": "priority", "PRIORITY": "priority",
+              "where": "fields", "dir": "directory", "path": "directory"})
+
 EVENT_TRIGGER = Object("an event trigger", {
     "where": Field(Criteria(), default={}),
 }, description="Fire on JSON events (opsrun emit, dispatch, watch --stdin).")
@@ -277,7 +372,7 @@ WEBHOOK_TRIGGER = Object("a webhook trigger", {
 
 TRIGGER_KINDS: dict[str, Object] = {
     "file": FILE_TRIGGER, "schedule": SCHEDULE_TRIGGER, "log": LOG_TRIGGER,
-    "event": EVENT_TRIGGER, "webhook": WEBHOOK_TRIGGER,
+    "event": EVENT_TRIGGER, "journal": JOURNAL_TRIGGER, "webhook": WEBHOOK_TRIGGER,
 }
 
 
@@ -287,6 +382,8 @@ _TRIGGER_HINTS = {
     "paths": " (a file trigger is written `file: {paths: […]}`)",
     "json": " (JSON events are matched with `event: {where: {…}}`)",
     "where": " (JSON events are matched with `event: {where: {…}}`)",
+    "journald": " (journald entries are matched with `journal: {unit: …}`)",
+    "systemd": " (journald entries are matched with `journal: {unit: …}`)",
     "workflow_dispatch": " (a runbook without triggers runs by hand: leave `on:` out)",
     "manual": " (a runbook without triggers runs by hand: leave `on:` out)",
     "http": " (HTTP requests are taken with `webhook: {path: …, token: …}`)",
@@ -343,7 +440,8 @@ def _one_trigger_per_path(items: list[Any], path: PathT, problems: Problems) -> 
 class Triggers(Check):
     """`on:` — a list of triggers, or a mapping of kind → trigger (one of each kind)."""
 
-    expects = "a list of triggers (file, schedule, log, event, webhook), like `- schedule: {cron: …}`"
+    expects = ("a list of triggers (file, schedule, log, event, journal, webhook), like "
+               "`- schedule: {cron: …}`")
     description = "What starts this runbook; none means it only runs by hand"
 
     def check(self, value: Any, path: PathT, problems: Problems) -> Any:

@@ -165,16 +165,21 @@ MIGRATIONS.append([
     "CREATE INDEX webhook_dedupe_by_time ON webhook_dedupe (seen_at)",
 ])
 MIGRATIONS.append([
-    # Migration 10 (notify): notifications waiting to be
-    # delivered, so that a restart loses none. `target` is the target as written (secrets
-    # unrendered), `message` the masked message; `due_at` (Unix time) is the next attempt,
-    # `leased_until` a deliverer's claim.
+    # Migration 10 (notify): notifications waiting to be delivered, so that a restart loses
+    # none. `target` is the target as written (secrets unrendered), `message` the masked
+    # message; `due_at` (Unix time) is the next attempt, `leased_until` a deliverer's claim.
     """CREATE TABLE notify_outbox (
         id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT, event TEXT NOT NULL,
         target TEXT NOT NULL, message TEXT NOT NULL, wait_step TEXT,
         created_at TEXT NOT NULL, due_at REAL NOT NULL, attempts INTEGER NOT NULL,
         state TEXT NOT NULL, leased_until REAL, last_error TEXT, done_at TEXT)""",
     "CREATE INDEX notify_outbox_due ON notify_outbox (state, due_at)",
+])
+MIGRATIONS.append([
+    # Migration 11 (journal): the cursor of the last journald entry each journal trigger
+    # has taken, written with the runs of the entries it reports.
+    """CREATE TABLE journal_cursors (
+        trigger_key TEXT PRIMARY KEY, cursor TEXT NOT NULL, updated_at TEXT NOT NULL)""",
 ])
 SCHEMA_VERSION = len(MIGRATIONS)
 RECEIPT_KEEP_S = 24 * 3600  # an emit looks for its receipt within seconds; keep a day
@@ -592,6 +597,22 @@ class Store:
             c.execute("INSERT OR REPLACE INTO schedule_marks VALUES (?, ?, ?)",
                       (trigger_key, _ts(fired_at), _ts(_now())))
 
+    def get_journal_cursor(self, trigger_key: str) -> str | None:
+        """The cursor of the last journal entry the trigger took, or None."""
+        with self._read("reading a journal cursor") as c:
+            row = c.execute("SELECT cursor FROM journal_cursors WHERE trigger_key = ?",
+                            (trigger_key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_journal_cursor(self, trigger_key: str, cursor: str | None) -> None:
+        """Remember the cursor of the last journal entry the trigger took (None: forget)."""
+        with self._write("saving a journal cursor") as c:
+            if cursor is None:
+                c.execute("DELETE FROM journal_cursors WHERE trigger_key = ?", (trigger_key,))
+            else:
+                c.execute("INSERT OR REPLACE INTO journal_cursors VALUES (?, ?, ?)",
+                          (trigger_key, cursor, _ts(_now())))
+
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Store where sources are up to, when no run goes with it."""
         if checkpoint:
@@ -606,6 +627,8 @@ class Store:
                       [(key, path, *st) for key, path, st in cp.file_states if st is not None])
         c.executemany("DELETE FROM file_states WHERE trigger_key = ? AND path = ?",
                       [(key, path) for key, path, st in cp.file_states if st is None])
+        c.executemany("INSERT OR REPLACE INTO journal_cursors VALUES (?, ?, ?)",
+                      [(*jc, now) for jc in cp.journal_cursors])
 
     def file_baseline(self, trigger_key: str) -> dict[str, FileStat] | None:
         """What the file source last reported of each path of a trigger; None if it never

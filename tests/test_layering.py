@@ -15,7 +15,7 @@ for layer, names in enumerate([
     # L1: the runbook and plain data
     "yaml_load schema_checks runbook_schema expressions shell_words runbook secrets run_types "
     "event criteria params describe cron globs step_outputs identity completion_scripts "
-    "throttle_window inventory metrics webhook notify.targets notify.message",
+    "throttle_window inventory metrics webhook notify.targets notify.message journal_entries",
     # L2
     "matcher explain",
     # L3: the world: processes, files, sockets, the store and the audit log

@@ -10,6 +10,7 @@ from opsrun.matcher import Matcher
 from opsrun.runbook import (
     EventTrigger,
     FileTrigger,
+    JournalTrigger,
     LogTrigger,
     ScheduleTrigger,
     WebhookTrigger,
@@ -43,6 +44,10 @@ def main(folder: Path, *, as_json: bool, now: datetime | None = None) -> int:
         elif isinstance(t, WebhookTrigger):
             row["path"], row["shape"] = t.path, t.shape
             row["where"] = describe.where_text(t) or "every event"
+        elif isinstance(t, JournalTrigger):
+            row.update(units=list(t.units), priority=t.priority, match=t.match,
+                       fields={k: list(v) for k, v in t.field_matches},
+                       directory=t.directory)
         rows.append(row)
     if as_json:
         output.print_json({"version": 1, "triggers": rows,
@@ -51,7 +56,8 @@ def main(folder: Path, *, as_json: bool, now: datetime | None = None) -> int:
     if not rows:
         print(f"no triggers in {folder}: every runbook there runs only by hand")
     for kind, title in (("file", "Files"), ("schedule", "Schedules"), ("log", "Log files"),
-                        ("event", "JSON events"), ("webhook", "Webhooks")):
+                        ("journal", "Journal"), ("event", "JSON events"),
+                        ("webhook", "Webhooks")):
         mine = [r for r in rows if r["source"] == kind]
         if not mine:
             continue

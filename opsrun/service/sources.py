@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from opsrun.event import Event, from_object
-from opsrun.runbook import FileTrigger, LogTrigger, ScheduleTrigger, WebhookTrigger
+from opsrun.runbook import FileTrigger, JournalTrigger, LogTrigger, ScheduleTrigger, WebhookTrigger
 from opsrun.runs.context import RunContext
 from opsrun.runs.dispatch import Dispatcher
 from opsrun.sources.base import start_thread
@@ -66,6 +66,7 @@ class Sources:
     def start(self) -> None:
         """(Re)start the trigger sources for the current runbooks; wait until they are up."""
         from opsrun.sources.files import FileSource
+        from opsrun.sources.journal import JournalSource
         from opsrun.sources.logtail import LogSource
         from opsrun.sources.schedule import ScheduleSource
 
@@ -87,12 +88,15 @@ class Sources:
                 made.append(ScheduleSource(schedules, store))
             if logs:
                 made.append(LogSource(logs, store))
+            journals = [(b.key, t) for b in matcher.bound("journal")
+                        if isinstance(t := b.trigger, JournalTrigger)]
+            made += [JournalSource(key, t, store) for key, t in journals]  # a journalctl each
             hooks = [(b.runbook.name, t) for b in matcher.bound("webhook")
                      if isinstance(t := b.trigger, WebhookTrigger)]
             if self.p.webhook is not None:
                 self.p.webhook.update(hooks, initial=not self._lifelong_started)
             self.counts = {"file": len(files), "schedule": len(schedules), "log": len(logs),
-                           "webhook": len(hooks)}
+                           "journal": len(journals), "webhook": len(hooks)}
             self.stop_current = stop
             self.threads = [start_thread(s, stop, self._emit_from(s.name)) for s in made]
             if not self._lifelong_started:
