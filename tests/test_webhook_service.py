@@ -242,36 +242,47 @@ def test_the_service_serves_https_with_the_tls_flags(tmp_path: Path, rbdir: Path
     assert "cannot load them" in wrong.log() and "Traceback" not in wrong.log()
 
 
-def test_the_alertmanager_example_asks_before_it_cleans(repo_root: Path, tmp_path: Path,
-                                                         rbdir: Path,
-                                                         services: list[Service]) -> None:
-    import shutil
+def test_the_alertmanager_example_asks_before_it_cleans_and_tells_the_approvers(
+        repo_root: Path, tmp_path: Path, rbdir: Path, services: list[Service]) -> None:
+    from tests.helpers.receiver import Receiver
 
-    shutil.copy(repo_root / "runbooks" / "alertmanager-disk-full.yaml", rbdir)
-    mount = tmp_path / "data"
-    (mount / "big").mkdir(parents=True)
-    (mount / "big" / "file").write_bytes(b"x" * 100_000)
-    svc = Service(tmp_path, rbdir, env=ENV)
-    services.append(svc)
-    svc.start()
-    labels = {"alertname": "NodeFilesystemAlmostOutOfSpace", "instance": "db-1:9100",
-              "mountpoint": str(mount)}
-    body = alertmanager({**alert("e1", instance="db-1:9100"), "labels": labels},
-                        {**alert("e2"), "labels": {**labels, "alertname": "CPUHigh"}})
-    status, reply = post(url(svc), "/hooks/alertmanager", body)
-    assert status == 202 and reply["queued"] == 2
+    with Receiver() as receiver:
+        # The example as it is, but its Slack notifications go to the receiver here.
+        text = (repo_root / "runbooks" / "alertmanager-disk-full.yaml").read_text()
+        slack = "https://hooks.slack.com/services/${{ secrets.SLACK_WEBHOOK_PATH }}"
+        assert slack in text
+        (rbdir / "alertmanager-disk-full.yaml").write_text(
+            text.replace(slack, receiver.url + "/services/${{ secrets.SLACK_WEBHOOK_PATH }}"))
+        mount = tmp_path / "data"
+        (mount / "big").mkdir(parents=True)
+        (mount / "big" / "file").write_bytes(b"x" * 100_000)
+        svc = Service(tmp_path, rbdir, env={**ENV, "OPSRUN_SECRET_SLACK_WEBHOOK_PATH": "T0/B0/x"})
+        services.append(svc)
+        svc.start()
+        labels = {"alertname": "NodeFilesystemAlmostOutOfSpace", "instance": "db-1:9100",
+                  "mountpoint": str(mount)}
+        body = alertmanager({**alert("e1", instance="db-1:9100"), "labels": labels},
+                            {**alert("e2"), "labels": {**labels, "alertname": "CPUHigh"}})
+        status, reply = post(url(svc), "/hooks/alertmanager", body)
+        assert status == 202 and reply["queued"] == 2
 
-    def pending() -> list[dict[str, Any]]:
-        r = svc.cli("pending", "--json")
-        return json.loads(r.stdout).get("pending", []) if r.returncode == 0 else []
-    (question,) = wait_for(pending, timeout=30, message=svc.log)
-    assert f"db-1:9100: {mount} is filling up (disk full)" in question["question"]
-    run_id = question["run_id"]
-    assert svc.cli("deny", run_id).returncode == 0
-    wait_for(lambda: any(r["state"] == "denied" for r in svc.runs()), timeout=30,
-             message=svc.log)
-    assert [r["runbook"] for r in svc.runs()] == ["alertmanager-disk-full"]  # not CPUHigh
-    assert svc.stop() == 0
+        def pending() -> list[dict[str, Any]]:
+            r = svc.cli("pending", "--json")
+            return json.loads(r.stdout).get("pending", []) if r.returncode == 0 else []
+        (question,) = wait_for(pending, timeout=30, message=svc.log)
+        assert f"db-1:9100: {mount} is filling up (disk full)" in question["question"]
+        run_id = question["run_id"]
+        # The approvers are told, in Slack's shape, with the exact line that answers.
+        [told] = wait_for(receiver.bodies, timeout=30, message=svc.log)
+        assert receiver.requests[0]["path"] == "/services/T0/B0/x"
+        assert f"opsrun approve {run_id}" in told["text"] and "group:ops" in told["text"]
+        assert told["blocks"]
+        assert svc.cli("deny", run_id).returncode == 0
+        wait_for(lambda: any(r["state"] == "denied" for r in svc.runs()), timeout=30,
+                 message=svc.log)
+        assert [r["runbook"] for r in svc.runs()] == ["alertmanager-disk-full"]  # not CPUHigh
+        assert svc.stop() == 0
     steps = {r.get("step_id"): r.get("outcome") for r in svc.audit()
              if r["kind"] == "step.finished" and r.get("run_id") == run_id}
     assert steps["usage"] == "success" and "clean" not in steps  # asked; `clean` never ran
+    assert [r["notify_event"] for r in svc.audit() if r["kind"] == "notify.sent"] == ["waiting"]
