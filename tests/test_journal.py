@@ -16,7 +16,7 @@ from opsrun import journal_entries as je
 from opsrun.event import Event
 from opsrun.matcher import Matcher, trigger_keys
 from opsrun.runbook import JournalTrigger, load_runbook
-from opsrun.sources.journal import JournalSource
+from opsrun.sources.journal import EMPTY, JournalSource, backlog
 from opsrun.store import Store
 from tests.helpers.cli import opsrun
 from tests.helpers.files import write
@@ -385,6 +385,11 @@ def test_watch_takes_journal_entries_once_across_a_restart(
     svc2 = Service(tmp_path, rbdir)
     services.append(svc2)
     svc2.start()
+    # The start-up report counted them before the source read them.
+    [gap] = [r for r in svc2.audit() if r["kind"] == "daemon.gap"]
+    assert [(j["runbook"], j["entries"], j["error"]) for j in gap["journals"]] == \
+        [("oom", 2, None)]
+    assert "oom: journal (web.service): 2 entries after the kept cursor to read" in svc2.log()
     wait_for(lambda: len(out.read_text().splitlines()) == 3, timeout=30, message=svc2.log)
     write_entries(jdir, [oom(4)])
     wait_for(lambda: len(out.read_text().splitlines()) == 4, timeout=30, message=svc2.log)
@@ -393,6 +398,19 @@ def test_watch_takes_journal_entries_once_across_a_restart(
         f"worker-{n} {n} web.service 3" for n in (1, 2, 3, 4)]
     keys = [r for r in svc2.audit() if r["kind"] == "run.queued"]
     assert len(keys) == 4
+
+
+@needs_journal
+def test_backlog_counts_the_entries_after_a_cursor_as_journalctl_filters_them(
+        tmp_path: Path, jdir: Path) -> None:
+    t = trig(jdir, priority=3)
+    assert backlog(t, EMPTY) == (1, None)  # an empty journal's cursor: every entry
+    [first] = [json.loads(line) for line in
+               os.popen(f"journalctl --directory {jdir} -o json --merge").read().splitlines()]
+    write_entries(jdir, [entry("a", priority=2), entry("b", priority=6), entry("c", priority=3)])
+    assert backlog(t, first["__CURSOR"]) == (2, None)  # not the kept one, nor info "b"
+    missing = backlog(trig(tmp_path / "nowhere"), "s=1")
+    assert missing.entries == 0 and missing.error
 
 
 def test_the_matcher_takes_journal_events_for_their_trigger_only(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Made at start, before any source runs, from what the store kept: the last service's life
 (its last sign of life, whether it stopped cleanly), each schedule's mark (fires missed
-since, and what `catch_up` does with them), each log position (bytes written after it) and
+since, and what `catch_up` does with them), each log position (bytes written after it),
+each journal cursor (entries after it, as journalctl counts them before `match:`) and
 the event queue (events `opsrun emit` queued meanwhile). It says what the sources are about
 to do; they do it themselves a moment later.
 """
@@ -15,7 +16,7 @@ from typing import Any
 
 from opsrun.durations import format_duration
 from opsrun.matcher import Matcher
-from opsrun.runbook import LogTrigger, ScheduleTrigger
+from opsrun.runbook import JournalTrigger, LogTrigger, ScheduleTrigger
 from opsrun.sources.logtail import backlog
 from opsrun.sources.schedule import missed_fires, rfc3339
 from opsrun.store import Store
@@ -41,6 +42,7 @@ def report(parts: GapParts) -> dict[str, Any]:
         out["down_s"] = round(max(0.0, (parts.now - last).total_seconds()), 1)
     out["schedules"] = _schedules(parts)
     out["logs"] = _logs(parts)
+    out["journals"] = _journals(parts)
     oldest = parts.store.oldest_queued_at()
     out["events_queued"] = parts.store.queue_length()
     out["oldest_queued_at"] = _iso(oldest) if oldest is not None else None
@@ -88,10 +90,28 @@ def _logs(parts: GapParts) -> list[dict[str, Any]]:
     return found
 
 
+def _journals(parts: GapParts) -> list[dict[str, Any]]:
+    from opsrun.sources.journal import backlog as journal_backlog
+
+    found = []
+    for b in parts.matcher.bound("journal"):
+        if not isinstance(b.trigger, JournalTrigger):
+            continue
+        cursor = parts.store.get_journal_cursor(b.key)
+        if cursor is None:
+            continue  # never followed: it starts where its `from:` says
+        left = journal_backlog(b.trigger, cursor)
+        if left.entries or left.error:
+            found.append({"runbook": b.runbook.name, "trigger": b.key,
+                          "units": list(b.trigger.units), "entries": left.entries,
+                          "error": left.error})
+    return found
+
+
 def worth_recording(rep: Mapping[str, Any]) -> bool:
     """Whether there was a previous service or anything to tell (not on a first start)."""
     return bool(rep.get("previous") or rep.get("schedules") or rep.get("logs")
-                or rep.get("events_queued"))
+                or rep.get("journals") or rep.get("events_queued"))
 
 
 def summary(rep: Mapping[str, Any]) -> str:
@@ -114,6 +134,9 @@ def summary(rep: Mapping[str, Any]) -> str:
         parts.append(f"{sum(int(g['bytes']) for g in logs):,} log bytes to read in "
                      f"{len(logs)} file(s)" + (" (some lost to rotation)"
                                                if any(g["lost"] for g in logs) else ""))
+    journals: Sequence[Mapping[str, Any]] = rep.get("journals") or []
+    if journals:
+        parts.append(f"{sum(int(j['entries']) for j in journals):,} journal entries to read")
     parts.append(f"{int(rep.get('events_queued') or 0):,} event(s) queued")
     return "; ".join(parts)
 
@@ -130,6 +153,11 @@ def details(rep: Mapping[str, Any]) -> list[str]:
                if g["lost"] else "rotated, " if g["rotated"] else
                "truncated, read from the start, " if g["truncated"] else "")
         lines.append(f"{g['runbook']}: log {g['path']}: {how}{g['bytes']:,} byte(s) to read")
+    for j in rep.get("journals") or []:
+        what = ", ".join(j["units"]) or "every unit"
+        lines.append(f"{j['runbook']}: journal ({what}): " + (
+            f"cannot count the entries after the kept cursor: {j['error']}" if j["error"]
+            else f"{j['entries']:,} entries after the kept cursor to read"))
     return lines
 
 

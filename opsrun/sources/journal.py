@@ -42,7 +42,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from opsrun import journal_entries as je
 from opsrun import proc
@@ -216,21 +216,7 @@ class JournalSource:
         return True, self._cursor
 
     def _base_args(self) -> list[str]:
-        t = self.trigger
-        # Not --quiet: its hints (no access to the system journal for this user) go to
-        # the log, where an operator looks for why nothing fires.
-        args = [self._journalctl, "--output", "json", "--all", "--merge", "--no-pager"]
-        if t.directory is not None:
-            args += ["--directory", t.directory]
-        if t.priority is not None:
-            args += ["--priority", str(t.priority)]
-        # With a glob among the units journalctl is asked for every unit: `-u GLOB` only
-        # takes the units the journal knows when journalctl starts, not those that come.
-        if not any(je.is_glob(u) for u in t.units):
-            args += [f"_SYSTEMD_UNIT={unit}" for unit in t.units]
-        for name, values in t.field_matches:
-            args += [f"{name}={v}" for v in values]
-        return args
+        return journalctl_args(self.trigger, self._journalctl)
 
     # ── entries ─────────────────────────────────────────────────────────────
 
@@ -315,6 +301,49 @@ class _Stream:
     def error_text(self) -> str:
         lines = self._err.decode("utf-8", "replace").strip().splitlines()
         return "; ".join(lines[-3:])
+
+
+def journalctl_args(t: JournalTrigger, journalctl: str = "journalctl") -> list[str]:
+    """journalctl's command line for a trigger: JSON, and what journalctl can filter itself."""
+    # Not --quiet: its hints (no access to the system journal for this user) go to
+    # the log, where an operator looks for why nothing fires.
+    args = [journalctl, "--output", "json", "--all", "--merge", "--no-pager"]
+    if t.directory is not None:
+        args += ["--directory", t.directory]
+    if t.priority is not None:
+        args += ["--priority", str(t.priority)]
+    # With a glob among the units journalctl is asked for every unit: `-u GLOB` only
+    # takes the units the journal knows when journalctl starts, not those that come.
+    if not any(je.is_glob(u) for u in t.units):
+        args += [f"_SYSTEMD_UNIT={unit}" for unit in t.units]
+    for name, values in t.field_matches:
+        args += [f"{name}={v}" for v in values]
+    return args
+
+
+class JournalBacklog(NamedTuple):
+    """What a journal holds after a trigger's kept cursor (see `backlog`)."""
+
+    entries: int  # entries journalctl gives after the cursor, before the `match:` regex
+    error: str | None  # why they could not be counted
+
+
+def backlog(t: JournalTrigger, cursor: str, journalctl: str = "journalctl",
+            timeout_s: float = 10.0) -> JournalBacklog:
+    """Count the entries after `cursor` (all of them for an empty journal's cursor)."""
+    argv = [*journalctl_args(t, journalctl), *(["--cursor", cursor] if cursor else [])]
+    code, out, err = proc.capture(argv, timeout_s=timeout_s)
+    if code != 0:
+        return JournalBacklog(0, (err.strip() or f"exit code {code}")[-300:])
+    lines = [line for line in out.splitlines() if line.strip()]
+    if lines and cursor:
+        try:
+            first = json.loads(lines[0])
+        except ValueError:
+            first = None
+        if isinstance(first, dict) and first.get("__CURSOR") == cursor:
+            lines = lines[1:]  # --cursor starts with the kept entry itself, already taken
+    return JournalBacklog(len(lines), None)
 
 
 def _parse(raw: bytes, key: str) -> dict[str, Any] | None:
