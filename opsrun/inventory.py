@@ -191,11 +191,7 @@ def load_inventory(path: Path) -> Inventory:
     else:
         data = INVENTORY.check(doc.data, (), problems)
     if problems or data is INVALID:
-        out = []
-        for p, message, at_key, _ in problems.items:
-            line, col = doc.mark(p, key=at_key)
-            out.append(Problem(str(path), line, col, message))
-        raise InventoryInvalid(sorted(set(out), key=lambda pr: (pr.line, pr.col, pr.message)))
+        raise InventoryInvalid(problems.located(doc, path))
     hosts = {name: Host(name, h["hostname"], h["port"], h["user"], h["key"],
                         tuple(dict.fromkeys(h["groups"])))
              for name, h in data["hosts"].items()}

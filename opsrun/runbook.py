@@ -33,7 +33,7 @@ from opsrun.notify.targets import build as build_notify_targets
 from opsrun.params import Param
 from opsrun.paths import DEFAULT_RUNBOOKS
 from opsrun.schema_checks import INVALID, PathT, Problems, show_path
-from opsrun.yaml_load import Document, YamlError, load_bytes, read_limited
+from opsrun.yaml_load import YamlError, load_bytes, read_limited
 
 COMMON_EVENT_FIELDS = ("source", "id", "time")
 STEP_LISTS = ("steps", "on_failure", "on_denied", "on_success")
@@ -488,7 +488,7 @@ def _load(path: Path, raw: bytes | None = None, *, inventories: Inventories,
     inventory, inventory_problems = _check_hosts(whole, path, inventories, problems)
     used, used_problems = _check_uses(whole, path, inventories, (*using, path), problems)
     if problems or inventory_problems or used_problems:
-        return None, inventory_problems + used_problems + _to_problems(problems, doc, path)
+        return None, inventory_problems + used_problems + problems.located(doc, path)
     warnings = tuple(Problem(str(path), *doc.mark(where), message, "warning")
                      for where, message in [*_approver_warnings(doc.data),
                                             *_journal_warnings(doc.data)])
@@ -563,17 +563,6 @@ def _approver_groups(approvers: Any, at: PathT) -> list[tuple[PathT, str]]:
             if isinstance(a, str) and (key == "groups" or a.startswith("group:")):
                 out.append((where, a.removeprefix("group:")))
     return out
-
-
-def _to_problems(problems: Problems, doc: Document, path: Path) -> list[Problem]:
-    out = []
-    for p, message, at_key, offset in problems.items:
-        if offset >= 0:
-            line, col = doc.mark_in_value(p, offset)
-        else:
-            line, col = doc.mark(p, key=at_key)
-        out.append(Problem(str(path), line, col, message))
-    return sorted(set(out), key=lambda pr: (pr.line, pr.col, pr.message))
 
 
 # ── checks that need the whole runbook ─────────────────────────────────────

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple, Union
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 from opsrun.durations import DurationError, format_duration, parse_duration
+from opsrun.errors import Problem
 from opsrun.suggest import did_you_mean
+
+if TYPE_CHECKING:
+    from opsrun.yaml_load import Document
 
 PathT = tuple[Union[str, int], ...]
 INVALID: Any = object()  # returned by a checker whose value was reported as wrong
@@ -28,6 +33,15 @@ class Problems:
 
     def __bool__(self) -> bool:
         return bool(self.items)
+
+    def located(self, doc: Document, file: Path) -> list[Problem]:
+        """The problems with the line and column each names in `doc`, in file order."""
+        out = []
+        for p, message, at_key, offset in self.items:
+            line, col = doc.mark_in_value(p, offset) if offset >= 0 else \
+                doc.mark(p, key=at_key)
+            out.append(Problem(str(file), line, col, message))
+        return sorted(set(out), key=lambda pr: (pr.line, pr.col, pr.message))
 
 
 def show_path(path: PathT) -> str:

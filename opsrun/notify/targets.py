@@ -267,11 +267,5 @@ def load_service_file(path: Path) -> tuple[Target, ...]:
     else:
         data = SERVICE_FILE.check(doc.data, (), problems)
     if problems or data is INVALID:
-        out = []
-        for p, message, at_key, offset in problems.items:
-            line, col = doc.mark_in_value(p, offset) if offset >= 0 else \
-                doc.mark(p, key=at_key)
-            out.append(Problem(str(path), line, col, message))
-        raise NotifyFileInvalid(sorted(set(out), key=lambda pr: (pr.line, pr.col,
-                                                                 pr.message)))
+        raise NotifyFileInvalid(problems.located(doc, path))
     return build(data["notify"], origin="service")
