@@ -72,7 +72,10 @@ class Snapshot:
     service_up: bool = False
     sources: Mapping[str, SourceHealth] = field(default_factory=dict)  # empty: no service
     audit_records: int = 0
+    notifications: Mapping[str, int] = field(default_factory=dict)  # by outbox state
 
+
+NOTIFY_STATES = ("pending", "sent", "gave_up", "dropped")
 
 # ── text format ─────────────────────────────────────────────────────────────
 
@@ -182,7 +185,17 @@ def families(snap: Snapshot) -> list[Family]:
         *sources_families(snap.sources),
         _one("audit_records_total", "counter", "Records in the audit log (its last seq).",
              snap.audit_records),
+        notifications_family(snap.notifications),
     ]
+
+
+def notifications_family(counts: Mapping[str, int]) -> Family:
+    """opsrun_notifications: the outbox by state (zeros too, so a first gave_up shows)."""
+    name = PREFIX + "notifications"
+    states = [*NOTIFY_STATES, *sorted(set(counts) - set(NOTIFY_STATES))]
+    return Family(name, "gauge", "Notifications in the outbox: pending (being tried), sent, "
+                  "gave_up (after their attempts, or refused), dropped (answered first).",
+                  tuple(Sample(name, (("state", st),), counts.get(st, 0)) for st in states))
 
 
 def exposition(snap: Snapshot) -> str:

@@ -97,14 +97,14 @@ def test_a_snapshot_becomes_every_family_with_help_and_type() -> None:
         event_queue=5, oldest_question_age_s=90.5, service_up=True,
         sources={"queue": metrics.SourceHealth(True, 1700000000.5),
                  "log": metrics.SourceHealth(False, None)},
-        audit_records=42)
+        audit_records=42, notifications={"sent": 7, "gave_up": 1})
     families, samples = parse(metrics.exposition(snap))
     assert {n: k for n, (k, _) in families.items()} == {
         "opsrun_service_up": "gauge", "opsrun_runs_total": "counter",
         "opsrun_runs_in_state": "gauge", "opsrun_step_duration_seconds": "histogram",
         "opsrun_event_queue_depth": "gauge", "opsrun_oldest_waiting_approval_seconds": "gauge",
         "opsrun_source_up": "gauge", "opsrun_source_last_event_timestamp_seconds": "gauge",
-        "opsrun_audit_records_total": "counter"}
+        "opsrun_audit_records_total": "counter", "opsrun_notifications": "gauge"}
     assert all(h for _, h in families.values())
     # ended states only, zeros included, for every runbook that has runs
     assert value(samples, "opsrun_runs_total", runbook="deploy", state="failed") == 1
@@ -130,11 +130,13 @@ def test_a_snapshot_becomes_every_family_with_help_and_type() -> None:
     assert value(samples, "opsrun_source_last_event_timestamp_seconds", source="log") is None
     assert value(samples, "opsrun_audit_records_total") == 42
     assert value(samples, "opsrun_service_up") == 1
+    assert value(samples, "opsrun_notifications", state="gave_up") == 1
+    assert value(samples, "opsrun_notifications", state="pending") == 0
 
 
 def test_an_empty_snapshot_is_still_a_valid_exposition() -> None:
     families, samples = parse(metrics.exposition(metrics.Snapshot()))
-    assert len(families) == 9
+    assert len(families) == 10
     assert value(samples, "opsrun_service_up") == 0
     assert not [k for k in samples if k[0] == "opsrun_source_up"]
 

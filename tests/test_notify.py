@@ -251,6 +251,16 @@ def test_an_unreachable_webhook_is_given_up_after_its_attempts_and_the_run_is_un
                                             "notify.gave_up"]
     assert records[-1]["attempts"] == 3 and "cannot connect" in records[-1]["reason"]
     assert [n.state for n in rc.store.notifications()] == ["gave_up"]
+    text = metrics_text(rc)
+    assert 'opsrun_notifications{state="gave_up"} 1' in text  # what an alert rule watches
+    assert 'opsrun_notifications{state="sent"} 0' in text
+
+
+def metrics_text(rc: RunContext) -> str:
+    from opsrun.metrics import exposition
+    from opsrun.service.metrics_file import collect
+
+    return exposition(collect(rc.store, rc.audit.path, None))
 
 
 def test_a_4xx_answer_is_given_up_at_once(rc: RunContext, tmp_path: Path) -> None:

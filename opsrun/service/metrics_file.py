@@ -47,6 +47,7 @@ def collect(store: Store | None, audit_log: Path, status: Mapping[str, Any] | No
         service_up=status is not None,
         sources=sources,
         audit_records=head.seq if head is not None else 0,
+        notifications=store.notification_counts(),
     )
 
 
