@@ -286,3 +286,20 @@ def test_the_alertmanager_example_asks_before_it_cleans_and_tells_the_approvers(
              if r["kind"] == "step.finished" and r.get("run_id") == run_id}
     assert steps["usage"] == "success" and "clean" not in steps  # asked; `clean` never ran
     assert [r["notify_event"] for r in svc.audit() if r["kind"] == "notify.sent"] == ["waiting"]
+
+
+def test_the_metrics_file_carries_the_webhook_counters_too(
+        tmp_path: Path, rbdir: Path, services: list[Service]) -> None:
+    disk_full(rbdir, tmp_path / "out")
+    prom = tmp_path / "opsrun.prom"
+    svc = Service(tmp_path, rbdir, "--metrics-file", str(prom), "--metrics-interval", "100ms",
+                  env=ENV)
+    services.append(svc)
+    svc.start()
+    status, _ = post(url(svc), "/hooks/alertmanager", b"{}", token="wrong")
+    assert status == 401
+    wait_for(lambda: prom.exists() and 'opsrun_webhook_requests_total{path="/hooks/'
+             'alertmanager",code="401"} 1' in prom.read_text(), timeout=20, message=svc.log)
+    assert "opsrun_webhook_duplicates_total 0" in prom.read_text()
+    assert svc.stop() == 0
+    assert "opsrun_webhook_requests_total" not in prom.read_text()  # down: only what lasts

@@ -420,12 +420,20 @@ class Daemon:
         return exposition(collect(self.rc.store, self.rc.audit.path,
                                   self.status() if up else None))
 
+    def _file_metrics_text(self) -> str:
+        """The exposition with the webhook counters too, as /metrics serves it."""
+        from opsrun.metrics import render
+
+        text = self.metrics_text()
+        return text + render(self.webhook.receiver.families()) if self.webhook.alive() \
+            else text
+
     def _start_metrics(self) -> None:
         if self.opts.metrics_file is None:
             return
         self.metrics_writer = MetricsFileWriter(self.opts.metrics_file,
                                                 self.opts.metrics_interval_s,
-                                                self.metrics_text, self.log).start()
+                                                self._file_metrics_text, self.log).start()
         self.log("writing metrics", file=str(self.opts.metrics_file),
                  every=f"{self.opts.metrics_interval_s:g}s")
 
