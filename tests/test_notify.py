@@ -40,6 +40,19 @@ def rb_of(text: str, tmp: Path | None = None) -> Any:
                               (tmp or Path("/nowhere")) / "rb.yaml")
 
 
+def asking(url: str, tmp: Path, target: str, confirm: str = "") -> Any:
+    """A runbook that asks `Go?` (with `confirm` keys added), notifying `url` with `target`."""
+    return rb_of(f"""\
+        steps:
+          - id: ask
+            confirm: Go?{confirm}
+          - run: "true"
+        notify:
+          - webhook: {url}
+            {target}
+        """, tmp)
+
+
 @pytest.fixture
 def rc(tmp_path: Path) -> Iterator[RunContext]:
     with open_run_context(str(tmp_path / "state"), None, {"TOKEN": SECRET}) as ctx:
@@ -275,15 +288,7 @@ def test_a_4xx_answer_is_given_up_at_once(rc: RunContext, tmp_path: Path) -> Non
 def test_a_slow_webhook_does_not_hold_up_the_run(rc: RunContext, tmp_path: Path) -> None:
     with Receiver(hold=True) as rx, ExitStack() as stack:
         start_outbox(rc, stack)
-        rb = rb_of(f"""\
-            steps:
-              - id: ask
-                confirm: Go?
-              - run: "true"
-            notify:
-              - webhook: {rx.url}
-                on: [waiting]
-            """, tmp_path)
+        rb = asking(rx.url, tmp_path, "on: [waiting]")
         result = run(rc, rb)
         # The run parked while the webhook still holds its answer back.
         assert result.state == rt.WAITING
@@ -296,16 +301,7 @@ def test_a_slow_webhook_does_not_hold_up_the_run(rc: RunContext, tmp_path: Path)
 def test_stale_is_sent_once_after_its_threshold(rc: RunContext, tmp_path: Path) -> None:
     with Receiver() as rx, ExitStack() as stack:
         start_outbox(rc, stack)
-        rb = rb_of(f"""\
-            steps:
-              - id: ask
-                confirm: Go?
-              - run: "true"
-            notify:
-              - webhook: {rx.url}
-                on: [stale]
-                stale_after: 200ms
-            """, tmp_path)
+        rb = asking(rx.url, tmp_path, "on: [stale]\n            stale_after: 200ms")
         result = run(rc, rb)
         (body,) = wait_for(lambda: rx.bodies(), timeout=20)
         assert body["event"] == "stale" and body["run_id"] == result.run_id
@@ -320,16 +316,7 @@ def test_a_wait_answered_before_it_goes_stale_is_not_notified(
     with Receiver() as rx, ExitStack() as stack:
         outbox = Outbox(rc.store, rc.audit, rc.secrets)  # driven by hand below
         stack.callback(outbox.stop)
-        rb = rb_of(f"""\
-            steps:
-              - id: ask
-                confirm: Go?
-              - run: "true"
-            notify:
-              - webhook: {rx.url}
-                on: [stale]
-                stale_after: 1h
-            """, tmp_path)
+        rb = asking(rx.url, tmp_path, "on: [stale]\n            stale_after: 1h")
         result = run(rc, rb)
         give_answer(rc.store, rc.audit, result.run_id, approve=True, who=current(),
                     comment=None)
@@ -475,16 +462,7 @@ def test_a_confirmation_nobody_answers_in_time_is_sent_as_timed_out(
         rc: RunContext, tmp_path: Path) -> None:
     with Receiver() as rx, ExitStack() as stack:
         start_outbox(rc, stack)
-        rb = rb_of(f"""\
-            steps:
-              - id: ask
-                confirm: Go?
-                timeout: 100ms
-              - run: "true"
-            notify:
-              - webhook: {rx.url}
-                on: [timed_out]
-            """, tmp_path)
+        rb = asking(rx.url, tmp_path, "on: [timed_out]", "\n            timeout: 100ms")
         result = run(rc, rb, park=False)  # waits in this process, as `opsrun run` does
         assert result.state == rt.TIMED_OUT
         (body,) = wait_for(lambda: rx.bodies(), timeout=20)
